@@ -1,0 +1,237 @@
+"""Typed configs for every model family, and the named presets built from them.
+
+One dataclass per family (DiT, VAE, T5); a `ModelConfig` bundles the three with the sampling
+defaults of a base model. Presets differ by fields only: no preset forks the code.
+Invariants are checked at construction and raise ValueError naming the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_channels: int = 16
+    out_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) patchify, ViT-like
+    dim: int = 128
+    heads: int = 4
+    layers: int = 2
+    ffn_dim: int = 512  # MLP hidden width (4x dim in the paper)
+    text_dim: int = 64  # width of the text encoder's output tokens ("context channels")
+    # Wan passes text through Linear-GELU-Linear into `dim` before cross-attention; the paper's
+    # DiT is described without one. With it off, cross-attention k/v read text_dim directly.
+    text_proj: bool = True
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    time_scale: float = 1000.0  # flow time t in [0, 1] is embedded as t * time_scale (Wan: 0..1000)
+    # "shared": Wan's one time projection to 6*dim plus a learned per-block table;
+    # "per_block": DiT's adaLN, each block owns Linear(dim, 6*dim).
+    modulation: str = "shared"
+    # "rms_across_heads" (Wan: RMSNorm over all heads' channels), "rms_per_head", "layer_per_head", "none".
+    qk_norm: str = "rms_across_heads"
+    cross_attn_norm: bool = True  # affine LayerNorm before cross-attention (Wan: True)
+    eps: float = 1e-6
+    # Head channels given to (t, h, w) rotary axes; each must be even and they must sum to
+    # head_dim. None means Wan's split: d - 4*(d//6), 2*(d//6), 2*(d//6).
+    rope_split: tuple[int, int, int] | None = None
+    rope_theta: float = 10000.0
+    window: int | None = None  # self-attention window in tokens, centred on the query; None = full
+    self_cond: bool = False  # extra zero-initialized input projection of the previous x0 estimate
+    # Learned absolute position embedding after patchify, for the toy world only (off for Wan/paper).
+    abs_pos: tuple[int, int, int] | None = None  # max token grid (t, h, w) it covers
+
+    def __post_init__(self) -> None:
+        _check(self.dim % self.heads == 0, f"DiT dim {self.dim} is not divisible by heads {self.heads}")
+        hd = self.head_dim
+        _check(hd % 2 == 0, f"DiT head_dim {hd} must be even for RoPE")
+        t, h, w = self.rope_axes
+        _check(
+            t + h + w == hd and t % 2 == 0 and h % 2 == 0 and w % 2 == 0,
+            f"RoPE split {(t, h, w)} must be three even numbers summing to head_dim {hd}",
+        )
+        _check(self.modulation in ("shared", "per_block"), f"unknown modulation {self.modulation!r}")
+        kinds = ("rms_across_heads", "rms_per_head", "layer_per_head", "none")
+        _check(self.qk_norm in kinds, f"unknown qk_norm {self.qk_norm!r}; choose one of {kinds}")
+        _check(self.window is None or self.window > 0, f"window must be positive or None, got {self.window}")
+        _check(all(p >= 1 for p in self.patch), f"patch sizes must be >= 1, got {self.patch}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        if self.rope_split is not None:
+            return tuple(self.rope_split)
+        d = self.head_dim
+        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 16
+    base_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    encoder_blocks: tuple[int, ...] = (1, 1, 1)  # residual blocks per level
+    decoder_blocks: tuple[int, ...] = (1, 1, 1)
+    # Downsampling applied when leaving each level (product = compression). Level i's strides
+    # act between level i and i+1 in the encoder and are mirrored in the decoder.
+    time_strides: tuple[int, ...] = (1, 2, 1)
+    space_strides: tuple[int, ...] = (2, 2, 1)
+    padding: str = "replicate"  # causal pad mode of the 3D convs: "replicate" (paper) or "zeros" (Wan)
+    norm: str = "group"  # "group" (MAGVIT) or "rms" (Wan)
+    decoder_adaptive_norm: bool = False  # decoder norms modulated by the latent (paper: True)
+    mid_attention: bool = False  # a spatial self-attention block in the middle (Wan: True)
+    kl: bool = True  # encoder predicts mean and log-variance; False = deterministic latent
+    # Per-channel latent normalization z' = (z - mean) / std (Wan ships these); None = identity.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.channel_mult)
+        for name in ("encoder_blocks", "decoder_blocks", "time_strides", "space_strides"):
+            _check(len(getattr(self, name)) == n, f"VAE {name} has {len(getattr(self, name))} entries, "
+                   f"channel_mult has {n}; give one per level")
+        _check(self.padding in ("replicate", "zeros"), f"unknown VAE padding {self.padding!r}")
+        _check(self.norm in ("group", "rms"), f"unknown VAE norm {self.norm!r}")
+        for name in ("latents_mean", "latents_std"):
+            v = getattr(self, name)
+            _check(v is None or len(v) == self.latent_channels,
+                   f"VAE {name} has {0 if v is None else len(v)} values for {self.latent_channels} channels")
+
+    @property
+    def time_compression(self) -> int:
+        return math.prod(self.time_strides)
+
+    @property
+    def space_compression(self) -> int:
+        return math.prod(self.space_strides)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 512
+    dim: int = 64  # d_model
+    head_dim: int = 16  # d_kv
+    heads: int = 4
+    ffn_dim: int = 128  # d_ff
+    layers: int = 2
+    ffn: str = "gated-gelu"  # "gated-gelu" (T5 v1.1 / umT5) or "relu" (original T5)
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    per_layer_position_bias: bool = False  # umT5: every layer owns its relative bias; T5: layer 0 only
+    eps: float = 1e-6
+    max_length: int = 512  # prompts are padded or truncated to this many tokens
+
+    def __post_init__(self) -> None:
+        _check(self.ffn in ("gated-gelu", "relu"), f"unknown T5 ffn {self.ffn!r}")
+        _check(self.layers >= 1 and self.heads >= 1, "T5 needs at least one layer and one head")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A base model: its three networks plus how it samples by default."""
+
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    t5: T5Config
+    sample_shift: float = 1.0  # timestep shift s: t' = s t / (1 + (s - 1) t)
+    guidance: float = 5.0
+    sample_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.dit.in_channels == self.vae.latent_channels,
+               f"DiT in_channels {self.dit.in_channels} != VAE latent_channels {self.vae.latent_channels}")
+        _check(self.dit.text_dim == self.t5.dim, f"DiT text_dim {self.dit.text_dim} != T5 dim {self.t5.dim}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            _check(not unknown, f"unknown {kind.__name__} fields {sorted(unknown)}")
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        top = {k: v for k, v in d.items() if k not in ("dit", "vae", "t5")}
+        return cls(dit=build(DiTConfig, d["dit"]), vae=build(VAEConfig, d["vae"]), t5=build(T5Config, d["t5"]), **top)
+
+
+# Wan 2.1 VAE statistics (per latent channel), from the released model's config.
+_WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+_WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+_WAN_VAE = VAEConfig(
+    in_channels=3, latent_channels=16, base_channels=96, channel_mult=(1, 2, 4, 4),
+    encoder_blocks=(2, 2, 2, 2), decoder_blocks=(3, 3, 3, 3),
+    time_strides=(1, 2, 2, 1), space_strides=(2, 2, 2, 1),
+    padding="zeros", norm="rms", decoder_adaptive_norm=False, mid_attention=True, kl=True,
+    latents_mean=_WAN_LATENTS_MEAN, latents_std=_WAN_LATENTS_STD,
+)
+
+# umT5-XXL, the text encoder of Wan 2.1.
+_UMT5_XXL = T5Config(vocab_size=256384, dim=4096, head_dim=64, heads=64, ffn_dim=10240, layers=24,
+                     ffn="gated-gelu", per_layer_position_bias=True)
+
+
+def _wan_dit(dim: int, heads: int, layers: int, ffn_dim: int) -> DiTConfig:
+    return DiTConfig(in_channels=16, out_channels=16, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim,
+                     text_dim=4096, text_proj=True, modulation="shared", qk_norm="rms_across_heads",
+                     cross_attn_norm=True, rope_split=None, window=None, self_cond=False)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the toy world: small enough that a forward pass takes milliseconds.
+    "tiny": ModelConfig(
+        name="tiny",
+        dit=DiTConfig(in_channels=16, out_channels=16, dim=128, heads=4, layers=4, ffn_dim=512, text_dim=64,
+                      text_proj=True, modulation="shared", qk_norm="rms_per_head", rope_split=(16, 8, 8),
+                      self_cond=True),
+        vae=VAEConfig(in_channels=3, latent_channels=16, base_channels=16, channel_mult=(1, 2, 4),
+                      encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1), time_strides=(1, 2, 2),
+                      space_strides=(2, 2, 2), padding="replicate", norm="group"),
+        t5=T5Config(vocab_size=512, dim=64, head_dim=16, heads=4, ffn_dim=128, layers=2, max_length=32),
+        sample_shift=1.0, guidance=3.0, sample_steps=25,
+    ),
+    # The paper's model (Tables 4-5): build on the meta device only. The T5 size is not named in
+    # the paper beyond 1024 context channels; T5 v1.1 large has d_model 1024.
+    "paper": ModelConfig(
+        name="paper",
+        dit=DiTConfig(in_channels=32, out_channels=32, dim=4096, heads=32, layers=32, ffn_dim=4 * 4096,
+                      text_dim=1024, text_proj=True, modulation="per_block", qk_norm="rms_per_head",
+                      cross_attn_norm=False, rope_split=(64, 32, 32), window=6144, self_cond=True),
+        vae=VAEConfig(in_channels=3, latent_channels=32, base_channels=16, channel_mult=(1, 4, 16, 32, 64),
+                      encoder_blocks=(1, 1, 2, 8, 8), decoder_blocks=(4, 4, 4, 4, 4),
+                      time_strides=(1, 2, 2, 2, 1), space_strides=(2, 2, 2, 2, 1),
+                      padding="replicate", norm="group", decoder_adaptive_norm=True, kl=True),
+        t5=T5Config(vocab_size=32128, dim=1024, head_dim=64, heads=16, ffn_dim=2816, layers=24),
+        sample_shift=3.0, guidance=8.0, sample_steps=50,
+    ),
+    "wan2.1-1.3b": ModelConfig(name="wan2.1-1.3b", dit=_wan_dit(1536, 12, 30, 8960), vae=_WAN_VAE, t5=_UMT5_XXL,
+                               sample_shift=5.0, guidance=5.0, sample_steps=50),
+    "wan2.1-14b": ModelConfig(name="wan2.1-14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE, t5=_UMT5_XXL,
+                              sample_shift=5.0, guidance=5.0, sample_steps=50),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = ["DiTConfig", "VAEConfig", "T5Config", "ModelConfig", "PRESETS", "get_preset"]

@@ -1,0 +1,5 @@
+import sys
+
+from setseq.cli import main
+
+sys.exit(main())
