@@ -88,7 +88,8 @@ class VAEConfig:
     time_strides: tuple[int, ...] = (1, 2, 1)
     space_strides: tuple[int, ...] = (2, 2, 1)
     padding: str = "replicate"  # causal pad mode of the 3D convs: "replicate" (paper) or "zeros" (Wan)
-    norm: str = "group"  # "group" (MAGVIT) or "rms" (Wan)
+    norm: str = "group"  # per-frame norm: "group" (MAGVIT; GroupNorm over C/G, H, W) or "rms" (Wan)
+    norm_groups: int = 32  # GroupNorm groups, capped to gcd(norm_groups, channels) at each width
     decoder_adaptive_norm: bool = False  # decoder norms modulated by the latent (paper: True)
     mid_attention: bool = False  # a spatial self-attention block in the middle (Wan: True)
     kl: bool = True  # encoder predicts mean and log-variance; False = deterministic latent
@@ -102,6 +103,13 @@ class VAEConfig:
             _check(len(getattr(self, name)) == n, f"VAE {name} has {len(getattr(self, name))} entries, "
                    f"channel_mult has {n}; give one per level")
         _check(self.padding in ("replicate", "zeros"), f"unknown VAE padding {self.padding!r}")
+        # Resampling is Wan 2.1's stride-2 scheme (frame 0 alone, then pairs), so strides are 1 or 2.
+        for name in ("time_strides", "space_strides"):
+            v = getattr(self, name)
+            _check(all(s in (1, 2) for s in v), f"VAE {name} {v} must be 1s and 2s")
+        for name in ("encoder_blocks", "decoder_blocks"):
+            v = getattr(self, name)
+            _check(all(b >= 1 for b in v), f"VAE {name} {v} must all be >= 1")
         _check(self.norm in ("group", "rms"), f"unknown VAE norm {self.norm!r}")
         for name in ("latents_mean", "latents_std"):
             v = getattr(self, name)
@@ -133,8 +141,17 @@ class T5Config:
     max_length: int = 512  # prompts are padded or truncated to this many tokens
 
     def __post_init__(self) -> None:
-        _check(self.ffn in ("gated-gelu", "relu"), f"unknown T5 ffn {self.ffn!r}")
+        _check(self.ffn in ("gated-gelu", "relu"),
+               f"unknown T5 ffn {self.ffn!r}; choose 'gated-gelu' or 'relu'")
         _check(self.layers >= 1 and self.heads >= 1, "T5 needs at least one layer and one head")
+        _check(min(self.vocab_size, self.dim, self.head_dim, self.ffn_dim, self.max_length) >= 1,
+               "T5 vocab_size, dim, head_dim, ffn_dim and max_length must all be >= 1")
+        # Bidirectional buckets: half per direction, half of those exact, so max_exact = rel_buckets // 4.
+        _check(self.rel_buckets >= 4 and self.rel_buckets % 2 == 0,
+               f"T5 rel_buckets must be even and >= 4, got {self.rel_buckets}")
+        _check(self.rel_max_distance > self.rel_buckets // 4,
+               f"T5 rel_max_distance {self.rel_max_distance} must exceed "
+               f"rel_buckets // 4 = {self.rel_buckets // 4}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +183,8 @@ class ModelConfig:
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
         top = {k: v for k, v in d.items() if k not in ("dit", "vae", "t5")}
-        return cls(dit=build(DiTConfig, d["dit"]), vae=build(VAEConfig, d["vae"]), t5=build(T5Config, d["t5"]), **top)
+        kinds = {"dit": DiTConfig, "vae": VAEConfig, "t5": T5Config}
+        return cls(**{k: build(kind, d[k]) for k, kind in kinds.items()}, **top)
 
 
 # Wan 2.1 VAE statistics (per latent channel), from the released model's config.
@@ -211,6 +229,9 @@ PRESETS: dict[str, ModelConfig] = {
     # the paper beyond 1024 context channels; T5 v1.1 large has d_model 1024.
     "paper": ModelConfig(
         name="paper",
+        # 11.85B parameters on the meta device (paper: 11.5B, +3%). Per-block adaLN as in DiT [39], the
+        # paper's cited modulation, is what reaches that size: Wan's shared table would give 8.7B; with
+        # text_proj off it would be 11.0B. Table 5 leaves the text projection unnamed; we keep Wan's.
         dit=DiTConfig(in_channels=32, out_channels=32, dim=4096, heads=32, layers=32, ffn_dim=4 * 4096,
                       text_dim=1024, text_proj=True, modulation="per_block", qk_norm="rms_per_head",
                       cross_attn_norm=False, rope_split=(64, 32, 32), window=6144, self_cond=True),
@@ -221,10 +242,10 @@ PRESETS: dict[str, ModelConfig] = {
         t5=T5Config(vocab_size=32128, dim=1024, head_dim=64, heads=16, ffn_dim=2816, layers=24),
         sample_shift=3.0, guidance=8.0, sample_steps=50,
     ),
-    "wan2.1-1.3b": ModelConfig(name="wan2.1-1.3b", dit=_wan_dit(1536, 12, 30, 8960), vae=_WAN_VAE, t5=_UMT5_XXL,
-                               sample_shift=5.0, guidance=5.0, sample_steps=50),
-    "wan2.1-14b": ModelConfig(name="wan2.1-14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE, t5=_UMT5_XXL,
-                              sample_shift=5.0, guidance=5.0, sample_steps=50),
+    "wan2.1-1.3b": ModelConfig(name="wan2.1-1.3b", dit=_wan_dit(1536, 12, 30, 8960), vae=_WAN_VAE,
+                               t5=_UMT5_XXL, sample_shift=5.0, guidance=5.0, sample_steps=50),
+    "wan2.1-14b": ModelConfig(name="wan2.1-14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE,
+                              t5=_UMT5_XXL, sample_shift=5.0, guidance=5.0, sample_steps=50),
 }
 
 

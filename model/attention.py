@@ -1,0 +1,80 @@
+"""Scaled dot-product attention with an optional window centred on the query.
+
+One function, `attention(q, k, v, *, mask=None, window=None)`, on (B, heads, L, hd) tensors. Backends:
+- full attention (no window, or a window that covers the whole sequence): torch SDPA;
+- window on CUDA with flash-attn installed, bf16/fp16 inputs and no extra mask: flash-attn's
+  `window_size=(window // 2, window // 2)`;
+- window anywhere else: the same band as an explicit boolean mask through SDPA (exact, O(L^2) mask memory).
+No path silently drops the window.
+
+Window convention: query i attends key j iff |i - j| <= window // 2 over the flattened token order
+(for video: (T, H, W) row-major), so an even window N covers N + 1 tokens, as flash-attn counts it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+
+@cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def band_mask(length: int, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """(L, L) bool, True where |i - j| <= window // 2 (query i may attend key j)."""
+    pos = torch.arange(length, device=device)
+    return (pos[:, None] - pos[None, :]).abs() <= window // 2
+
+
+def _flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn wants (B, L, heads, hd)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                          window_size=(window // 2, window // 2))
+    return out.transpose(1, 2)  # (B, heads, L, hd)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q (B, heads, Lq, hd), k and v (B, heads, Lk, hd) -> (B, heads, Lq, hd).
+
+    mask: bool, broadcastable to (B, heads, Lq, Lk), True = attend. A query row with no key to attend
+    gives NaN (as in SDPA); callers must keep at least one real key per row.
+    window: tokens centred on the query (self-attention only, Lq == Lk); None = full attention.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention wants (B, heads, L, hd) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"attention mask must be bool (True = attend), got {mask.dtype}; use mask.bool()")
+    lq, lk = q.shape[2], k.shape[2]
+    if window is not None:
+        if window <= 0:
+            raise ValueError(f"attention window must be a positive token count or None, got {window}")
+        if lq != lk:
+            raise ValueError(f"a centred window needs self-attention (Lq == Lk), got Lq {lq}, Lk {lk}; "
+                             "pass window=None for cross-attention")
+        if window // 2 >= lk - 1:  # the band covers every pair: full attention is the exact answer
+            window = None
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn():
+        return _flash_window(q, k, v, window)
+    band = band_mask(lq, window, q.device)  # (L, L)
+    mask = band if mask is None else mask & band
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+__all__ = ["attention", "band_mask"]
