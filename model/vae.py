@@ -1,0 +1,249 @@
+"""Causal 3D VAE (MAGVIT-v2 style; also expresses Wan 2.1's VAE through VAEConfig fields).
+
+Level i of the encoder runs `encoder_blocks[i]` residual blocks at width base * channel_mult[i],
+then downsamples by (time_strides[i], space_strides[i]); a mid block (res, [attention], res) and
+a norm-SiLU-conv head give the posterior parameters, projected by a 1x1x1 `quant_conv`. The
+decoder mirrors it: `post_quant_conv`, conv_in, mid block, then from the deepest level up: upsample
+(halving the width, Wan's layout) and `decoder_blocks[i]` residual blocks; with
+`decoder_adaptive_norm` every decoder norm but the attention's is modulated by the latent.
+
+Causality: latent frame j reads input frames <= j * time_compression, and output frames of
+latent frame j never read later latent frames. Frame 0 is encoded alone, so an image is a
+1-frame video; videos have 1 + k * time_compression frames. `chunk=` streams a video through
+an explicit `StreamCache` (Wan encodes 1 frame, then chunks of 4); streamed equals whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import VAEConfig
+from model.vae_blocks import Attention, CausalConv3d, Down, Norm, ResBlock, StreamCache, Up, resize_cond
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element (fp32)."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, norm: dict, padding: str, attention: bool):
+        super().__init__()
+        self.block1 = ResBlock(channels, channels, norm, padding)
+        plain = {k: v for k, v in norm.items() if k != "cond_channels"}  # attention's norm is never adaptive
+        self.attn = Attention(channels, plain) if attention else None
+        self.block2 = ResBlock(channels, channels, norm, padding)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None, cond: torch.Tensor | None = None):
+        x = self.block1(x, cache, cond)
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.block2(x, cache, cond)
+
+
+class EncoderLevel(nn.Module):
+    def __init__(self, cin: int, cout: int, blocks: int, norm: dict, padding: str, ts: int, ss: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(c, cout, norm, padding) for c in [cin] + [cout] * (blocks - 1))
+        self.down = Down(cout, ss == 2, ts == 2, padding) if (ts, ss) != (1, 1) else None
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, cin: int, cout: int, blocks: int, norm: dict, padding: str, ts: int, ss: int):
+        super().__init__()
+        self.up = Up(cin, ss == 2, ts == 2, padding) if (ts, ss) != (1, 1) else None
+        cin = self.up.out_channels if self.up is not None else cin
+        self.blocks = nn.ModuleList(ResBlock(c, cout, norm, padding) for c in [cin] + [cout] * (blocks - 1))
+
+
+def _widths(cfg: VAEConfig) -> list[int]:
+    return [cfg.base_channels * m for m in cfg.channel_mult]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        norm, pad, ch = {"kind": cfg.norm, "groups": cfg.norm_groups}, cfg.padding, _widths(cfg)
+        self.conv_in = CausalConv3d(cfg.in_channels, cfg.base_channels, 3, pad)
+        cins = [cfg.base_channels] + ch[:-1]
+        ts, ss = cfg.time_strides, cfg.space_strides
+        nb = cfg.encoder_blocks
+        self.levels = nn.ModuleList(EncoderLevel(cins[i], ch[i], nb[i], norm, pad, ts[i], ss[i])
+                                    for i in range(len(ch)))
+        self.mid = MidBlock(ch[-1], norm, pad, cfg.mid_attention)
+        self.norm_out = Norm(channels=ch[-1], **norm)
+        self.conv_out = CausalConv3d(ch[-1], cfg.latent_channels * (2 if cfg.kl else 1), 3, pad)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)  # (B, C0, T, H, W)
+        for level in self.levels:
+            for block in level.blocks:
+                x = block(x, cache)
+            if level.down is not None:
+                x = level.down(x, cache)
+        x = self.mid(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)  # (B, Z or 2Z, T', H', W')
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n, pad = _widths(cfg), len(cfg.channel_mult), cfg.padding
+        norm = {"kind": cfg.norm, "groups": cfg.norm_groups,
+                "cond_channels": cfg.latent_channels if cfg.decoder_adaptive_norm else None}
+        self.adaptive = cfg.decoder_adaptive_norm
+        # Time stride of level i's grid relative to the latent grid (for resizing the adaptive-norm cond).
+        self.time_scale = [math.prod(cfg.time_strides[i:]) for i in range(n)]
+        self.conv_in = CausalConv3d(cfg.latent_channels, ch[-1], 3, pad)
+        self.mid = MidBlock(ch[-1], norm, pad, cfg.mid_attention)
+        below = ch[1:] + ch[-1:]  # width arriving at level i from the level beneath it (or the mid block)
+        ts, ss = cfg.time_strides, cfg.space_strides
+        nb = cfg.decoder_blocks
+        self.levels = nn.ModuleList(DecoderLevel(below[i], ch[i], nb[i], norm, pad, ts[i], ss[i])
+                                    for i in range(n))
+        self.norm_out = Norm(channels=ch[0], **norm)
+        self.conv_out = CausalConv3d(ch[0], cfg.in_channels, 3, pad)
+
+    def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = self.conv_in(z, cache)  # (B, C, T', H', W')
+        x = self.mid(x, cache, z if self.adaptive else None)
+        cond = None
+        for i in reversed(range(len(self.levels))):
+            level = self.levels[i]
+            if level.up is not None:
+                x = level.up(x, cache)
+            if self.adaptive:
+                cond = resize_cond(z, tuple(x.shape[2:]), self.time_scale[i])
+            for block in level.blocks:
+                x = block(x, cache, cond)
+        return self.conv_out(F.silu(self.norm_out(x, cond)), cache)  # (B, 3, T, H, W)
+
+
+def _nearest(value: int, step: int, first: int) -> str:
+    """The valid counts first + k * step just below and above `value`, as 'a or b'."""
+    lo = first + max(0, (value - first) // step) * step
+    options = [lo, lo + step] if lo < value else [lo]
+    options = [o for o in options if o >= first and o != value] or [first]
+    return " or ".join(str(o) for o in options)
+
+
+class VAE(nn.Module):
+    """encode(video) -> normalized latent; decode(latent) -> video in [-1, 1]. Shapes (B, C, T, H, W)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        z = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv3d(z * (2 if cfg.kl else 1), z * (2 if cfg.kl else 1), 1)
+        self.post_quant_conv = nn.Conv3d(z, z, 1)
+        self.decoder = Decoder(cfg)
+        # Latent normalization statistics: config data, not weights (kept out of the state dict).
+        mean = torch.tensor(cfg.latents_mean) if cfg.latents_mean is not None else torch.zeros(z)
+        std = torch.tensor(cfg.latents_std) if cfg.latents_std is not None else torch.ones(z)
+        self.register_buffer("latents_mean", mean.view(1, z, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", std.view(1, z, 1, 1, 1), persistent=False)
+
+    # ---- shapes and input checks -------------------------------------------------------------
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', H', W') of the latent of a (frames, height, width) video."""
+        self._check_size(frames, height, width)
+        tc, sc = self.cfg.time_compression, self.cfg.space_compression
+        return (self.cfg.latent_channels, 1 + (frames - 1) // tc, height // sc, width // sc)
+
+    def _check_size(self, frames: int, height: int, width: int) -> None:
+        tc, sc = self.cfg.time_compression, self.cfg.space_compression
+        if frames < 1 or (frames - 1) % tc:
+            valid = _nearest(frames, tc, 1)
+            raise ValueError(f"got {frames} frames; this VAE takes 1 + {tc}k frames: {valid}")
+        for name, size in (("height", height), ("width", width)):
+            if size < sc or size % sc:
+                raise ValueError(f"{name} {size} is not a multiple of {sc} (the VAE's spatial compression); "
+                                 f"nearest valid: {_nearest(size, sc, sc)}")
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        c = self.cfg.in_channels
+        if video.ndim != 5 or video.shape[1] != c:
+            raise ValueError(f"VAE expects video (B, {c}, T, H, W); got shape {tuple(video.shape)}")
+        self._check_size(*video.shape[2:])
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        c = self.cfg.latent_channels
+        if z.ndim != 5 or z.shape[1] != c:
+            raise ValueError(f"VAE expects latents (B, {c}, T', H', W'); got shape {tuple(z.shape)}")
+
+    def _pieces(self, x: torch.Tensor, chunk: int | None, step: int) -> list[torch.Tensor] | None:
+        """Frame 0 alone, then chunks of `chunk` frames (a multiple of `step`); None = whole."""
+        if chunk is None:
+            return None
+        if chunk < step or chunk % step:
+            raise ValueError(f"chunk {chunk} must be a positive multiple of {step}")
+        return [x[:, :, :1], *x[:, :, 1:].split(chunk, dim=2)]
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encode_dist(self, video: torch.Tensor, *, chunk: int | None = None):
+        """Raw posterior (mean, logvar), each (B, Z, T', H', W'); logvar is None when cfg.kl is False.
+
+        chunk: stream the video as frame 0 then `chunk` frames at a time (a multiple of
+        time_compression), through a StreamCache; the result equals the whole-video encode.
+        """
+        self._check_video(video)
+        pieces = self._pieces(video, chunk, self.cfg.time_compression)
+        if pieces is None:
+            h = self.encoder(video)
+        else:
+            cache = StreamCache()
+            h = torch.cat([self.encoder(p, cache) for p in pieces], dim=2)
+        h = self.quant_conv(h)
+        if not self.cfg.kl:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latents_std.to(z.dtype) + self.latents_mean.to(z.dtype)
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+               chunk: int | None = None) -> torch.Tensor:
+        """Normalized latent (z - latents_mean) / latents_std: the posterior mean, or a sample of it."""
+        mean, logvar = self.encode_dist(video, chunk=chunk)
+        z = mean
+        if sample:
+            if logvar is None:
+                raise ValueError("sample=True needs a KL VAE (cfg.kl); this one has a deterministic latent")
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + (0.5 * logvar).exp() * eps
+        return self.normalize(z)
+
+    def decode_raw(self, z: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+        """Unclamped decode of a raw (un-normalized) latent; the training path."""
+        self._check_latent(z)
+        z = self.post_quant_conv(z)
+        pieces = self._pieces(z, chunk, 1)
+        if pieces is None:
+            return self.decoder(z)
+        cache = StreamCache()
+        return torch.cat([self.decoder(p, cache) for p in pieces], dim=2)
+
+    def decode(self, z: torch.Tensor, *, chunk: int | None = None, clamp: bool = True) -> torch.Tensor:
+        """Video (B, C, 1 + (T'-1) * time_compression, H, W) from a normalized latent, clamped to [-1, 1]."""
+        self._check_latent(z)
+        x = self.decode_raw(self.denormalize(z), chunk=chunk)
+        return x.clamp(-1.0, 1.0) if clamp else x
+
+    def forward(self, video: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None):
+        """Training pass: (reconstruction (unclamped), mean, logvar), latents un-normalized."""
+        mean, logvar = self.encode_dist(video)
+        z = mean
+        if sample and logvar is not None:
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device,
+                                                          dtype=mean.dtype)
+        return self.decode_raw(z), mean, logvar

@@ -1,0 +1,212 @@
+"""Causal 3D VAE: causality, streaming, shapes at every preset, input errors, trainability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import PRESETS, VAEConfig
+from model.vae import VAE, kl_loss
+from model.vae_blocks import Norm
+
+# Two tiny layouts: the paper's (GroupNorm, replicate padding, adaptive decoder norm) and Wan's
+# (RMS norm, zero padding, mid attention). time compression 4, space compression 4.
+TINY = {
+    "paper": dict(norm="group", norm_groups=4, padding="replicate", decoder_adaptive_norm=True,
+                  mid_attention=False),
+    "wan": dict(norm="rms", padding="zeros", decoder_adaptive_norm=False, mid_attention=True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs run fastest single-threaded (and the CPU is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vae(layout: str, seed: int = 0) -> VAE:
+    cfg = VAEConfig(in_channels=3, latent_channels=4, base_channels=8, channel_mult=(1, 2, 2),
+                    encoder_blocks=(1, 1, 1), decoder_blocks=(2, 1, 1), time_strides=(2, 2, 1),
+                    space_strides=(2, 2, 1), **TINY[layout])
+    torch.manual_seed(seed)
+    vae = VAE(cfg).eval()
+    with torch.no_grad():  # random everything, the zero-initialized adaptive-norm convs included
+        for p in vae.parameters():
+            p.normal_(0.0, 0.2)
+    return vae
+
+
+def video(frames: int, h: int = 16, w: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.rand(1, 3, frames, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def per_frame_change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().amax(dim=(0, 1, 3, 4))  # (T,)
+
+
+@pytest.mark.parametrize("layout", sorted(TINY))
+@torch.no_grad()
+def test_encoder_is_causal(layout):
+    vae = tiny_vae(layout)
+    x = video(9)
+    x2 = x.clone()
+    x2[:, :, 5] += 1.0  # frame 5 first enters latent frame 2 (latent j reads frames <= 4j)
+    d = per_frame_change(vae.encode_dist(x)[0], vae.encode_dist(x2)[0])
+    assert d[:2].max() == 0 and d[2] > 1e-3, d
+
+
+@pytest.mark.parametrize("layout", sorted(TINY))
+@torch.no_grad()
+def test_decoder_is_causal(layout):
+    vae = tiny_vae(layout)
+    z = torch.randn(1, 4, 3, 4, 6)
+    z2 = z.clone()
+    z2[:, :, 2] += 1.0  # latent frame 2 decodes to frames 5..8
+    d = per_frame_change(vae.decode_raw(z), vae.decode_raw(z2))
+    assert d[:5].max() == 0 and d[5:].min() > 1e-4, d
+
+
+@torch.no_grad()
+def test_image_is_a_one_frame_video():
+    vae = tiny_vae("paper")
+    img = video(1)
+    z = vae.encode(img)
+    assert z.shape == (1, 4, 1, 4, 6) and vae.decode(z).shape == img.shape
+    # frame 0 of a video is encoded exactly as the image alone
+    clip = torch.cat([img, video(4, seed=2)], dim=2)
+    assert torch.allclose(vae.encode(clip)[:, :, :1], z, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", sorted(TINY))
+@torch.no_grad()
+def test_chunked_encode_equals_whole(layout):
+    vae = tiny_vae(layout)
+    x = video(9, 8, 8)
+    whole = vae.encode_dist(x)[0]
+    for chunk in (4, 8):
+        err = (vae.encode_dist(x, chunk=chunk)[0] - whole).abs().max().item()
+        assert err < 1e-5, f"chunk {chunk}: max abs err {err} >= 1e-5"
+
+
+@pytest.mark.parametrize("layout", sorted(TINY))
+@torch.no_grad()
+def test_chunked_decode_equals_whole(layout):
+    vae = tiny_vae(layout)
+    z = torch.randn(1, 4, 4, 2, 2)
+    whole = vae.decode_raw(z)
+    for chunk in (1, 2):
+        err = (vae.decode_raw(z, chunk=chunk) - whole).abs().max().item()
+        assert err < 1e-5, f"chunk {chunk}: max abs err {err} >= 1e-5"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_latent_shapes_on_meta(name):
+    cfg = PRESETS[name].vae
+    with torch.device("meta"):
+        vae = VAE(cfg)
+    tc, sc, c = cfg.time_compression, cfg.space_compression, cfg.latent_channels
+    frames = (17, 121) if name == "paper" else (17, 81)  # 1 + k * time compression
+    for t in frames:
+        assert vae.latent_shape(t, 36 * sc, 64 * sc) == (c, 1 + (t - 1) // tc, 36, 64)
+    with torch.device("meta"):  # the modules run end to end (shapes only on the meta device)
+        z = vae.encode(torch.empty(1, 3, frames[0], 4 * sc, 2 * sc))
+        assert z.shape == (1, c, 1 + (frames[0] - 1) // tc, 4, 2)
+        assert vae.decode(z).shape == (1, 3, frames[0], 4 * sc, 2 * sc)
+
+
+def test_paper_and_wan_compression():
+    with torch.device("meta"):
+        paper, wan = VAE(PRESETS["paper"].vae), VAE(PRESETS["wan2.1-14b"].vae)
+    assert paper.latent_shape(121, 576, 1024) == (32, 16, 36, 64)  # 8x16x16, Table 4
+    assert wan.latent_shape(81, 480, 832) == (16, 21, 60, 104)  # 4x8x8
+    assert wan.latent_shape(1, 720, 1280) == (16, 1, 90, 160)
+
+
+def test_bad_frame_count_names_valid_counts():
+    vae = tiny_vae("wan")
+    with pytest.raises(ValueError, match=r"got 10 frames; this VAE takes 1 \+ 4k frames: 9 or 13"):
+        vae.encode(video(10))
+
+
+def test_bad_size_names_nearest_valid_sizes():
+    vae = tiny_vae("wan")
+    with pytest.raises(ValueError, match=r"height 30 is not a multiple of 4 .* nearest valid: 28 or 32"):
+        vae.latent_shape(5, 30, 24)
+    with pytest.raises(ValueError, match=r"width 2 is not a multiple of 4 .* nearest valid: 4"):
+        vae.latent_shape(5, 16, 2)
+
+
+def test_bad_channels_or_rank():
+    vae = tiny_vae("wan")
+    with pytest.raises(ValueError, match=r"expects video \(B, 3, T, H, W\); got shape \(1, 4, 5, 16, 24\)"):
+        vae.encode(torch.zeros(1, 4, 5, 16, 24))
+    with pytest.raises(ValueError, match=r"got shape \(3, 5, 16, 24\)"):
+        vae.encode(torch.zeros(3, 5, 16, 24))
+    with pytest.raises(ValueError, match=r"expects latents \(B, 4, T', H', W'\)"):
+        vae.decode(torch.zeros(1, 3, 2, 4, 6))
+
+
+def test_fresh_adaptive_norm_is_plain_norm():
+    norm, plain = Norm("group", 8, groups=4, cond_channels=4), Norm("group", 8, groups=4)
+    x, cond = torch.randn(2, 8, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
+    assert torch.equal(norm(x, cond), plain(x))
+    with torch.no_grad():
+        norm.mod.weight.normal_()
+    assert not torch.allclose(norm(x, cond), plain(x))
+
+
+@torch.no_grad()
+def test_latent_normalization_round_trip():
+    cfg = VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), encoder_blocks=(1, 1),
+                    decoder_blocks=(1, 1), time_strides=(2, 1), space_strides=(2, 1), norm_groups=4,
+                    latents_mean=(0.5, -1.0, 0.0, 2.0), latents_std=(2.0, 0.5, 1.0, 3.0))
+    vae = VAE(cfg).eval()
+    x = video(5, 8, 8)
+    mean, _ = vae.encode_dist(x)
+    z = vae.encode(x)
+    assert torch.allclose(z * vae.latents_std + vae.latents_mean, mean, atol=1e-6)
+    assert torch.allclose(vae.decode(z), vae.decode_raw(mean).clamp(-1, 1), atol=1e-6)
+
+
+@torch.no_grad()
+def test_sampling_follows_generator():
+    vae = tiny_vae("paper")
+    x = video(5)
+    a = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
+    b = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.allclose(a, vae.encode(x))
+
+
+def test_kl_loss():
+    mean, logvar = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
+    assert kl_loss(mean, logvar).item() == 0.0
+    # KL(N(1, e) || N(0, 1)) = 0.5 * (1 + e - 1 - 1) per element
+    expected = 0.5 * (torch.e - 1.0)
+    assert abs(kl_loss(mean + 1, logvar + 1).item() - expected) < 1e-6
+
+
+def test_tiny_vae_overfits_one_clip():
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_channels=8, base_channels=8, channel_mult=(1, 2), encoder_blocks=(1, 1),
+                    decoder_blocks=(1, 1), time_strides=(2, 1), space_strides=(2, 1), norm="group",
+                    norm_groups=4, padding="replicate", decoder_adaptive_norm=True)
+    vae = VAE(cfg)
+    t, y = torch.linspace(0, 1, 5).view(5, 1, 1), torch.linspace(-1, 1, 16).view(16, 1)
+    x = torch.linspace(-1, 1, 16)
+    clip = 0.8 * torch.stack([torch.sin(3 * x + 2 * t + 0 * y), torch.cos(2 * y - 3 * t + 0 * x),
+                              torch.sin(2 * (x + y)) + 0 * t])[None]  # (1, 3, 5, 16, 16), smooth
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        rec, mean, logvar = vae(clip, sample=False)
+        loss = (rec - clip).square().mean()
+        losses.append(loss.item())
+        if losses[0] / losses[-1] >= 10:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] / losses[-1] >= 10, f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps"
