@@ -1,0 +1,64 @@
+"""Analytic FLOP estimate of the DiT, from its config alone (no model is built).
+
+A multiply-add counts as 2 FLOPs; only matrix products are counted (norms, RoPE, activations,
+softmax and modulation arithmetic are O(L * D) and left out). Per sample, with L video tokens,
+S text tokens, D = dim, F = ffn_dim, N = layers, W = min(L, 2 * (window // 2) + 1) keys per
+query (model/attention.py: query i sees keys |i - j| <= window // 2; near the ends of the sequence
+fewer keys exist, so this is an upper bound), K = D if text_proj else text_dim (the width that
+cross-attention k, v read):
+
+    per block   self-attn  q, k, v, o          2 * 4 D^2 * L
+                self-attn  scores + values     4 * L * W * D
+                cross-attn q, o                2 * 2 D^2 * L
+                cross-attn k, v (text tokens)  2 * 2 K D * S
+                cross-attn scores + values     4 * L * S * D
+                FFN                            2 * 2 D F * L
+    once        patch embedding (x2 with self-conditioning's twin input)  2 * C p D * L
+                head                           2 * D * C_out p * L
+                text projection (text_proj)    2 * (text_dim D + D^2) * S
+                time embedding                 2 * (freq_dim D + D^2)
+                modulation (per sample)        2 * 6 D^2 ("shared") or N * 2 * 6 D^2 ("per_block")
+
+    forward = N * block + once;   train step = 3 * forward (forward + backward, backward ~ 2x).
+
+The train figure leaves out self-conditioning's extra no-grad forward (taken in a fraction of
+steps during pretraining) and activation recomputation (gradient checkpointing adds ~1 forward).
+"""
+
+from __future__ import annotations
+
+import math
+
+from model.config import DiTConfig
+
+
+def dit_forward_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
+    """FLOPs of one DiT forward pass for ONE sample of `tokens` video and `text_len` text tokens."""
+    if tokens < 1 or text_len < 0:
+        raise ValueError(f"need tokens >= 1 and text_len >= 0, got tokens={tokens}, text_len={text_len}")
+    d, f, n_layers, L, S = cfg.dim, cfg.ffn_dim, cfg.layers, tokens, text_len
+    w = L if cfg.window is None else min(L, 2 * (cfg.window // 2) + 1)
+    k = d if cfg.text_proj else cfg.text_dim
+    block = (
+        2 * 4 * d * d * L  # self-attention projections
+        + 4 * L * w * d  # q k^T and attn @ v
+        + 2 * 2 * d * d * L  # cross-attention q, o
+        + 2 * 2 * k * d * S  # cross-attention k, v over the text tokens
+        + 4 * L * S * d  # cross-attention scores and values
+        + 2 * 2 * d * f * L  # FFN up and down
+    )
+    p = math.prod(cfg.patch)
+    n_inputs = 2 if cfg.self_cond else 1
+    once = (
+        n_inputs * 2 * cfg.in_channels * p * d * L  # patch embedding(s)
+        + 2 * d * cfg.out_channels * p * L  # head
+        + (2 * (cfg.text_dim * d + d * d) * S if cfg.text_proj else 0)
+        + 2 * (cfg.freq_dim * d + d * d)  # time embedding MLP
+        + (n_layers if cfg.modulation == "per_block" else 1) * 2 * 6 * d * d  # modulation projection(s)
+    )
+    return n_layers * block + once
+
+
+def dit_train_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
+    """FLOPs of one training step for ONE sample: 3 x forward (forward + backward at 2x forward)."""
+    return 3 * dit_forward_flops(cfg, tokens, text_len)
