@@ -4,7 +4,7 @@ setup(
     name="setseq",
     version="0.1.0",
     description="Set-and-Sequence: dynamic-concept personalization of video Diffusion Transformers",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=["model", "lora", "train", "sample", "weights", "setseq"],
     install_requires=[
         # Any range must admit 2.13.0 (the CPU wheel these machines carry); install with torch==2.13.0.
@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         # Reference implementations, used only by the parity tests; never imported by the model code.
-        "test": ["pytest>=8", "ruff>=0.6", "diffusers>=0.35", "transformers>=4.50"],
+        "test": ["pytest>=8", "ruff>=0.6", "diffusers>=0.35", "transformers>=4.50", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["setseq=setseq.cli:main"]},
 )
