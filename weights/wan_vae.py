@@ -1,0 +1,205 @@
+"""Wan 2.1 VAE weights -> our `model.vae.VAE`: explicit key maps, strict conversion.
+
+Two source layouts:
+- "wan": the original checkpoint (Wan2.1_VAE.pth; `wan/modules/vae.py` of Wan-Video/Wan2.1):
+  `encoder.conv1`, flat `encoder.downsamples.{k}` (residual blocks `residual.{0,2,3,6}` =
+  norm1, conv1, norm2, conv2, plus `shortcut`; resamplers `resample.1`, `time_conv`),
+  `encoder.middle.{0,1,2}` (res, attention, res), `encoder.head.{0,2}`, `conv1`/`conv2`
+  (quant / post-quant), and the decoder likewise with flat `decoder.upsamples.{k}`.
+- "diffusers": `AutoencoderKLWan` (`encoder.down_blocks.{k}`, `decoder.up_blocks.{j}.resnets.{b}`,
+  `decoder.up_blocks.{j}.upsamplers.0`, `mid_block.{resnets,attentions}`, `norm_out`, `conv_out`,
+  `quant_conv`, `post_quant_conv`).
+Both store RMS norm gains as `gamma` of shape (C, 1, 1[, 1]); ours is `weight` of shape (C,).
+Every name is built from the config; nothing is matched by substring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import VAEConfig
+from model.vae import VAE
+
+SOURCES = ("wan", "diffusers")
+
+# Residual-block parameter names: ours -> per-source suffix.
+_RES = {
+    "wan": {"norm1.weight": "residual.0.gamma", "conv1": "residual.2", "norm2.weight": "residual.3.gamma",
+            "conv2": "residual.6", "shortcut": "shortcut"},
+    "diffusers": {"norm1.weight": "norm1.gamma", "conv1": "conv1", "norm2.weight": "norm2.gamma",
+                  "conv2": "conv2", "shortcut": "conv_shortcut"},
+}
+_ATTN = {"norm.weight": "norm.gamma", "to_qkv": "to_qkv", "proj": "proj"}
+
+
+def _expand(src: str, ours: str) -> list[tuple[str, str]]:
+    """A conv-like pair (weight + bias) or a single parameter (names ending in .weight/.gamma)."""
+    if ours.endswith(".weight"):
+        return [(src, ours)]
+    return [(f"{src}.weight", f"{ours}.weight"), (f"{src}.bias", f"{ours}.bias")]
+
+
+def _res_block(src: str, ours: str, source: str, our_keys: set[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for our_name, src_name in _RES[source].items():
+        if our_name == "shortcut" and f"{ours}.shortcut.weight" not in our_keys:
+            continue
+        pairs += _expand(f"{src}.{src_name}", f"{ours}.{our_name}")
+    return pairs
+
+
+def _attn_block(src: str, ours: str) -> list[tuple[str, str]]:
+    return [pair for ours_name, src_name in _ATTN.items()
+            for pair in _expand(f"{src}.{src_name}", f"{ours}.{ours_name}")]
+
+
+def _resampler(src: str, ours: str, our_keys: set[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for our_name, src_name in (("spatial", "resample.1"), ("temporal", "time_conv")):
+        if f"{ours}.{our_name}.weight" in our_keys:
+            pairs += _expand(f"{src}.{src_name}", f"{ours}.{our_name}")
+    return pairs
+
+
+def check_wan_layout(cfg: VAEConfig) -> int:
+    """Raise ValueError unless cfg has Wan 2.1's VAE layout; return its num_res_blocks."""
+    n, nrb = len(cfg.channel_mult), cfg.encoder_blocks[0]
+    wanted = {
+        "norm": (cfg.norm, "rms"),
+        "padding": (cfg.padding, "zeros"),
+        "mid_attention": (cfg.mid_attention, True),
+        "decoder_adaptive_norm": (cfg.decoder_adaptive_norm, False),
+        "kl": (cfg.kl, True),
+        "encoder_blocks": (cfg.encoder_blocks, (nrb,) * n),
+        "decoder_blocks": (cfg.decoder_blocks, (nrb + 1,) * n),
+        "space_strides": (cfg.space_strides, (2,) * (n - 1) + (1,)),
+        "time_strides[-1]": (cfg.time_strides[-1], 1),
+    }
+    bad = [f"{k}={got!r} (Wan: {want!r})" for k, (got, want) in wanted.items() if got != want]
+    if bad:
+        raise ValueError("VAE config does not have Wan 2.1's layout: " + ", ".join(bad))
+    return nrb
+
+
+def _our_shapes(cfg: VAEConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        vae = VAE(cfg)
+    return {k: v.shape for k, v in vae.state_dict().items()}
+
+
+def wan_vae_keymap(cfg: VAEConfig, source: str) -> dict[str, str]:
+    """{source key: our key} for a Wan-layout VAE config; source is "wan" or "diffusers"."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    nrb, n = check_wan_layout(cfg), len(cfg.channel_mult)
+    ours = set(_our_shapes(cfg))
+    wan = source == "wan"
+    pairs: list[tuple[str, str]] = []
+    for part in ("encoder", "decoder"):  # conv_in, mid block, head
+        pairs += _expand(f"{part}.conv1" if wan else f"{part}.conv_in", f"{part}.conv_in")
+        mid = f"{part}.middle" if wan else f"{part}.mid_block"
+        pairs += _res_block(f"{mid}.0" if wan else f"{mid}.resnets.0", f"{part}.mid.block1", source, ours)
+        pairs += _attn_block(f"{mid}.1" if wan else f"{mid}.attentions.0", f"{part}.mid.attn")
+        pairs += _res_block(f"{mid}.2" if wan else f"{mid}.resnets.1", f"{part}.mid.block2", source, ours)
+        norm_out = f"{part}.head.0.gamma" if wan else f"{part}.norm_out.gamma"
+        pairs += _expand(norm_out, f"{part}.norm_out.weight")
+        pairs += _expand(f"{part}.head.2" if wan else f"{part}.conv_out", f"{part}.conv_out")
+    pairs += _expand("conv1" if wan else "quant_conv", "quant_conv")
+    pairs += _expand("conv2" if wan else "post_quant_conv", "post_quant_conv")
+
+    k = 0  # encoder: one flat list of residual blocks and resamplers, in both sources
+    flat = "encoder.downsamples" if wan else "encoder.down_blocks"
+    for i in range(n):
+        for b in range(nrb):
+            pairs += _res_block(f"{flat}.{k}", f"encoder.levels.{i}.blocks.{b}", source, ours)
+            k += 1
+        if i < n - 1:
+            pairs += _resampler(f"{flat}.{k}", f"encoder.levels.{i}.down", ours)
+            k += 1
+
+    k = 0  # decoder, deepest level first: blocks of level i, then the upsampler into level i - 1
+    for j, i in enumerate(reversed(range(n))):
+        for b in range(nrb + 1):
+            src = f"decoder.upsamples.{k}" if wan else f"decoder.up_blocks.{j}.resnets.{b}"
+            pairs += _res_block(src, f"decoder.levels.{i}.blocks.{b}", source, ours)
+            k += 1
+        if i > 0:
+            src = f"decoder.upsamples.{k}" if wan else f"decoder.up_blocks.{j}.upsamplers.0"
+            pairs += _resampler(src, f"decoder.levels.{i - 1}.up", ours)
+            k += 1
+
+    keymap = dict(pairs)
+    targets = list(keymap.values())
+    dup = sorted({t for t in targets if targets.count(t) > 1})
+    uncovered = sorted(ours - set(targets))
+    if dup or uncovered or len(keymap) != len(pairs):
+        raise ValueError(f"internal key map error: duplicated targets {dup}, "
+                         f"unmapped keys of ours {uncovered}")
+    return keymap
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def convert_wan_vae(state_dict: dict[str, torch.Tensor], source: str,
+                    cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Our VAE state dict from a Wan 2.1 VAE state dict ("wan" original or "diffusers" layout).
+
+    Strict: raises ValueError listing missing and unexpected keys and shape mismatches
+    (key: expected vs got). Norm gains (C, 1, 1[, 1]) are flattened to (C,); nothing else changes.
+    """
+    keymap = wan_vae_keymap(cfg, source)
+    shapes = _our_shapes(cfg)
+    missing = sorted(k for k in keymap if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in keymap)
+    out, mismatched = {}, []
+    for src, ours in keymap.items():
+        if src not in state_dict:
+            continue
+        v = state_dict[src]
+        if src.endswith(".gamma") and v.ndim > 1 and all(d == 1 for d in v.shape[1:]):
+            v = v.reshape(v.shape[0])
+        if v.shape != shapes[ours]:
+            mismatched.append(f"{src} -> {ours}: expected {tuple(shapes[ours])}, got {tuple(v.shape)}")
+            continue
+        out[ours] = v
+    if missing or unexpected or mismatched:
+        parts = [_listing(t, x) for t, x in (("missing", missing), ("unexpected", unexpected),
+                                              ("shape mismatches", mismatched)) if x]
+        raise ValueError(f"Wan VAE checkpoint ({source} layout) does not fit this config: "
+                         + "; ".join(parts))
+    return out
+
+
+def vae_config_from_diffusers(config: dict) -> VAEConfig:
+    """VAEConfig for a diffusers AutoencoderKLWan config dict (Wan 2.1 layout only)."""
+    c = dict(config)
+    n = len(c.get("dim_mult", [1, 2, 4, 4]))
+    temporal = list(c.get("temperal_downsample", [False, True, True]))
+    base = c.get("base_dim", 96)
+    unsupported = {
+        "attn_scales": (list(c.get("attn_scales", [])), []),
+        "is_residual": (c.get("is_residual", False), False),  # Wan 2.2's residual up/down blocks
+        "patch_size": (c.get("patch_size"), None),
+        "decoder_base_dim": (c.get("decoder_base_dim") or base, base),
+    }
+    bad = [f"{k}={got!r} (supported: {ok!r})" for k, (got, ok) in unsupported.items() if got != ok]
+    if len(temporal) != n - 1:
+        bad.append(f"temperal_downsample has {len(temporal)} entries for {n} levels (want {n - 1})")
+    if c.get("out_channels", 3) != c.get("in_channels", 3):
+        bad.append(f"out_channels={c.get('out_channels')} != in_channels={c.get('in_channels')}")
+    if bad:
+        raise ValueError("unsupported AutoencoderKLWan config: " + ", ".join(bad))
+    nrb = c.get("num_res_blocks", 2)
+    mean, std = c.get("latents_mean"), c.get("latents_std")
+    return VAEConfig(
+        in_channels=c.get("in_channels", 3), latent_channels=c.get("z_dim", 16), base_channels=base,
+        channel_mult=tuple(c.get("dim_mult", [1, 2, 4, 4])), encoder_blocks=(nrb,) * n,
+        decoder_blocks=(nrb + 1,) * n,  # Wan's decoder levels hold num_res_blocks + 1 blocks
+        time_strides=tuple(2 if t else 1 for t in temporal) + (1,), space_strides=(2,) * (n - 1) + (1,),
+        padding="zeros", norm="rms", decoder_adaptive_norm=False, mid_attention=True, kl=True,
+        latents_mean=None if mean is None else tuple(mean),
+        latents_std=None if std is None else tuple(std),
+    )
