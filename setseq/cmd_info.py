@@ -1,0 +1,192 @@
+"""`setseq info`: what a user planning a run needs to know about a model, before any weights load.
+
+Parameter counts of the DiT, VAE and text encoder (built on the meta device: nothing is
+allocated, so the paper's 11.5B DiT is counted in a second), the latent shape and number of
+video tokens of a clip, and an analytic estimate of training FLOPs per step (model/flops.py).
+The model is a named preset (`--preset paper`) or a checkpoint folder holding config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from model.config import ModelConfig, get_preset
+from model.flops import dit_forward_flops, dit_train_flops
+
+# Default clip (frames, height, width) per base model: what it was trained to generate.
+DEFAULT_VIDEO = {
+    "tiny": (17, 64, 64),
+    "paper": (121, 576, 1024),  # 5 s at 24 fps, 16:9 (paper §8)
+    "wan2.1-1.3b": (81, 480, 832),
+    "wan2.1-14b": (81, 720, 1280),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info", help="parameter counts, latent shape, tokens and training FLOPs of a model",
+        description="Parameter counts of DiT, VAE and text encoder, the latent shape and number of video "
+                    "tokens of a clip, and an estimate of training FLOPs per step. Give --preset NAME or "
+                    "a checkpoint folder holding config.json.")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (with config.json) instead of --preset")
+    p.add_argument("--preset", help="named model preset, e.g. tiny, paper, wan2.1-1.3b, wan2.1-14b")
+    p.add_argument("--frames", type=int, help="clip length in frames (default: the model's own)")
+    p.add_argument("--size", help="clip size HxW in pixels, e.g. 576x1024 (default: the model's own)")
+    p.add_argument("--batch", type=int, default=1, help="samples per training step for the FLOP figure")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def load_model_config(preset: str | None, checkpoint: str | None) -> ModelConfig:
+    """A preset by name, or the ModelConfig of a checkpoint folder (weights/checkpoint.py format)."""
+    if (preset is None) == (checkpoint is None):
+        raise ValueError("give either --preset NAME or a checkpoint folder, not both or neither")
+    if preset is not None:
+        return get_preset(preset)
+    from weights.checkpoint import checkpoint_config
+
+    return checkpoint_config(checkpoint)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'576x1024' -> (576, 1024)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--size {text!r} is not HxW in pixels, e.g. 576x1024")
+    return int(parts[0]), int(parts[1])
+
+
+def _neighbours(value: int, ok, limit: int = 100_000) -> str:
+    """'a or b': the nearest valid integers below and above `value` (ok(n) says valid)."""
+    below = next((n for n in range(value, 0, -1) if ok(n)), None)
+    above = next(n for n in range(max(value, 1), value + limit) if ok(n))
+    return " or ".join(str(n) for n in dict.fromkeys(x for x in (below, above) if x is not None))
+
+
+def latent_shape(cfg: ModelConfig, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, T', H', W') of a clip, after checking the VAE and the DiT patch can take it.
+
+    The causal VAE takes 1 + k * time_compression frames (the first frame is encoded alone) and
+    sizes divisible by its space compression; the DiT patch must then tile the latent grid.
+    """
+    tc, sc, (pt, ph, pw) = cfg.vae.time_compression, cfg.vae.space_compression, cfg.dit.patch
+
+    def frames_ok(n: int) -> bool:
+        return n >= 1 and (n - 1) % tc == 0 and (1 + (n - 1) // tc) % pt == 0
+
+    if not frames_ok(frames):
+        raise ValueError(
+            f"{frames} frames cannot be encoded: the VAE takes 1 + k*{tc} frames (time compression {tc})"
+            + (f" whose latent length is a multiple of the DiT patch {pt}" if pt > 1 else "")
+            + f"; use --frames {_neighbours(frames, frames_ok)}")
+    for name, value, p in (("height", height, ph), ("width", width, pw)):
+        m = sc * p
+        if value < 1 or value % m:
+            raise ValueError(f"{name} {value} is not a multiple of {m} (VAE space compression {sc} x DiT "
+                             f"patch {p}); use {name} {_neighbours(value, lambda n, m=m: n % m == 0)}")
+    return (cfg.vae.latent_channels, 1 + (frames - 1) // tc, height // sc, width // sc)
+
+
+def video_tokens(cfg: ModelConfig, shape: tuple[int, int, int, int]) -> int:
+    """Tokens the DiT sees for one clip: the latent grid divided by the patch."""
+    _, t, h, w = shape
+    pt, ph, pw = cfg.dit.patch
+    return (t // pt) * (h // ph) * (w // pw)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of the three networks, built on the meta device (no memory is allocated)."""
+    import torch
+
+    from model.dit import DiT
+    from model.t5 import T5Encoder
+    from model.vae import VAE
+
+    def count(ctor, sub_cfg) -> int:
+        with torch.device("meta"):
+            module = ctor(sub_cfg)
+        return sum(p.numel() for p in module.parameters())
+
+    return {"dit_params": count(DiT, cfg.dit), "vae_params": count(VAE, cfg.vae),
+            "text_encoder_params": count(T5Encoder, cfg.t5)}
+
+
+def collect(cfg: ModelConfig, frames: int, height: int, width: int, batch: int = 1) -> dict:
+    """Everything `info` prints, as one JSON-ready dict."""
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    shape = latent_shape(cfg, frames, height, width)
+    tokens = video_tokens(cfg, shape)
+    text_len = cfg.t5.max_length
+    return {
+        "model": cfg.name, "frames": frames, "height": height, "width": width,
+        **param_counts(cfg),
+        "latent_shape": list(shape), "video_tokens": tokens, "text_tokens": text_len,
+        "window": cfg.dit.window, "batch": batch,
+        "forward_flops_per_sample": dit_forward_flops(cfg.dit, tokens, text_len),
+        "train_flops_per_step": batch * dit_train_flops(cfg.dit, tokens, text_len),
+    }
+
+
+def human(n: float) -> str:
+    """11834000000 -> '11.83B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def flops_text(n: float) -> str:
+    """5.156e14 -> '515.6 TFLOP' (SI prefixes)."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {prefix}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def params(n: int) -> str:
+    return f"{human(n)} parameters ({n:,})"
+
+
+def format_report(info: dict, cfg: ModelConfig) -> str:
+    c, t, h, w = info["latent_shape"]
+    pt, ph, pw = cfg.dit.patch
+    window = "full self-attention" if info["window"] is None else f"self-attention window {info['window']:,}"
+    step = info["train_flops_per_step"]
+    rows = [
+        ("model", info["model"]),
+        ("video", f"{info['frames']} frames x {info['height']}x{info['width']} px (T x H x W)"),
+        ("latent shape", f"{c} x {t} x {h} x {w} (C x T' x H' x W'), VAE compression "
+                         f"{cfg.vae.time_compression}x{cfg.vae.space_compression}x{cfg.vae.space_compression}"),
+        ("video tokens", f"{info['video_tokens']:,} (patch {pt}x{ph}x{pw}), {window}"),
+        ("text tokens", f"{info['text_tokens']} (T5 max_length)"),
+        ("DiT", params(info["dit_params"])),
+        ("VAE", params(info["vae_params"])),
+        ("text encoder", params(info["text_encoder_params"])),
+        ("train FLOPs", f"{flops_text(step)} per step at batch {info['batch']} ({step:.3g}; "
+                        f"3 x forward, see model/flops.py)"),
+    ]
+    return "\n".join(f"{k:<14}{v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_model_config(args.preset, args.checkpoint)
+    default = DEFAULT_VIDEO.get(cfg.name)
+    if default is None and (args.frames is None or args.size is None):
+        raise ValueError(f"no default clip size for model {cfg.name!r}; pass --frames and --size HxW")
+    frames = args.frames if args.frames is not None else default[0]
+    height, width = parse_size(args.size) if args.size is not None else default[1:]
+    info = collect(cfg, frames, height, width, args.batch)
+    if args.checkpoint is not None:
+        info["checkpoint"] = args.checkpoint
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(format_report(info, cfg))
+    if args.checkpoint is not None:  # what the folder holds: parts, dtype, source (no tensor data read)
+        from weights.checkpoint import describe_checkpoint
+
+        print("\n".join(describe_checkpoint(args.checkpoint)))
+    return 0
+

@@ -1,0 +1,243 @@
+"""`setseq convert`: a fake diffusers release (tiny random reference models saved by diffusers and
+transformers themselves) and a fake original-Wan release convert into a checkpoint folder that loads
+and matches the references; bad input fails with a clear message and leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import PRESETS, T5Config
+from model.dit import DiT
+from model.t5 import T5Encoder
+from setseq.cli import main
+from weights.checkpoint import load_checkpoint
+from weights.convert import model_config
+from weights.io import read_state_dict, write_safetensors_atomic
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+UMT5 = dict(vocab_size=100, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2, dropout_rate=0.0,
+            attn_implementation="eager")
+
+
+def _randomize(model, scale: float):
+    with torch.no_grad():  # zero-initialized tensors (head, tables) would hide a wrong map
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, sp_model_path):
+    """A diffusers-layout folder written by save_pretrained; the transformer is forced into shards."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("diffusers") / "Wan-tiny-Diffusers"
+    refs = {
+        "dit": _randomize(diffusers.WanTransformer3DModel(**DIT), 0.2),
+        "vae": _randomize(diffusers.AutoencoderKLWan(**VAE), 0.1),
+        "t5": _randomize(transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)), 0.3),
+    }
+    refs["dit"].save_pretrained(root / "transformer", max_shard_size="20KB")
+    refs["vae"].save_pretrained(root / "vae")
+    refs["t5"].save_pretrained(root / "text_encoder")
+    (root / "tokenizer").mkdir()
+    shutil.copy(sp_model_path, root / "tokenizer" / "spiece.model")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    assert len(list((root / "transformer").glob("*.safetensors"))) > 1  # really sharded
+    return root, refs
+
+
+@pytest.fixture
+def src(release, tmp_path):
+    """A private copy of the release to damage."""
+    return Path(shutil.copytree(release[0], tmp_path / "src"))
+
+
+def _convert(src, out, *extra) -> int:
+    return main(["convert", "--from", extra[0] if extra else "diffusers", str(src), "--out", str(out),
+                 "--dtype", "fp32", *extra[1:]])
+
+
+def _nothing_written(out: Path) -> bool:
+    return not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@torch.no_grad()
+def test_diffusers_release_converts_and_matches_references(release, tmp_path, capsys):
+    root, refs = release
+    out = tmp_path / "ckpt"
+    assert _convert(root, out) == 0
+    assert "model: wan2.1-custom" in capsys.readouterr().out
+    m = load_checkpoint(out)
+    g = torch.Generator().manual_seed(1)
+    # text encoder: real positions (ours zeroes padding, as Wan feeds its DiT)
+    ids, mask = torch.randint(0, 100, (2, 6), generator=g), torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    want = refs["t5"](input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    err = (m.t5(ids, mask)[mask] - want[mask]).abs().max().item()
+    assert err <= 1e-5, f"T5 max abs error {err:.2e} > 1e-5"
+    # DiT: diffusers takes the timestep in 0..1000; the float64 vs fp32 sinusoid explains ~5e-5
+    x, ctx = torch.randn(1, 4, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
+    t = torch.tensor([0.4])
+    err = (m.dit(x, t, ctx) - refs["dit"](x, t * 1000, ctx, return_dict=False)[0]).abs().max().item()
+    assert err <= 1e-4, f"DiT max abs error {err:.2e} > 1e-4"
+    # VAE: raw posterior mean and the decode of a raw latent
+    video = torch.rand(1, 3, 5, 8, 8, generator=g) * 2 - 1
+    err = (m.vae.encode_dist(video)[0] - refs["vae"].encode(video).latent_dist.mean).abs().max().item()
+    assert err <= 1e-5, f"VAE encode max abs error {err:.2e} > 1e-5"
+    z = torch.randn(1, 4, 2, 4, 4, generator=g)
+    err = (m.vae.decode_raw(z).clamp(-1, 1) - refs["vae"].decode(z).sample).abs().max().item()
+    assert err <= 1e-5, f"VAE decode max abs error {err:.2e} > 1e-5"
+    assert m.tokenizer_path.read_bytes() == (root / "tokenizer" / "spiece.model").read_bytes()
+
+
+def test_dtype_and_parts_are_honoured(release, tmp_path):
+    out = tmp_path / "ckpt"
+    assert main(["convert", "--from", "diffusers", str(release[0]), "--out", str(out), "--parts", "dit"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["dit.safetensors"]
+    assert {v.dtype for v in read_state_dict(out / "dit.safetensors").values()} == {torch.bfloat16}
+    assert load_checkpoint(out, parts=("dit",)).cfg.t5.dim == 32  # config of unconverted parts still read
+
+
+def _fails(src, out, capsys, pattern, layout="diffusers", *extra):
+    assert _convert(src, out, layout, *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+    assert _nothing_written(out)
+
+
+def test_not_a_checkpoint_folder(tmp_path, capsys):
+    (tmp_path / "holiday").mkdir()
+    (tmp_path / "holiday" / "photo.jpg").write_bytes(b"\xff\xd8")
+    _fails(tmp_path / "holiday", tmp_path / "out", capsys,
+           r"holiday is not a diffusers checkpoint folder: no transformer/")
+
+
+def test_wrong_layout_flag_is_named(src, tmp_path, capsys):
+    _fails(src, tmp_path / "out", capsys, r"not an original Wan 2.1 checkpoint folder.*use --from diffusers",
+           "wan")
+
+
+def test_missing_shard(src, tmp_path, capsys):
+    shard = sorted((src / "transformer").glob("*-of-*.safetensors"))[-1]
+    shard.unlink()
+    _fails(src, tmp_path / "out", capsys, rf"missing shard .*{shard.name}: .* holds '")
+
+
+def test_truncated_safetensors(src, tmp_path, capsys):
+    path = src / "vae" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-500])
+    _fails(src, tmp_path / "out", capsys, r"vae/diffusion_pytorch_model\.safetensors is truncated or corrupt")
+
+
+def test_corrupt_header(src, tmp_path, capsys):
+    path = src / "text_encoder" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"\x00garbag"
+    path.write_bytes(bytes(data))
+    _fails(src, tmp_path / "out", capsys, r"text_encoder/model\.safetensors is truncated or corrupt")
+
+
+def test_checkpoint_of_another_model(src, tmp_path, capsys):
+    write_safetensors_atomic(src / "text_encoder" / "model.safetensors",
+                             {"bert.embeddings.word_embeddings.weight": torch.zeros(10, 4),
+                              "classifier.weight": torch.zeros(2, 4)})
+    _fails(src, tmp_path / "out", capsys,
+           r"model\.safetensors is not a umT5 text encoder checkpoint in the diffusers layout: it has no "
+           r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight'")
+
+
+def test_mismatched_shapes_name_file_key_and_expectation(src, tmp_path, capsys):
+    config = json.loads((src / "transformer" / "config.json").read_text())
+    (src / "transformer" / "config.json").write_text(json.dumps({**config, "ffn_dim": 40}))
+    _fails(src, tmp_path / "out", capsys,
+           r"transformer/diffusion_pytorch_model\.safetensors\.index\.json: .*blocks\.0\.ffn.*expected \(40")
+
+
+def test_existing_output_is_not_touched(release, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _convert(release[0], out) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------- original Wan layout
+
+
+@torch.no_grad()
+def test_original_wan_release_converts(tmp_path, sp_model_path, capsys):
+    """DiT (sharded safetensors + Wan's config.json) and umT5 (.pth, read with weights_only) in Wan's
+    own names, which ours mirror; the VAE config comes from the Wan preset and is not converted."""
+    src = tmp_path / "Wan2.1-T2V-tiny"
+    src.mkdir()
+    t5_cfg = T5Config(vocab_size=50, dim=32, head_dim=8, heads=4, ffn_dim=48, layers=2,
+                      per_layer_position_bias=True)
+    torch.manual_seed(0)
+    t5 = _randomize(T5Encoder(t5_cfg), 0.3)
+    dit_cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, dim=24, heads=2, layers=2, ffn_dim=40,
+                                  text_dim=32)
+    dit = _randomize(DiT(dit_cfg), 0.2)
+    sd = dit.state_dict()
+    keys = sorted(sd)
+    shards = {k: f"diffusion_pytorch_model-0000{1 + (i >= 9)}-of-00002.safetensors"
+              for i, k in enumerate(keys)}
+    for shard in sorted(set(shards.values())):
+        write_safetensors_atomic(src / shard, {k: sd[k] for k in keys if shards[k] == shard})
+    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    (src / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "dim": 24, "eps": 1e-6, "ffn_dim": 40, "freq_dim": 256, "in_dim": 16,
+        "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512,
+        "text_dim": 32}))
+    t5_bf16 = {k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}  # as Wan ships it
+    torch.save(t5_bf16, src / "models_t5_umt5-xxl-enc-bf16.pth")
+    (src / "google" / "umt5-xxl").mkdir(parents=True)
+    shutil.copy(sp_model_path, src / "google" / "umt5-xxl" / "spiece.model")
+
+    out = tmp_path / "ckpt"
+    assert _convert(src, out, "wan", "--parts", "dit,t5") == 0
+    assert "matches no Wan preset" in capsys.readouterr().out
+    m = load_checkpoint(out, parts=("dit", "t5"))
+    assert m.cfg.dit == dit_cfg and m.cfg.t5.vocab_size == 50 and m.tokenizer_path is not None
+    x, ctx = torch.randn(1, 16, 1, 4, 4), torch.randn(1, 3, 32)
+    assert torch.equal(m.dit(x, torch.tensor([0.5]), ctx), dit(x, torch.tensor([0.5]), ctx))
+    ids = torch.randint(0, 50, (1, 4))
+    assert torch.equal(m.t5.token_embedding.weight, t5.token_embedding.weight.to(torch.bfloat16).float())
+    assert m.t5(ids).shape == (1, 4, 32)
+
+
+def test_pth_needing_code_is_refused(tmp_path, capsys):
+    src = tmp_path / "wan"
+    src.mkdir()
+    torch.save({"token_embedding.weight": torch.zeros(2, 2), "hook": _Payload()},
+               src / "models_t5_umt5-xxl-enc-bf16.pth")
+    _fails(src, tmp_path / "out", capsys,
+           r"models_t5_umt5-xxl-enc-bf16\.pth was refused.*weights_only=True.*_Payload",
+           "wan", "--parts", "t5")
+
+
+class _Payload:
+    pass
+
+
+def test_full_size_configs_are_recognised_as_presets():
+    for name in ("wan2.1-1.3b", "wan2.1-14b"):
+        notes = []
+        p = PRESETS[name]
+        assert model_config({"dit": p.dit, "vae": p.vae, "t5": p.t5}, notes) == p
+        assert notes == [f"the DiT matches preset {name}"]
