@@ -8,11 +8,13 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `setseq --help` lists them.
-COMMANDS = ["info"]
+COMMANDS = ["info", "convert", "personalize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="setseq", description="Set-and-Sequence dynamic-concept personalization")
+    parser = argparse.ArgumentParser(
+        prog="setseq", description="Set-and-Sequence dynamic-concept personalization of video DiTs"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"setseq.cmd_{name}").register(sub)

@@ -1,0 +1,154 @@
+"""`setseq personalize`: learn a dynamic concept from one video (or several, jointly) into a concept file.
+
+    setseq personalize dancer.mp4 --prompt "A [v] man in a cap on a bridge." \\
+        --motion-prompt "He is performing [u] dancing motion." --base wan2.1-1.3b-dir --out dancer.safetensors
+
+Both stages by default (--stage 1 or --stage 2 runs one; stage 2 alone continues a finished
+`--stage 1` run of the same --out / --work-dir). The same options can come from a TOML file
+(`--config run.toml`, see examples/personalize.toml), which is also how several concepts train
+together into one adapter; flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from setseq.cmd_info import parse_size
+from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
+
+# Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "steps1": (int, "stage-1 steps (paper: 600)"),
+    "steps2": (int, "stage-2 steps (paper: 900; 2k-2.5k for complex motion or several concepts)"),
+    "batch_size": (int, "items per step, prior-preservation items included (paper: 8)"),
+    "rank": (int, "LoRA rank (high rank + B-dropout, paper 3.4.2)"),
+    "lr": (float, "learning rate of the LoRA (paper: 1e-4, constant)"),
+    "token_lr": (float, "learning rate of the [v]/[u] embeddings (paper: 1e-5)"),
+    "prior_count": (int, "prior-preservation generations per stage (0 = off)"),
+    "prior_weight": (float, "weight of the prior-preservation loss"),
+    "frames": (int, "clip length in frames, 1 + k * the VAE's time compression (default: fit the video)"),
+    "fps": (float, "resample the video to this frame rate (default: its own)"),
+    "seed": (int, "random seed (the same seed gives the same concept, resumed or not)"),
+    "checkpoint_every": (int, "steps between training checkpoints"),
+    "preview_every": (int, "write a short preview gif every N steps (0 = never)"),
+    "name": (str, "concept name stored in the file"),
+    "work_dir": (str, "checkpoints, caches, loss log, previews (default: OUT with suffix .work)"),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "personalize", help="learn a dynamic concept from a video (Set-and-Sequence, two stages)",
+        description="Personalize a base video model on one video: stage 1 learns the identity basis from "
+                    "unordered frames, stage 2 the motion residual from clips. Writes a concept file.")
+    p.add_argument("video", nargs="?", help="the concept's video (mp4, mov, webm, gif, ...)")
+    p.add_argument("--config", help="TOML file of the same options; [[concepts]] tables for several concepts")
+    p.add_argument("--prompt", help='static prompt holding [v], e.g. "A [v] man in a cap on a bridge."')
+    p.add_argument("--motion-prompt", help='dynamic prompt holding [u], e.g. "He does [u] dancing."')
+    p.add_argument("--base", help="base model: a preset name or a checkpoint folder (setseq convert)")
+    p.add_argument("--tokenizer", help="sentencepiece model, when the base checkpoint ships none")
+    p.add_argument("--out", help="the concept file to write (.safetensors)")
+    p.add_argument("--stage", type=int, choices=(1, 2), help="run one stage only (default: both)")
+    p.add_argument("--size", help="frame size HxW in pixels, e.g. 480x832 (default: the video's, cropped)")
+    for dest, (kind, text) in _FLAGS.items():
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
+    p.add_argument("--no-train-tokens", dest="train_tokens", action="store_false", default=None,
+                   help="keep the [v]/[u] embeddings at zero (the paper: works without training them)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    p.add_argument("--force", action="store_true", default=None, help="overwrite an existing --out")
+    p.set_defaults(func=run)
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
+
+
+def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict]:
+    """TOML values, then command-line flags over them -> (config, extra: base/tokenizer/dtype)."""
+    values = read_toml(args.config) if args.config else {}
+    extra = {k: values.pop(k) for k in ("base", "tokenizer", "dtype") if k in values}
+    known = {f.name for f in fields(PersonalizeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{args.config}: unknown keys {unknown}; known keys are base, tokenizer, dtype, "
+                         f"{', '.join(sorted(known))}")
+    for dest in (*_FLAGS, "train_tokens", "device", "resume", "force", "out"):
+        if getattr(args, dest, None) is not None:
+            values[dest] = getattr(args, dest)
+    for key in ("base", "tokenizer", "dtype"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
+    if args.size is not None:
+        values["size"] = parse_size(args.size)
+    if args.stage is not None:
+        values["stages"] = (args.stage,)
+    if args.video is not None or args.prompt is not None:
+        if args.video is None or args.prompt is None:
+            raise ValueError("give both VIDEO and --prompt (or put [[concepts]] in --config)")
+        values["concepts"] = [ConceptSpec(args.video, args.prompt, args.motion_prompt or "")]
+    elif args.motion_prompt is not None:
+        raise ValueError("--motion-prompt needs VIDEO and --prompt beside it")
+    if not values.get("concepts"):
+        raise ValueError("no concept given: pass VIDEO --prompt 'a [v] ...' or a --config with [[concepts]]")
+    if "out" not in values:
+        raise ValueError("no --out given: name the concept file to write, e.g. --out dancer.safetensors")
+    if "base" not in extra:
+        raise ValueError("no --base given: a preset name (e.g. tiny) or a folder from `setseq convert`")
+    values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    concepts = values.pop("concepts")
+    allowed = {f.name for f in fields(ConceptSpec)}
+    for c in concepts:
+        if isinstance(c, dict) and set(c) - allowed:
+            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - allowed)}; "
+                             "use video, prompt, motion_prompt, token, motion_token")
+    return PersonalizeConfig(concepts=concepts, **values), extra
+
+
+def load_base(extra: dict, cfg: PersonalizeConfig) -> Base:
+    from model.tokenizer import Tokenizer
+    from weights.checkpoint import resolve_base
+
+    model_cfg, loader = resolve_base(extra["base"], seed=cfg.seed)
+    cuda = cfg.device.startswith("cuda")
+    dtype_name = extra.get("dtype") or ("bf16" if cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    models = loader(dtype=dtype, device=cfg.device, parts=("dit", "vae", "t5"))
+    sp_path = extra.get("tokenizer") or models.tokenizer_path
+    if sp_path is None:
+        raise ValueError(f"base {extra['base']!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
+    if models.added_tokens:  # tokens the base already knows keep their ids; ours follow them
+        tokenizer = Tokenizer(sp_path)
+        tokenizer.add_tokens(models.added_tokens)
+    else:  # fresh rows after the embedding table, not trained rows that happen to be unused (umT5)
+        tokenizer = Tokenizer(sp_path, first_added_id=models.t5.token_embedding.weight.shape[0])
+    # The concept records the base by its model name (e.g. "wan2.1-1.3b") and architecture fingerprint.
+    return Base(config=model_cfg, dit=models.dit, vae=models.vae, t5=models.t5, tokenizer=tokenizer,
+                name=model_cfg.name)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, extra = build_config(args)
+    base = load_base(extra, cfg)
+    from sample.sampler import euler_sample
+
+    try:
+        out = main(cfg, base, sample_fn=euler_sample)
+    except NonFiniteLoss as err:
+        print(f"setseq personalize: error: {err}", file=sys.stderr)
+        return 3
+    print(f"wrote {out} (loss log: {Path(cfg.work) / 'loss.tsv'})")
+    return 0

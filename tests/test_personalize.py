@@ -1,0 +1,370 @@
+"""Set-and-Sequence personalization on a tiny random model (train/personalize.py, data, prior, checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora.concept import apply_concept, load_concept
+from lora.inject import inject_lora, set_stage
+from model.config import PRESETS
+from model.dit import DiT
+from model.t5 import T5Encoder
+from model.tokenizer import Tokenizer
+from model.vae import VAE
+from sample.sampler import euler_sample
+from setseq.cli import main as cli_main
+from train import personalize as P
+from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
+from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig
+from train.video import read_frames, read_video, write_video
+
+torch.set_num_threads(1)
+
+_TINY = PRESETS["tiny"]
+TINY = dataclasses.replace(
+    _TINY,
+    dit=dataclasses.replace(_TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128, rope_split=(12, 10, 10)),
+    vae=dataclasses.replace(_TINY.vae, base_channels=8),
+    t5=dataclasses.replace(_TINY.t5, layers=1),
+)
+PROMPT = "a [v] square on a grey background."
+MOTION = "It is [u] moving right."
+
+
+def make_base(sp_model_path: str, seed: int = 0) -> Base:
+    """A tiny random base. The DiT's zero-initialized output head is randomized like a trained one:
+    with a zero head no gradient reaches the LoRA at all."""
+    torch.manual_seed(seed)
+    dit = DiT(TINY.dit)
+    torch.nn.init.normal_(dit.head.head.weight, std=0.05)
+    tokenizer = Tokenizer(sp_model_path, first_added_id=TINY.t5.vocab_size)  # concept tokens get fresh rows
+    return Base(TINY, dit, VAE(TINY.vae), T5Encoder(TINY.t5), tokenizer, "tiny-test")
+
+
+def square_video(frames: int = 13, size: int = 32) -> torch.Tensor:
+    """(3, T, H, W): a bright square moving right on grey."""
+    video = torch.full((3, frames, size, size), -0.4)
+    for i in range(frames):
+        video[0, i, 8:20, i : i + 12] = 1.0
+        video[1:, i, 8:20, i : i + 12] = -1.0
+    return video
+
+
+@pytest.fixture
+def video(tmp_path) -> str:
+    path = tmp_path / "square.mp4"
+    write_video(path, square_video(), fps=8)
+    return str(path)
+
+
+def config(tmp_path: Path, video: str, **kw) -> PersonalizeConfig:
+    values = dict(concepts=[ConceptSpec(video, PROMPT, MOTION)], out=str(tmp_path / "c.safetensors"),
+                  steps1=4, steps2=4, batch_size=3, rank=4, prior_count=2, prior_per_batch=1, prior_steps=2,
+                  checkpoint_every=2, log_every=2, progress=False)
+    values.update(kw)
+    return PersonalizeConfig(**values)
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ------------------------------------------------------------------------------------ regularizers
+
+
+def test_token_masking_changes_the_conditioning(sp_model_path):
+    base = make_base(sp_model_path)
+    ids, mask = base.tokenizer.encode([PROMPT.replace("[v] ", "")] * 2, 16)
+    context = base.t5(ids, mask)
+    g = torch.Generator().manual_seed(0)
+    masked, kept = mask_tokens(context, mask, 0.5, g)
+    assert bool((kept <= mask).all()) and int(kept.sum()) < int(mask.sum())
+    assert bool((masked[~kept] == 0).all())
+    x, t = torch.randn(2, 16, 1, 4, 4), torch.full((2,), 0.5)
+    with torch.no_grad():
+        v_full = base.dit(x, t, context, context_mask=mask)
+        v_masked = base.dit(x, t, masked, context_mask=kept)
+    assert (v_full - v_masked).abs().max() > 1e-4
+
+
+def test_token_masking_never_hides_every_token():
+    mask = torch.tensor([[True, True, False, False]] * 64)
+    _, kept = mask_tokens(torch.ones(64, 4, 3), mask, 0.99, torch.Generator().manual_seed(0))
+    assert bool(kept.any(dim=1).all())
+
+
+def _stage_data(base: Base, prompts: list[str], prior: bool) -> P.StageData:
+    table = build_prompt_table(["", *prompts], base.tokenizer, base.t5, 16, [])
+    g = torch.Generator().manual_seed(1)
+    zeros = torch.zeros(4, dtype=torch.long)
+    items = LatentSet(torch.randn(4, 16, 1, 4, 4, generator=g), torch.ones(4, dtype=torch.long), zeros)
+    prior_set = None
+    if prior:
+        prior_set = LatentSet(torch.randn(2, 16, 1, 4, 4, generator=g), torch.full((2,), 2), zeros[:2])
+    return P.StageData(items, None, prior_set, table, 0)
+
+
+def _loss_and_grad(cfg: PersonalizeConfig, base: Base, data: P.StageData):
+    torch.manual_seed(0)
+    out = P.loss_step(cfg, base.dit, base.t5, data, torch.Generator().manual_seed(0), shift=1.0)
+    params = [p for p in base.dit.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, params)
+    return out, torch.cat([g.flatten() for g in grads])
+
+
+def test_prior_preservation_contributes_to_the_loss(sp_model_path, tmp_path):
+    base = make_base(sp_model_path)
+    inject_lora(base.dit, rank=4, name="concept")
+    set_stage(base.dit, 1)
+    data = _stage_data(base, ["a red square.", "a blue circle. It moves left."], prior=True)
+    kw = dict(batch_size=4, prior_per_batch=2, caption_dropout=0.0, token_mask_prob=0.0)
+    out0, grad0 = _loss_and_grad(config(tmp_path, "v.mp4", prior_weight=0.0, **kw), base, data)
+    out1, grad1 = _loss_and_grad(config(tmp_path, "v.mp4", prior_weight=1.0, **kw), base, data)
+    assert out1.batch.is_prior.sum() == 2
+    prior_term = out1.per_sample[out1.batch.is_prior].mean()
+    assert prior_term > 0
+    torch.testing.assert_close(out1.loss - out0.loss, prior_term)  # loss = concept + w * prior
+    assert (grad1 - grad0).abs().max() > 1e-6
+
+
+def test_caption_dropout_uses_the_empty_prompt(sp_model_path, tmp_path):
+    base = make_base(sp_model_path)
+    data = _stage_data(base, ["a red square."], prior=False)
+    cfg = config(tmp_path, "v.mp4", batch_size=64, caption_dropout=0.1, prior_count=0)
+    batch = P.draw_batch(cfg, data, torch.Generator().manual_seed(0))
+    dropped = (batch.prompt == data.empty).float().mean()
+    assert 0.0 < dropped < 0.3
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_restores_optimizer_and_every_rng(tmp_path):
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.99))
+    w.grad = torch.ones(3)
+    opt.step()
+    g = torch.Generator().manual_seed(3)
+    path = save_checkpoint(tmp_path / "stage1-step000001.safetensors", stage=1, step=1, params={"w": w},
+                           optimizer=opt, rng=capture_rng(g), config={"a": 1})
+    expected = (torch.rand(2), torch.rand(2, generator=g))
+    torch.rand(5), torch.rand(5, generator=g)  # move every generator on
+    ckpt = load_checkpoint(path)
+    restore_rng(ckpt.rng, g)
+    assert torch.equal(torch.rand(2), expected[0]) and torch.equal(torch.rand(2, generator=g), expected[1])
+    assert ckpt.stage == 1 and ckpt.step == 1 and ckpt.config == {"a": 1} and torch.equal(ckpt.params["w"], w)
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(w.detach().clone())], lr=0.1, betas=(0.9, 0.99))
+    opt2.load_state_dict(ckpt.optimizer)
+    state, state2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(state2["exp_avg_sq"], state["exp_avg_sq"])
+    assert torch.equal(state2["step"], state["step"])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    real, count = P.loss_step, [0]
+
+    def step(*args, **kw):
+        count[0] += 1
+        if count[0] > calls:
+            raise _Interrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(P, "loss_step", step)
+
+
+def test_resumed_run_equals_uninterrupted_bitwise(sp_model_path, tmp_path, video, monkeypatch):
+    whole = config(tmp_path / "a", video, steps1=5, steps2=5)
+    P.main(whole, make_base(sp_model_path), euler_sample)
+
+    cut = config(tmp_path / "b", video, steps1=5, steps2=5)
+    _interrupt_after(monkeypatch, 3)  # stage 1 step 4 never finishes; last checkpoint: stage 1 step 2
+    with pytest.raises(_Interrupt):
+        P.main(cut, make_base(sp_model_path), euler_sample)
+    monkeypatch.undo()
+    _interrupt_after(monkeypatch, 6)  # resumed at stage 1 step 2: dies at stage 2 step 4 (checkpoint: step 2)
+    with pytest.raises(_Interrupt):
+        P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), euler_sample)
+    assert [p.name for p in list_checkpoints(cut.work / "checkpoints")][-1] == "stage2-step000002.safetensors"
+    monkeypatch.undo()
+    P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), euler_sample)
+
+    a, b = read_tensors(whole.out), read_tensors(cut.out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert any(k.endswith("lora_B2") and a[k].abs().sum() > 0 for k in a)  # both stages trained
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _video_loss(base: Base, video: str, text: str) -> float:
+    """Flow-matching loss of the clip at fixed times and noise, adapter in eval mode (no dropout)."""
+    with torch.no_grad():
+        x0 = base.vae.encode(clip_items(read_video(video, multiple=16), 13))  # (1, C, T', h, w)
+        x0 = x0.expand(6, -1, -1, -1, -1)
+        t = torch.linspace(0.1, 0.9, 6)
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        ids, mask = base.tokenizer.encode([text] * 6, TINY.t5.max_length)
+        base.dit.eval()
+        v = base.dit((1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps, t, base.t5(ids, mask),
+                     context_mask=mask)
+        return float((v - (eps - x0)).pow(2).mean())
+
+
+def test_personalization_lowers_the_loss_on_its_video(sp_model_path, tmp_path, video):
+    base = make_base(sp_model_path)
+    base.tokenizer.add_tokens(["[v]", "[u]"])
+    base.t5.resize_token_embeddings(base.tokenizer.vocab_size)  # zero rows, as training starts
+    text = f"{PROMPT} {MOTION}"
+    before = _video_loss(base, video, text)
+    # A test-sized run: a higher lr than the paper's 1e-4 so that 90 steps show it learning.
+    cfg = config(tmp_path, video, steps1=30, steps2=60, lr=1e-2, rank=8, batch_size=4, prior_count=0,
+                 checkpoint_every=100)
+    P.main(cfg, base, euler_sample)
+    after = _video_loss(base, video, text)
+    print(f"tiny personalization: loss on its video {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+
+
+def test_stage_2_changes_no_stage_1_tensor(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, stages=(1,), prior_count=0)
+    P.main(cfg, make_base(sp_model_path))
+    stage1 = read_tensors(cfg.out)
+    P.main(dataclasses.replace(cfg, stages=(2,), force=True), make_base(sp_model_path))
+    stage2 = read_tensors(cfg.out)
+    assert stage1.keys() == stage2.keys()
+    for k in stage1:
+        if k.endswith("lora_B2") or k == "token.[u]":
+            assert not torch.equal(stage1[k], stage2[k]), k  # trained in stage 2
+        else:
+            assert torch.equal(stage1[k], stage2[k]), k  # A1, B1, [v]: untouched
+
+
+def test_several_concepts_share_one_adapter(sp_model_path, tmp_path):
+    paths = []
+    for i, shift in enumerate((0, 6)):
+        path = tmp_path / f"v{i}.mp4"
+        write_video(path, square_video().roll(shift, dims=2), fps=8)
+        paths.append(str(path))
+    concepts = [ConceptSpec(paths[0], "a [v1] square.", "It is [u1] moving.", "[v1]", "[u1]"),
+                ConceptSpec(paths[1], "a [v2] square.", "It is [u2] moving.", "[v2]", "[u2]")]
+    cfg = config(tmp_path, paths[0], concepts=concepts, stitch_prob=0.5, prior_count=0, steps1=3, steps2=3)
+    P.main(cfg, make_base(sp_model_path))
+    concept = load_concept(cfg.out)
+    assert set(concept.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
+    assert concept.prompts["static.1"] == "a [v2] square."
+    assert len(list((cfg.work / "cache").glob("stitched-stage*"))) == 2  # one stitched pair per stage
+
+
+def test_concept_file_names_its_base_and_refuses_another(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, prior_count=0, steps1=2, steps2=2)
+    P.main(cfg, make_base(sp_model_path))
+    concept = load_concept(cfg.out)
+    assert concept.base.name == "tiny-test" and concept.rank == 4
+    assert concept.train_config["steps1"] == 2 and concept.prompts["dynamic"] == MOTION
+    other = DiT(dataclasses.replace(TINY.dit, layers=3))
+    with pytest.raises(ValueError, match="trained on base model"):
+        apply_concept(other, concept)
+
+
+def test_previews_are_written_as_gifs(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, prior_count=0, steps1=2, steps2=2, preview_every=2, preview_steps=2)
+    P.main(cfg, make_base(sp_model_path), euler_sample)
+    previews = sorted(p.name for p in (cfg.work / "previews").iterdir())
+    assert previews == ["stage1-step000002.gif", "stage2-step000002.gif"]
+    frames, _ = read_frames(cfg.work / "previews" / "stage2-step000002.gif")
+    assert frames.shape[1:] == (32, 32, 3)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def test_prompt_without_v_is_refused_before_any_work(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, concepts=[ConceptSpec(video, "a square.", MOTION)])
+    with pytest.raises(ValueError, match=r"does not contain \[v\]"):
+        P.main(cfg, make_base(sp_model_path), euler_sample)
+    assert not cfg.work.exists() and not Path(cfg.out).exists()
+
+
+def test_motion_prompt_without_u_is_refused_in_stage_2(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, concepts=[ConceptSpec(video, PROMPT, "It moves right.")])
+    with pytest.raises(ValueError, match=r"does not contain \[u\]"):
+        P.main(cfg, make_base(sp_model_path), euler_sample)
+
+
+def test_existing_out_is_not_overwritten(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video)
+    Path(cfg.out).write_bytes(b"precious")
+    with pytest.raises(ValueError, match="--force"):
+        P.main(cfg, make_base(sp_model_path), euler_sample)
+    assert Path(cfg.out).read_bytes() == b"precious"
+
+
+def test_video_shorter_than_one_clip_is_refused(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, frames=17)
+    with pytest.raises(ValueError, match="shorter than one clip of 17"):
+        P.main(cfg, make_base(sp_model_path), euler_sample)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sp_model_path, tmp_path, video, monkeypatch):
+    real, count = P.loss_step, [0]
+
+    def step(*args, **kw):
+        out = real(*args, **kw)
+        count[0] += 1
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if count[0] == 3 else out
+
+    monkeypatch.setattr(P, "loss_step", step)
+    cfg = config(tmp_path, video, prior_count=0)
+    with pytest.raises(NonFiniteLoss, match="stage 1 step 3.*stage1-step000002"):
+        P.main(cfg, make_base(sp_model_path))
+    assert [p.name for p in list_checkpoints(cfg.work / "checkpoints")] == ["stage1-step000002.safetensors"]
+    assert load_checkpoint(cfg.work / "checkpoints" / "stage1-step000002.safetensors").step == 2
+    assert not Path(cfg.out).exists()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_toml_form_writes_a_concept(sp_model_path, tmp_path, video, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'''base = "tiny"
+tokenizer = "{sp_model_path}"
+out = "{tmp_path / 'cli.safetensors'}"
+steps1 = 2
+steps2 = 2
+batch_size = 2
+rank = 2
+prior_count = 0
+progress = false
+
+[[concepts]]
+video = "{video}"
+prompt = "{PROMPT}"
+motion_prompt = "{MOTION}"
+''')
+    assert cli_main(["personalize", "--config", str(toml), "--device", "cpu"]) == 0
+    assert load_concept(tmp_path / "cli.safetensors").rank == 2
+    assert "loss.tsv" in capsys.readouterr().out
+    log = (tmp_path / "cli.work" / "loss.tsv").read_text().splitlines()
+    assert log[0].startswith("stage\tstep\tloss") and len(log) == 3  # header + one row per stage
+
+
+def test_cli_bad_prompt_exits_2_with_one_clear_line(sp_model_path, tmp_path, video, capsys):
+    out = tmp_path / "x.safetensors"
+    code = cli_main(["personalize", video, "--prompt", "a square", "--motion-prompt", MOTION,
+                     "--base", "tiny", "--tokenizer", sp_model_path, "--out", str(out), "--device", "cpu"])
+    assert code == 2 and not out.exists()
+    assert "does not contain [v]" in capsys.readouterr().err
