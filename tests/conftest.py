@@ -5,8 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from model.tokenizer import train_tokenizer
+
+# Test models are tiny: one thread runs them fastest, and it keeps the suite's timing independent of
+# how many cores CI has and what else runs beside it.
+torch.set_num_threads(1)
 
 _WORDS = (
     "a the of in on over with and is red green blue yellow purple orange white black grey square circle "

@@ -23,8 +23,6 @@ from weights.checkpoint import (
 )
 from weights.io import read_state_dict, write_safetensors_atomic
 
-torch.set_num_threads(1)
-
 CFG = ModelConfig(
     name="micro",
     dit=DiTConfig(in_channels=4, out_channels=4, dim=32, heads=2, layers=2, ffn_dim=64, text_dim=16,

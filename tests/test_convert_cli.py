@@ -23,7 +23,6 @@ from weights.io import read_state_dict, write_safetensors_atomic
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-torch.set_num_threads(1)
 
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
            text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,

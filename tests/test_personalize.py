@@ -24,8 +24,6 @@ from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
 from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig
 from train.video import read_frames, read_video, write_video
 
-torch.set_num_threads(1)
-
 _TINY = PRESETS["tiny"]
 TINY = dataclasses.replace(
     _TINY,

@@ -18,14 +18,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run fastest single-threaded (and the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_vae(layout: str, seed: int = 0) -> VAE:
     cfg = VAEConfig(in_channels=3, latent_channels=4, base_channels=8, channel_mult=(1, 2, 2),

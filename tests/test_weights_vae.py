@@ -20,16 +20,9 @@ SMALL = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_
 SIZE = (32, 48)  # non-square; latent 4 x 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
-def pair(one_thread):
+def pair():
     """(diffusers reference with every parameter random, norm gains included; ours converted from it)."""
     torch.manual_seed(0)
     ref = AutoencoderKLWan(**SMALL).eval()
