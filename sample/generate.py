@@ -1,0 +1,227 @@
+"""Generation with concepts: a base model, concept files applied as adapters, a prompt -> a video.
+
+    base parts + concepts ──add_concept──► LoRA adapters in the DiT, concept tokens in the tokenizer,
+                                           their input embeddings written into the T5 table
+    prompt ──tokenizer──► ids ──T5──► context ─┐
+    seed ──► noise (B, C, T', H', W') ─────────┴─ euler_sample (CFG, self-cond) ──► latents ──VAE──► video
+
+Several concepts mix post hoc: each concept file is its own adapter (its ΔW adds to the others')
+and brings its own tokens; a file trained jointly on several concepts carries all their tokens in
+one adapter. Identity (alpha) and motion (beta) scales are set per adapter: alpha = beta = 0 gives
+the base model exactly. Editing is reprompting: the same concept tokens in a new prompt.
+
+sample/ imports model/ and lora/ only: the caller (the command line) resolves the base model and
+hands its parts to `Pipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lora.concept import Concept, apply_concept, base_identity
+from lora.inject import set_scales
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from sample.sampler import euler_sample
+
+# A word in square brackets, the shape of a concept token ([v], [u], [v2], ...).
+_TOKEN_LIKE = re.compile(r"\[[^\[\]\s]+\]")
+
+
+def make_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
+    """The tokenizer as personalization builds it: tokens the base already knows keep their ids and
+    new ones follow them; without any, new tokens get fresh rows after the T5 table (for umT5, whose
+    table is larger than its sentencepiece vocabulary, instead of trained rows that happen to be unused)."""
+    if base_tokens:
+        tokenizer = Tokenizer(sp_path)
+        tokenizer.add_tokens(base_tokens)
+        return tokenizer
+    return Tokenizer(sp_path, first_added_id=t5_rows)
+
+
+@dataclass
+class Pipeline:
+    """A base model's parts plus the concepts applied to them."""
+
+    config: ModelConfig
+    dit: nn.Module
+    vae: nn.Module
+    t5: nn.Module
+    tokenizer: Tokenizer
+    name: str  # the base model's name as concept files record it (its config name)
+    concepts: dict[str, Concept] = field(default_factory=dict)  # adapter name -> concept
+
+    def __post_init__(self) -> None:
+        for module in (self.dit, self.vae, self.t5):
+            module.requires_grad_(False).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def concept_tokens(self) -> dict[str, str]:
+        """Added token -> the adapter whose concept defines it."""
+        return {tok: name for name, c in self.concepts.items() for tok in c.tokens}
+
+
+# ---------------------------------------------------------------------------------------- concepts
+
+
+def _adapter_name(concept: Concept, taken: dict[str, Concept]) -> str:
+    """The concept's name made a valid, unused adapter name (no '.'; a suffix when taken)."""
+    stem = re.sub(r"[^\w-]", "_", concept.name) or "concept"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    return name
+
+
+def add_concept(pipe: Pipeline, concept: Concept, *, identity: float = 1.0, motion: float = 1.0) -> str:
+    """Apply a concept as its own adapter at scales (identity, motion), add its tokens to the tokenizer
+    and write their embeddings into the T5 table. Refuses a concept for another base model and a token
+    another applied concept already defines. Returns the adapter name."""
+    defined = pipe.concept_tokens()
+    clash = sorted(t for t in concept.tokens if t in defined)
+    if clash:
+        other = pipe.concepts[defined[clash[0]]].name
+        raise ValueError(f"concepts {other!r} and {concept.name!r} both define token(s) {clash}; concepts "
+                         "mixed in one video need distinct tokens (personalize them with e.g. token '[v2]' / "
+                         "motion_token '[u2]' in a --config [[concepts]] table, or train them jointly)")
+    adapter = _adapter_name(concept, pipe.concepts)
+    apply_concept(pipe.dit, concept, expected_base=base_identity(pipe.dit, pipe.name), adapter=adapter,
+                  identity=identity, motion=motion)
+    pipe.concepts[adapter] = concept
+    if concept.tokens:
+        write_token_embeddings(pipe.t5, pipe.tokenizer, concept.tokens)
+    return adapter
+
+
+@torch.no_grad()
+def write_token_embeddings(t5: nn.Module, tokenizer: Tokenizer, tokens: dict[str, Tensor]) -> None:
+    """Add the tokens to the tokenizer, grow the T5 input table to cover their ids, write their rows."""
+    ids = tokenizer.add_tokens(list(tokens))
+    if tokenizer.vocab_size > t5.token_embedding.weight.shape[0]:
+        t5.resize_token_embeddings(tokenizer.vocab_size)
+    table = t5.token_embedding.weight
+    for i, emb in zip(ids, tokens.values(), strict=True):
+        if emb.shape != table.shape[1:]:
+            raise ValueError(f"token embedding of width {emb.shape[-1]} does not fit the T5 table of width "
+                             f"{table.shape[1]}: the concept belongs to another text encoder")
+        table[i] = emb.to(table.dtype)
+
+
+def set_concept_scales(pipe: Pipeline, adapter: str, identity: float, motion: float) -> None:
+    if adapter not in pipe.concepts:
+        raise ValueError(f"no concept {adapter!r} is applied; applied: {list(pipe.concepts)}")
+    set_scales(pipe.dit, identity, motion, concept=adapter)
+
+
+def check_prompt_tokens(pipe: Pipeline, prompt: str) -> None:
+    """A bracketed word in the prompt must be a token some applied concept (or the base) defines."""
+    known = set(pipe.tokenizer.added_tokens)
+    unknown = [t for t in dict.fromkeys(_TOKEN_LIKE.findall(prompt)) if t not in known]
+    if unknown:
+        have = ", ".join(sorted(known)) or "none (no --concept given)"
+        raise ValueError(f"prompt uses token(s) {', '.join(unknown)} that no applied concept defines; "
+                         f"defined tokens: {have}")
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling settings; None = the base model's own default (ModelConfig.guidance, sample_steps, ...)."""
+
+    frames: int
+    size: tuple[int, int]  # (H, W) pixels
+    steps: int | None = None
+    guidance: float | None = None  # the paper samples at 8; a base model names its own
+    shift: float | None = None
+    seed: int = 0
+    negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
+    self_cond: bool | None = None  # None = when the DiT has self-conditioning
+
+    def resolved(self, cfg: ModelConfig) -> GenerateConfig:
+        out = GenerateConfig(
+            frames=self.frames, size=tuple(self.size), seed=self.seed, negative_prompt=self.negative_prompt,
+            steps=cfg.sample_steps if self.steps is None else self.steps,
+            guidance=cfg.guidance if self.guidance is None else self.guidance,
+            shift=cfg.sample_shift if self.shift is None else self.shift,
+            self_cond=cfg.dit.self_cond if self.self_cond is None else self.self_cond)
+        if out.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {out.steps}")
+        if out.guidance < 1.0:
+            raise ValueError(f"guidance must be >= 1 (1 = no classifier-free guidance), got {out.guidance}")
+        if out.self_cond and not cfg.dit.self_cond:
+            raise ValueError(f"self-conditioning asked, but base {cfg.name} has no self-conditioning input")
+        return out
+
+
+def latent_shape(cfg: ModelConfig, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(C, T', H', W') for a video of `frames` x size, or a ValueError naming valid values."""
+    tc, sc = cfg.vae.time_compression, cfg.vae.space_compression
+    pt, ph, pw = cfg.dit.patch
+    if frames < 1 or (frames - 1) % tc:
+        below = max(1, 1 + (frames - 1) // tc * tc)
+        raise ValueError(f"--frames {frames}: this base takes 1 + {tc}k frames, e.g. {below} or {below + tc}")
+    h, w = size
+    multiple = sc * max(ph, pw)
+    if h < multiple or w < multiple or h % (sc * ph) or w % (sc * pw):
+        near = [max(multiple, s // multiple * multiple) for s in size]
+        raise ValueError(f"--size {h}x{w}: height and width must be positive multiples of {multiple} "
+                         f"(VAE spatial compression {sc} x DiT patch), e.g. {near[0]}x{near[1]}")
+    t_lat = 1 + (frames - 1) // tc
+    if t_lat % pt:
+        raise ValueError(f"--frames {frames} gives {t_lat} latent frames, not divisible by the DiT's time "
+                         f"patch {pt}")
+    grid = (t_lat // pt, h // sc // ph, w // sc // pw)
+    if cfg.dit.abs_pos is not None and any(g > m for g, m in zip(grid, cfg.dit.abs_pos, strict=True)):
+        raise ValueError(f"--frames {frames} --size {h}x{w} gives a token grid {grid} larger than base "
+                         f"{cfg.name} was built for {tuple(cfg.dit.abs_pos)}; "
+                         "ask for fewer frames or a smaller size")
+    return (cfg.vae.latent_channels, t_lat, h // sc, w // sc)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """(context (B, L, D) float32, mask (B, L) bool); a prompt longer than the T5 context is an error."""
+    ids, mask = pipe.tokenizer.encode(texts, pipe.config.t5.max_length, truncate=False)
+    ids, mask = ids.to(pipe.device), mask.to(pipe.device)
+    return pipe.t5(ids, mask).float(), mask
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool = True) -> Tensor:
+    """One video for `prompt`: (3, T, H, W) float32 in [-1, 1] on the CPU. The seed fixes it."""
+    gen = gen.resolved(pipe.config)
+    check_prompt_tokens(pipe, prompt)
+    check_prompt_tokens(pipe, gen.negative_prompt)
+    shape = latent_shape(pipe.config, gen.frames, gen.size)
+    device, dtype = pipe.device, next(pipe.dit.parameters()).dtype
+    with _autocast(device, dtype):
+        context, mask = encode_prompts(pipe, [prompt])
+        uncond, uncond_mask = encode_prompts(pipe, [gen.negative_prompt])
+        generator = torch.Generator(device).manual_seed(gen.seed)
+        z = euler_sample(pipe.dit, (1, *shape), steps=gen.steps, shift=gen.shift, guidance=gen.guidance,
+                         context=context, context_mask=mask, uncond_context=uncond, uncond_mask=uncond_mask,
+                         self_cond=gen.self_cond, generator=generator, progress=progress)
+        vae_dtype = next(pipe.vae.parameters()).dtype
+        video = pipe.vae.decode(z.to(vae_dtype))  # (1, 3, T, H, W)
+    return video[0].float().cpu()
+
+
+__all__ = ["Pipeline", "GenerateConfig", "make_tokenizer", "add_concept", "set_concept_scales",
+           "write_token_embeddings", "check_prompt_tokens", "latent_shape", "encode_prompts", "generate"]

@@ -1,0 +1,57 @@
+"""`setseq export`: a concept file as a standard rank-r LoRA for the base model's own tools.
+
+    setseq export dancer.safetensors --format comfyui --out dancer_lora.safetensors
+    setseq export dancer.safetensors --identity 1 --motion 0.5 --format diffusers --out half.safetensors
+
+lora_A = A1 and lora_B = identity * B1 + motion * B2 per layer: the scales are baked into lora_B and
+the file has no alpha key, so the update is exactly lora_B @ lora_A (lora/export.py). Several concept
+files concatenate along the rank (their updates add). An existing --out is kept unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def register(subparsers) -> None:
+    from lora.export import FORMATS
+
+    p = subparsers.add_parser(
+        "export", help="export a concept as a standard LoRA file (ComfyUI / diffusers names, no alpha)",
+        description="Write a concept (or several, concatenated along the rank) as a rank-r LoRA with the "
+                    "identity and motion scales baked into lora_B and no alpha key.")
+    p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="concept file(s) from `setseq personalize`")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="comfyui: Wan's original names (diffusion_model.blocks.0.self_attn.q...); "
+                        "diffusers: WanTransformer3DModel names (transformer.blocks.0.attn1.to_q...)")
+    p.add_argument("--identity", type=float, default=1.0, help="identity scale alpha baked in (default 1)")
+    p.add_argument("--motion", type=float, default=1.0, help="motion scale beta baked in (default 1)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32",
+                   help="tensor dtype of the file (default fp32)")
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora.concept import load_concept
+    from lora.export import save_lora
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    concepts = [load_concept(path) for path in args.concepts]
+    state = save_lora(out, concepts, args.format, args.identity, args.motion, _DTYPES[args.dtype])
+    modules = len(state) // 2
+    rank = max(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    names = ", ".join(c.name for c in concepts)
+    print(f"wrote {out}: {len(state)} keys, {modules} modules, rank {rank}, format {args.format}, "
+          f"identity {args.identity:g}, motion {args.motion:g}, no alpha key (concepts: {names})")
+    return 0

@@ -1,0 +1,190 @@
+"""`setseq generate`: a video from a base model, concept files and a prompt.
+
+    setseq generate --base wan-1.3b-dir --concept dancer.safetensors \\
+        --prompt "A [v] man in a cap dancing on the moon. He is performing [u] dancing motion." --out moon.mp4
+
+Writes FILE.mp4 and FILE.gif beside it (and FILE.png, a contact sheet, with --contact-sheet). Several
+--concept flags mix separately trained concepts (each its own adapter, with its own tokens).
+--identity / --motion scale every concept's identity and motion terms (stylization: e.g. --motion 0
+keeps the look and drops the learned motion); `--concept FILE:ALPHA:BETA` sets them for one concept.
+With --reference VIDEO the contact sheet shows the reference first and FILE.metrics.json holds the
+pixel metrics against it (sample/metrics.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from setseq.cmd_info import parse_size
+
+# Default (frames, height, width) per base model name; other bases need --frames and --size.
+DEFAULT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "tiny": (17, 64, 64),  # the toy world
+    "paper": (121, 576, 1024),
+    "wan2.1-1.3b": (81, 480, 832),
+    "wan2.1-14b": (81, 720, 1280),
+}
+_SCALES = re.compile(r"^(?P<path>.+?):(?P<alpha>[^:]+):(?P<beta>[^:]+)$")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate a video with concepts (edit by reprompting, stylize by scales)",
+        description="Sample a video from a base model with concept files applied: Euler steps on the flow "
+                    "ODE with classifier-free guidance and self-conditioning (when the base has it).")
+    p.add_argument("--base", required=True,
+                   help="base model: a preset name or a checkpoint folder (setseq convert)")
+    p.add_argument("--tokenizer", help="sentencepiece model, when the base checkpoint ships none")
+    p.add_argument("--concept", action="append", default=[], metavar="FILE[:ALPHA:BETA]",
+                   help="concept file (repeat to mix several); ALPHA:BETA set its identity and motion scales")
+    p.add_argument("--prompt", required=True,
+                   help='e.g. "A [v] man in a cap on the moon. He does [u] dancing."')
+    p.add_argument("--negative-prompt", default="",
+                   help="the unconditional prompt of guidance (default: empty)")
+    p.add_argument("--identity", type=float, default=1.0,
+                   help="identity scale alpha of every concept (default 1)")
+    p.add_argument("--motion", type=float, default=1.0,
+                   help="motion scale beta of every concept (default 1)")
+    p.add_argument("--steps", type=int,
+                   help="Euler steps (default: the base model's own, ModelConfig.sample_steps)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (default: the base model's own, "
+                        "ModelConfig.guidance, e.g. 5 for Wan 2.1, 3 for tiny; the paper samples at 8; "
+                        "1 = off)")
+    p.add_argument("--shift", type=float, help="timestep shift (default: the base model's own)")
+    p.add_argument("--no-self-cond", dest="self_cond", action="store_false", default=None,
+                   help="do not feed back the x0 estimate (default: on when the base has self-conditioning)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same seed gives the same video)")
+    p.add_argument("--base-seed", type=int, default=0, help="init seed of a preset base (random weights)")
+    p.add_argument("--frames", type=int, help="frames, 1 + k * the VAE's time compression (default per base)")
+    p.add_argument("--size", help="HxW in pixels, e.g. 480x832 (default per base)")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written files (default 8)")
+    p.add_argument("--out", required=True, help="the mp4 to write; the gif (and png) go beside it")
+    p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
+    p.add_argument("--reference", help="a video to compare with: first row of the sheet, FILE.metrics.json")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_concept(text: str, identity: float, motion: float) -> tuple[Path, float, float]:
+    """'FILE' or 'FILE:ALPHA:BETA' -> (path, alpha, beta); plain FILE takes the global scales."""
+    m = _SCALES.match(text)
+    if m is None or Path(text).is_file():
+        return Path(text), identity, motion
+    try:
+        return Path(m["path"]), float(m["alpha"]), float(m["beta"])
+    except ValueError:
+        raise ValueError(f"--concept {text!r}: ALPHA and BETA must be numbers, e.g. dancer.safetensors:1:0.5"
+                         ) from None
+
+
+def shape_of(args: argparse.Namespace, base_name: str) -> tuple[int, tuple[int, int]]:
+    default = DEFAULT_SHAPES.get(base_name)
+    if default is None and (args.frames is None or args.size is None):
+        raise ValueError(f"base {base_name!r} has no default video shape; pass --frames and --size")
+    frames = args.frames if args.frames is not None else default[0]
+    size = parse_size(args.size) if args.size is not None else default[1:]
+    return frames, size
+
+
+def check_out(path: Path) -> None:
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {str(path)!r} must name an .mp4 file "
+                         "(the .gif and .png are written beside it)")
+
+
+def load_pipeline(args: argparse.Namespace):
+    from sample.generate import Pipeline, make_tokenizer
+    from weights.checkpoint import resolve_base
+
+    cfg, loader = resolve_base(args.base, seed=args.base_seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    models = loader(dtype=dtype, device=device, parts=("dit", "vae", "t5"))
+    sp_path = args.tokenizer or models.tokenizer_path
+    if sp_path is None:
+        raise ValueError(f"base {args.base!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
+    tokenizer = make_tokenizer(sp_path, models.added_tokens, models.t5.token_embedding.weight.shape[0])
+    return Pipeline(cfg, models.dit, models.vae, models.t5, tokenizer, name=cfg.name)
+
+
+def apply_concepts(pipe, args: argparse.Namespace) -> list[str]:
+    from lora.concept import load_concept
+    from sample.generate import add_concept
+
+    lines = []
+    for text in args.concept:
+        path, alpha, beta = parse_concept(text, args.identity, args.motion)
+        try:
+            concept = load_concept(path)
+            adapter = add_concept(pipe, concept, identity=alpha, motion=beta)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file") from None
+        except ValueError as err:
+            raise ValueError(f"--concept {str(path)!r}: {err}") from None
+        tokens = " ".join(concept.tokens) or "no tokens"
+        lines.append(f"concept {adapter} ({path}): rank {concept.rank}, {len(concept.modules)} layers, "
+                     f"{tokens}, identity {alpha:g}, motion {beta:g}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from sample import media
+    from sample.generate import GenerateConfig, check_prompt_tokens, generate, latent_shape
+
+    out = Path(args.out)
+    check_out(out)
+    for text in args.concept:  # fail on a missing file before loading any weights
+        path = parse_concept(text, args.identity, args.motion)[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file")
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise FileNotFoundError(f"--reference {args.reference!r}: no such video")
+    from weights.checkpoint import resolve_base
+
+    base_cfg, _ = resolve_base(args.base, seed=args.base_seed)
+    frames, size = shape_of(args, base_cfg.name)
+    latent_shape(base_cfg, frames, size)  # bad --frames / --size: an error before any weights load
+    gen = GenerateConfig(frames=frames, size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                         seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond)
+    g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
+
+    pipe = load_pipeline(args)
+    for line in apply_concepts(pipe, args):
+        print(line)
+    check_prompt_tokens(pipe, args.prompt)
+    print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}, "
+          f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
+    video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)
+
+    written = [media.write_mp4(out, video, args.fps),
+               media.write_gif(out.with_suffix(".gif"), video, args.fps)]
+    reference = None
+    if args.reference is not None:
+        from train.video import read_video
+
+        reference = read_video(args.reference, frames=None, size=size)
+    if args.contact_sheet:
+        rows, labels = [video], [f"seed {args.seed}: {args.prompt}"]
+        if reference is not None:
+            rows, labels = [reference, video], ["reference", *labels]
+        written.append(media.write_contact_sheet(out.with_suffix(".png"), rows, labels))
+    if reference is not None:
+        from sample.metrics import score_video, to_json
+
+        scores = score_video(video, reference[:, :frames], prompt=args.prompt)
+        metrics_path = out.with_suffix(".metrics.json")
+        metrics_path.write_text(to_json(scores) + "\n")
+        written.append(metrics_path)
+        print(json.dumps({k: v for k, v in scores.items() if k in ("mse", "id", "motion_fidelity",
+                                                                    "temporal_coherence")}))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
