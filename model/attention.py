@@ -14,7 +14,7 @@ Window convention: query i attends key j iff |i - j| <= window // 2 over the fla
 from __future__ import annotations
 
 import importlib.util
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,14 @@ def band_mask(length: int, window: int, device: torch.device | None = None) -> t
     """(L, L) bool, True where |i - j| <= window // 2 (query i may attend key j)."""
     pos = torch.arange(length, device=device)
     return (pos[:, None] - pos[None, :]).abs() <= window // 2
+
+
+@lru_cache(maxsize=4)
+def _cached_band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """band_mask built once per (length, window, device): every block of a forward pass shares it. Made
+    outside inference mode so it also serves later training steps; read-only."""
+    with torch.inference_mode(False):
+        return band_mask(length, window, device)
 
 
 def _flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -72,7 +80,7 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn():
         return _flash_window(q, k, v, window)
-    band = band_mask(lq, window, q.device)  # (L, L)
+    band = _cached_band(lq, window, q.device)  # (L, L)
     mask = band if mask is None else mask & band
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

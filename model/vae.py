@@ -143,7 +143,13 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv3d(z * (2 if cfg.kl else 1), z * (2 if cfg.kl else 1), 1)
         self.post_quant_conv = nn.Conv3d(z, z, 1)
         self.decoder = Decoder(cfg)
-        # Latent normalization statistics: config data, not weights (kept out of the state dict).
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)build the latent normalization statistics from the config, on the current default device.
+        They are config data, not weights: non-persistent buffers, kept out of the state dict, so a
+        meta-device load (weights/load.py) calls this instead of rebuilding the whole VAE."""
+        cfg, z = self.cfg, self.cfg.latent_channels
         mean = torch.tensor(cfg.latents_mean) if cfg.latents_mean is not None else torch.zeros(z)
         std = torch.tensor(cfg.latents_std) if cfg.latents_std is not None else torch.ones(z)
         self.register_buffer("latents_mean", mean.view(1, z, 1, 1, 1), persistent=False)

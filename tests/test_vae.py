@@ -160,7 +160,9 @@ def test_latent_normalization_round_trip():
     mean, _ = vae.encode_dist(x)
     z = vae.encode(x)
     assert torch.allclose(z * vae.latents_std + vae.latents_mean, mean, atol=1e-6)
-    assert torch.allclose(vae.decode(z), vae.decode_raw(mean).clamp(-1, 1), atol=1e-6)
+    # fp32 rounding of (z - mean) / std * std + mean (~1e-7) grows through the decoder to a few 1e-6
+    # (1.5e-6 to 5e-6 over seeds, on either conv kernel), so 1e-6 only passed by luck of the RNG state.
+    assert torch.allclose(vae.decode(z), vae.decode_raw(mean).clamp(-1, 1), atol=1e-5)
 
 
 @torch.no_grad()
