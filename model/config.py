@@ -47,6 +47,10 @@ class DiTConfig:
     self_cond: bool = False  # extra zero-initialized input projection of the previous x0 estimate
     # Learned absolute position embedding after patchify, for the toy world only (off for Wan/paper).
     abs_pos: tuple[int, int, int] | None = None  # max token grid (t, h, w) it covers
+    # What the head predicts: "velocity" (Wan, the paper) or "x0" (the toy world: a velocity target on
+    # its near-deterministic latents gave pure noise). forward() returns a velocity either way,
+    # v = (x_t - x0_hat) / t, so samplers and adapters see one interface; the loss uses this space.
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         _check(self.dim % self.heads == 0, f"DiT dim {self.dim} is not divisible by heads {self.heads}")
@@ -62,6 +66,8 @@ class DiTConfig:
         _check(self.qk_norm in kinds, f"unknown qk_norm {self.qk_norm!r}; choose one of {kinds}")
         _check(self.window is None or self.window > 0, f"window must be positive or None, got {self.window}")
         _check(all(p >= 1 for p in self.patch), f"patch sizes must be >= 1, got {self.patch}")
+        _check(self.prediction in ("velocity", "x0"),
+               f"unknown DiT prediction {self.prediction!r}; choose 'velocity' or 'x0'")
 
     @property
     def head_dim(self) -> int:
@@ -216,12 +222,17 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU tests and the toy world: small enough that a forward pass takes milliseconds.
     "tiny": ModelConfig(
         name="tiny",
+        # x0 head and a learned absolute position (covering up to 8x8x8 tokens): what the toy world's
+        # near-deterministic latents need (design.md, "The toy world"); `setseq pretrain` measures them.
         dit=DiTConfig(in_channels=16, out_channels=16, dim=128, heads=4, layers=4, ffn_dim=512, text_dim=64,
                       text_proj=True, modulation="shared", qk_norm="rms_per_head", rope_split=(16, 8, 8),
-                      self_cond=True),
-        vae=VAEConfig(in_channels=3, latent_channels=16, base_channels=16, channel_mult=(1, 2, 4),
+                      self_cond=True, prediction="x0", abs_pos=(8, 8, 8)),
+        # base 8 keeps a CPU training step under 1 s; per-pixel RMS norm (no spatial statistics: a flat
+        # toy background made GroupNorm's gradients explode, and crops train like whole frames);
+        # deterministic latent (kl off), per-channel normalized for the DiT by `setseq pretrain`.
+        vae=VAEConfig(in_channels=3, latent_channels=16, base_channels=8, channel_mult=(1, 2, 4),
                       encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1), time_strides=(1, 2, 2),
-                      space_strides=(2, 2, 2), padding="replicate", norm="group"),
+                      space_strides=(2, 2, 2), padding="replicate", norm="rms", kl=False),
         t5=T5Config(vocab_size=512, dim=64, head_dim=16, heads=4, ffn_dim=128, layers=2, max_length=32),
         sample_shift=1.0, guidance=3.0, sample_steps=25,
     ),

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import DiTConfig
-from .rope import apply_rope, rope_3d
+from .flow import velocity_from_x0
+from .rope import apply_rope, rope_table
 
 # ---------------------------------------------------------------------------------------- norms
 
@@ -82,13 +83,13 @@ def split_modulation(m: torch.Tensor) -> tuple[Modulation, Modulation]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 island: x * (1 + scale) + shift, returned in x's dtype."""
-    return (x.float() * (1 + scale) + shift).type_as(x)
+    """fp32 island: x * (1 + scale) + shift, returned in x's dtype (one fused addcmul)."""
+    return torch.addcmul(shift, x.float(), 1 + scale).type_as(x)
 
 
 def add_gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """fp32 island: residual x + gate * y, returned in x's dtype."""
-    return (x.float() + gate * y.float()).type_as(x)
+    """fp32 island: residual x + gate * y, returned in x's dtype (one fused addcmul)."""
+    return torch.addcmul(x.float(), y.float(), gate).type_as(x)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, L, D)
         context: torch.Tensor | None = None,  # (B, N, kv_dim); None = self-attention
-        freqs: torch.Tensor | None = None,  # (L, hd/2) complex RoPE
+        freqs: torch.Tensor | None = None,  # (L, hd/2, 2) RoPE (cos, sin), or (L, hd/2) complex
         mask: torch.Tensor | None = None,  # (B, N) bool, True = real key
     ) -> torch.Tensor:
         src = x if context is None else context
@@ -163,7 +164,7 @@ class Block(nn.Module):
         x: torch.Tensor,  # (B, L, D)
         time: torch.Tensor,  # (B, 6, D) shared projection, or (B, D) time embedding for per-block adaLN
         context: torch.Tensor,  # (B, N, D or text_dim)
-        freqs: torch.Tensor,  # (L, hd/2)
+        freqs: torch.Tensor,  # (L, hd/2, 2) RoPE (cos, sin)
         context_mask: torch.Tensor | None,  # (B, N)
     ) -> torch.Tensor:
         if hasattr(self, "adaLN"):
@@ -253,6 +254,13 @@ class DiT(nn.Module):
             # Zero absolute positions: the model starts as pure RoPE and learns what it needs.
             nn.init.zeros_(self.pos_embedding)
 
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block in place (regional compilation: one graph serves every layer, so it
+        compiles in about the time of one block). Parameter names and the state dict are unchanged.
+        An opt-in performance knob; benchmarks/bench_dit.py --compile measures what it buys."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
     # -- helpers ----------------------------------------------------------------------------------
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -333,13 +341,17 @@ class DiT(nn.Module):
         context = context.to(tokens.dtype)
         if cfg.text_proj:
             context = self.text_embedding(context)  # (B, N, D)
-        freqs = rope_3d(grid, cfg.rope_axes, cfg.rope_theta, device=x.device)  # (L, hd/2)
+        # (L, hd/2, 2) fp32 (cos, sin): the cached complex64 table viewed as real (compiled code: no complex)
+        freqs = torch.view_as_real(rope_table(grid, cfg.rope_axes, cfg.rope_theta, x.device))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, time, context, freqs, context_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, time, context, freqs, context_mask)
-        return self._unpatchify(self.head(tokens, e), grid).to(x.dtype)
+        out = self._unpatchify(self.head(tokens, e), grid)  # (B, C, T, H, W)
+        if cfg.prediction == "x0":  # x0-parametrized head, returned as the velocity it implies
+            return velocity_from_x0(x, out, t).to(x.dtype)
+        return out.to(x.dtype)
 
 
 __all__ = ["DiT", "Block", "Attention", "Head", "Modulation", "split_modulation", "modulate", "add_gated",

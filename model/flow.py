@@ -115,6 +115,22 @@ def velocity_from_x0(x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
     return ((x_t.float() - x0.float()) / tb).to(x_t.dtype)
 
 
+def prediction_loss_per_sample(v_pred: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+                               space: str = "velocity") -> Tensor:
+    """Per-sample MSE (B,) in a network's prediction space (DiTConfig.prediction), float32.
+
+    "velocity": ||v_pred - (eps - x0)||^2; "x0": ||(x_t - t v_pred) - x0||^2, the x0 the velocity
+    implies (an x0-parametrized DiT returns v = (x_t - x0_hat) / t, so this recovers x0_hat).
+    The two differ by a weight of t^2: the same network trained in the wrong space over- or
+    under-weights low noise.
+    """
+    if space == "velocity":
+        return flow_loss_per_sample(v_pred, velocity_target(x0, eps))
+    if space == "x0":
+        return flow_loss_per_sample(x0_from_velocity(x_t, v_pred, t), x0)
+    raise ValueError(f"unknown prediction space {space!r}; choose 'velocity' or 'x0'")
+
+
 def loss_by_t_bins(
     per_sample_loss: Tensor, t: Tensor, bins: int | Sequence[float] = 4
 ) -> tuple[Tensor, Tensor]:

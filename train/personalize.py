@@ -42,10 +42,9 @@ from model.config import ModelConfig
 from model.flow import (
     add_noise,
     bin_labels,
-    flow_loss_per_sample,
     loss_by_t_bins,
+    prediction_loss_per_sample,
     sample_time,
-    velocity_target,
     x0_from_velocity,
 )
 
@@ -90,10 +89,15 @@ class ConceptSpec:
     motion_prompt: str = ""  # dynamic part, holds `motion_token`, e.g. "He is performing [u] dancing motion."
     token: str = "[v]"
     motion_token: str = "[u]"
+    # The stage-2 text when the motion words belong inside the sentence ("a [v] sprite moving in [u]
+    # motion on a gray background"); "" = prompt + " " + motion_prompt.
+    full_prompt: str = ""
 
     def text(self, stage: int) -> str:
         """Stage 1: the static prompt; stage 2: static ∪ dynamic (paper eq. 7)."""
-        return self.prompt if stage == 1 else f"{self.prompt.strip()} {self.motion_prompt.strip()}"
+        if stage == 1:
+            return self.prompt
+        return self.full_prompt or f"{self.prompt.strip()} {self.motion_prompt.strip()}"
 
 
 @dataclass
@@ -113,6 +117,11 @@ class PersonalizeConfig:
     lr: float = 1e-4
     token_lr: float = 1e-5
     train_tokens: bool = True  # train the [v]/[u] input embeddings (start at zero); the paper: optional
+    # Baselines of Tables 1-2: `single_stage` trains A1 and B1 in ONE stage on clips with the full
+    # prompt and both tokens (LoRA-r, DB-LoRA; stages must be (1,)); `train_lora` False trains the
+    # token embeddings alone (textual inversion; the adapter stays a zero no-op).
+    single_stage: bool = False
+    train_lora: bool = True
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     grad_clip: float = 0.05
@@ -151,6 +160,10 @@ class PersonalizeConfig:
             self.size = tuple(self.size)
         _check(bool(self.concepts), "no concept given: pass a VIDEO and its --prompt")
         _check(self.stages and set(self.stages) <= {1, 2}, f"stages must be 1, 2 or both, got {self.stages}")
+        _check(not self.single_stage or self.stages == (1,),
+               f"single_stage trains one stage on clips: set stages (1,), got {self.stages}")
+        _check(self.train_lora or self.train_tokens,
+               "train_lora and train_tokens are both off: nothing to train")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.steps1 >= 1 and self.steps2 >= 1, f"steps must be >= 1, got {self.steps1}, {self.steps2}")
         _check(self.prior_count == 0 or 0 < self.prior_per_batch < self.batch_size,
@@ -168,6 +181,10 @@ class PersonalizeConfig:
     @property
     def work(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.out).with_suffix(".work")
+
+    def text_stage(self, stage: int) -> int:
+        """Which stage's data and prompt a stage trains on: clips and the full prompt in single-stage mode."""
+        return 2 if self.single_stage else stage
 
     def steps(self, stage: int) -> int:
         return self.steps1 if stage == 1 else self.steps2
@@ -255,6 +272,8 @@ def _stage_tokens(cfg: PersonalizeConfig, stage: int) -> list[str]:
     """Tokens whose embeddings a stage trains: [v]s in stage 1, [u]s in stage 2 (none if switched off)."""
     if not cfg.train_tokens:
         return []
+    if cfg.single_stage:
+        return [c.token for c in cfg.concepts] + [c.motion_token for c in cfg.concepts]
     return [c.token if stage == 1 else c.motion_token for c in cfg.concepts]
 
 
@@ -316,10 +335,10 @@ def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], fram
                   cache: LatentCache) -> tuple[list[Tensor], list[Tensor]]:
     """VAE latents of each concept's items and of each stitched pair (computed once, cached on disk)."""
     key = {"vae": _weights_digest(base.vae), "base": base.name, "stage": stage, "frames": frames,
-           "fps": cfg.fps, "size": list(videos[0].shape[2:])}
+           "fps": cfg.fps, "size": list(videos[0].shape[2:]), "clips": cfg.text_stage(stage) == 2}
 
     def items(v: Tensor) -> Tensor:
-        return frame_items(v) if stage == 1 else clip_items(v, frames)
+        return frame_items(v) if cfg.text_stage(stage) == 1 else clip_items(v, frames)
 
     def encoded(name: str, k: dict, pixels: Callable[[], Tensor]) -> Tensor:
         return cache.get(name, {**key, **k}, lambda: {"z": _encode_latents(base.vae, pixels())})["z"]
@@ -340,7 +359,7 @@ def _pairs(n: int) -> list[tuple[int, int]]:
 def build_stage_data(cfg: PersonalizeConfig, base: Base, stage: int, singles: list[Tensor],
                      pairs: list[Tensor], prior, tokens: AddedTokens) -> StageData:
     """Prompt table and index sets of one stage, on the training device."""
-    texts = [c.text(stage) for c in cfg.concepts]
+    texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
     pair_texts = [stitched_prompt(texts[i], texts[j]) for i, j in _pairs(len(texts))]
     prior_texts = prior.texts if prior is not None else []
     trained_ids = [tokens.ids[t] for t in _stage_tokens(cfg, stage)]
@@ -436,7 +455,9 @@ def loss_step(cfg: PersonalizeConfig, dit: nn.Module, t5: nn.Module, data: Stage
                 v0 = dit(x_t, t, context.detach(), context_mask=mask)
             self_cond = x0_from_velocity(x_t, v0, t) * use.view(-1, 1, 1, 1, 1).to(x_t.dtype)
     v = dit(x_t, t, context, context_mask=mask, self_cond=self_cond)
-    per_sample = flow_loss_per_sample(v, velocity_target(x0, eps))  # (B,) fp32
+    # The loss lives in the base's own prediction space (x0 for the toy world's tiny DiT).
+    space = getattr(dit.cfg, "prediction", "velocity")
+    per_sample = prediction_loss_per_sample(v, x_t, x0, eps, t, space)  # (B,) fp32
     return StepOut((batch.weight * per_sample).sum(), per_sample.detach(), t, batch)
 
 
@@ -504,7 +525,8 @@ def write_preview(path: Path, cfg: PersonalizeConfig, base: Base, data: StageDat
     """A short sample of the first concept with the current adapter, decoded to a gif (stage 1: one frame)."""
     dit, device = base.dit, data.items.latents.device
     latent_shape = tuple(data.items.latents.shape[1:])
-    rows = torch.tensor([data.prompts.index(cfg.concepts[0].text(stage)), data.empty], device=device)
+    text = cfg.concepts[0].text(cfg.text_stage(stage))
+    rows = torch.tensor([data.prompts.index(text), data.empty], device=device)
     ctx = base.t5(data.prompts.ids[rows], data.prompts.mask[rows]).float()
     dit.eval()
     z = sample_fn(dit, (1, *latent_shape), steps=cfg.preview_steps, shift=_shift(cfg, base),
@@ -539,7 +561,7 @@ def _stage_seed(cfg: PersonalizeConfig, stage: int) -> int:
 
 
 def _trained_params(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens, stage: int):
-    set_stage(dit, stage, concepts=[cfg.name], dropout=cfg.dropout(stage))
+    set_stage(dit, stage if cfg.train_lora else 0, concepts=[cfg.name], dropout=cfg.dropout(stage))
     lora = [p for p in dit.parameters() if p.requires_grad]
     for p in tokens.parameters():
         p.requires_grad_(False)
@@ -552,7 +574,7 @@ def _trained_params(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens,
 def build_optimizer(cfg: PersonalizeConfig, lora: list[nn.Parameter], emb: list[nn.Parameter]
                     ) -> torch.optim.AdamW:
     """AdamW (paper Table 6); the token embeddings in their own group at token_lr."""
-    groups = [{"params": lora, "lr": cfg.lr}]
+    groups = [{"params": lora, "lr": cfg.lr}] if lora else []
     if emb:
         groups.append({"params": emb, "lr": cfg.token_lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -597,7 +619,7 @@ def check_inputs(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Non
     for i, c in enumerate(cfg.concepts):
         what = f"concept {i + 1} prompt" if len(cfg.concepts) > 1 else "--prompt"
         check_prompt(c.prompt, c.token, what, base.tokenizer, base.config.t5.max_length)
-        if 2 in cfg.stages:
+        if 2 in cfg.stages or cfg.single_stage:
             what = f"concept {i + 1} motion prompt" if len(cfg.concepts) > 1 else "--motion-prompt"
             check_prompt(c.text(2), c.motion_token, what, base.tokenizer, base.config.t5.max_length)
 
@@ -662,7 +684,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         latents = {s: stage_latents(cfg, base, videos, frames, s, cache) for s in cfg.stages}
         priors = {}
         if cfg.prior_count and cfg.prior_weight:
-            shapes = {s: tuple(latents[s][0][0].shape[1:]) for s in cfg.stages}
+            shapes = {cfg.text_stage(s): tuple(latents[s][0][0].shape[1:]) for s in cfg.stages}
             encode = _encoder(base)
             prompts = [cfg.prior_prompts[i % len(cfg.prior_prompts)] for i in range(cfg.prior_count)]
             priors = prior_sets(base.dit, encode, sample_fn, prompts, shapes, cache=cache,
@@ -683,7 +705,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         for stage in cfg.stages:
             if ckpt is not None and (ckpt.stage, ckpt.step) >= (stage, cfg.steps(stage)):
                 continue  # finished before the interruption
-            data = build_stage_data(cfg, base, stage, *latents[stage], priors.get(stage), tokens)
+            prior = priors.get(cfg.text_stage(stage))
+            data = build_stage_data(cfg, base, stage, *latents[stage], prior, tokens)
             resume = ckpt if ckpt is not None and ckpt.stage == stage else None
             run_stage(cfg, base, data, tokens, stage, g, resume, log, sample_fn)
 

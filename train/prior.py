@@ -33,7 +33,12 @@ DEFAULT_PROMPTS = (
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
-    """(static, full): the first sentence is the appearance, the whole text adds the motion."""
+    """(static, full): the first sentence is the appearance, the whole text adds the motion.
+    "STATIC | FULL" names both explicitly (a world whose captions are single sentences, e.g. the toy
+    world's "a red circle | a red circle moves left on a blue background")."""
+    static, bar, full = prompt.partition(" | ")
+    if bar:
+        return static.strip(), full.strip()
     head, dot, _ = prompt.strip().partition(". ")
     if not dot:
         raise ValueError(f"prior prompt {prompt!r} needs two parts, 'appearance. motion.' "
