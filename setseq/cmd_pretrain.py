@@ -1,0 +1,108 @@
+"""`setseq pretrain`: train the tiny base model on the toy world on a CPU, save it, measure it.
+
+    setseq pretrain --preset tiny --out assets/tiny
+
+Stages (train/pretrain.py): VAE, sentencepiece tokenizer, latent bank, DiT (+ text encoder). Rerunning
+the same command resumes from the newest checkpoint in --work-dir. The result is a checkpoint folder
+(`--base DIR` for every other command) holding config.json, the three parts, tokenizer.model,
+pretrain.json (the pretraining config, seed and wall time), pretrain.log (the training log) and, unless
+--eval-samples 0, the evaluation on held-out captions: metrics.json, report.md, samples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from model.tokenizer import Tokenizer
+from sample.evaluate_base import evaluate_base, write_report
+from train.pretrain import PretrainConfig, caption_length, main
+from train.toyworld import BACKGROUNDS, COLOURS, MOTIONS, generate_batch
+from weights.checkpoint import save_checkpoint
+
+# Flags mapped 1:1 onto PretrainConfig fields.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "seed": (int, "random seed (the same seed reproduces the weights within noise)"),
+    "threads": (int, "CPU threads for torch"),
+    "vae_steps": (int, "VAE steps on crops"),
+    "vae_full_steps": (int, "VAE steps on whole clips after the crops"),
+    "bank_size": (int, "training clips encoded once for the DiT"),
+    "dit_steps": (int, "DiT steps"),
+    "batch": (int, "DiT batch"),
+    "lr": (float, "DiT peak learning rate (cosine)"),
+    "ema": (float, "EMA decay of the saved DiT"),
+    "self_cond_prob": (float, "self-conditioning probability in training"),
+    "time_dist": (str, "training time distribution: logit_normal or uniform"),
+    "checkpoint_every": (int, "steps between checkpoints"),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pretrain the tiny base model on the toy world (CPU)",
+                              description="Train VAE, tokenizer/text encoder and DiT on the toy world; save "
+                                          "a checkpoint folder and an evaluation on held-out captions.")
+    p.add_argument("--preset", default="tiny", help="model preset (only 'tiny' is meant for a CPU)")
+    p.add_argument("--out", default="assets/tiny", help="checkpoint folder to write")
+    p.add_argument("--work-dir", help="checkpoints and logs (default: runs/pretrain-<preset>)")
+    p.add_argument("--frozen-text", action="store_true", help="keep the T5 at its seeded random init")
+    p.add_argument("--eval-samples", type=int, default=64, help="held-out prompts to evaluate (0 = none)")
+    p.add_argument("--eval-steps", type=int, default=25, help="Euler steps per evaluation sample")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0], help="guidance scales")
+    for dest, (kind, text) in _FLAGS.items():
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    values = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.frozen_text:
+        values["train_text"] = False
+    work_dir = args.work_dir or f"runs/pretrain-{args.preset}"
+    return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
+
+
+def evaluate(out: Path, result, cfg: PretrainConfig, n: int, steps: int, guidance: list[float]) -> dict:
+    """Held-out captions of the toy world -> metrics.json, report.md, samples.png in `out`."""
+    batch = generate_batch(n, seed=cfg.seed + 12345, split="heldout", cfg=cfg.world)
+    tokenizer = Tokenizer(result.tokenizer_path)
+    length = caption_length(tokenizer, result.cfg.t5.max_length)
+
+    def encode_text(texts: list[str]):
+        ids, mask = tokenizer.encode(texts, length)
+        return result.t5(ids, mask.bool()), mask.bool()
+
+    palettes = {"backgrounds": BACKGROUNDS, "colours": COLOURS, "motions": MOTIONS}
+    intended = [c.attributes() for c in batch.clips()]
+    report, videos = evaluate_base(result.dit, result.vae, encode_text, batch.captions, intended, batch.video,
+                                   palettes, guidances=guidance, steps=steps, shift=result.cfg.sample_shift,
+                                   seed=cfg.seed)
+    write_report(out, report, videos, batch.video, batch.captions)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    t0 = time.time()
+    result = main(cfg)
+    train_seconds = time.time() - t0
+    save_checkpoint(out, result.cfg, dit=result.dit, vae=result.vae, t5=result.t5,
+                    tokenizer_path=result.tokenizer_path,
+                    source={"command": "setseq pretrain", "preset": cfg.preset, "seed": cfg.seed})
+    record = {"config": dataclasses.asdict(cfg), "train_metrics": result.metrics,
+              "wall_seconds_this_invocation": round(train_seconds, 1), "torch": torch.__version__}
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.copyfile(Path(cfg.work_dir) / "pretrain.log", out / "pretrain.log")  # every stage's progress
+    print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
+    if args.eval_samples > 0:
+        with torch.no_grad():
+            report = evaluate(out, result, cfg, args.eval_samples, args.eval_steps, args.guidance)
+        print((out / "report.md").read_text())
+        print(f"VAE PSNR {report['vae_psnr_db']:.2f} dB")
+    return 0

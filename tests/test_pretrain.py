@@ -1,0 +1,185 @@
+"""Pretraining the tiny base model (train/pretrain.py), its evaluation (sample/evaluate_base.py), the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import PRESETS
+from model.dit import DiT
+from model.flow import add_noise, prediction_loss_per_sample
+from model.tokenizer import Tokenizer
+from model.vae import VAE
+from sample.evaluate_base import contact_sheet, motion_quality, report_markdown
+from train.pretrain import (
+    Bank,
+    Log,
+    PretrainConfig,
+    all_captions,
+    build_tokenizer,
+    caption_length,
+    latent_stats,
+    psnr,
+    train_dit,
+    train_vae,
+)
+from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
+
+# A 9x32x32 world: latents 3x4x4, 12 tokens; small objects so everything fits.
+SMALL = ToyWorldConfig(frames=9, size=32, radius=4.0, travel=10.0, orbit_radius=5.0, pair_travel=4.0,
+                       pair_orbit_radius=2.0)
+TINY = PRESETS["tiny"]
+SMALL_DIT = dataclasses.replace(TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128, rope_split=(16, 8, 8))
+
+
+def _cfg(tmp_path, **kw) -> PretrainConfig:
+    base = dict(work_dir=str(tmp_path), threads=1, world=SMALL, vae_steps=4, vae_full_steps=2, vae_batch=2,
+                vae_full_batch=2, vae_crop=(5, 16), stats_clips=8, bank_size=16, dit_steps=40, batch=8,
+                lr=2e-3, warmup=5, checkpoint_every=10, log_every=10, self_cond_prob=0.5)
+    return PretrainConfig(**{**base, **kw})
+
+
+def _bank(n: int = 16, seed: int = 0) -> Bank:
+    """Structured latents (a per-caption pattern, not noise) with caption ids: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(4, 16, 3, 4, 4, generator=g)
+    which = torch.arange(n) % 4
+    ids = torch.stack([torch.tensor([5 + int(w), 1, 0]) for w in which])
+    mask = ids != 0
+    return Bank(protos[which], ids, mask, torch.tensor([[1, 0, 0]]), torch.tensor([[True, False, False]]))
+
+
+def _model_cfg():
+    return dataclasses.replace(TINY, dit=SMALL_DIT)
+
+
+def _losses(folder) -> list[float]:
+    return [r["loss"] for r in map(json.loads, open(folder / "pretrain.jsonl")) if r["stage"] == "dit"]
+
+
+def test_x0_dit_returns_the_velocity_its_x0_implies():
+    torch.manual_seed(0)
+    dit = DiT(dataclasses.replace(SMALL_DIT, prediction="x0"))
+    torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+    x0, eps = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    t = torch.tensor([0.3, 0.8])
+    x_t = add_noise(x0, eps, t)
+    v = dit(x_t, t, torch.randn(2, 3, 64))
+    x0_hat = x_t - t.view(-1, 1, 1, 1, 1) * v
+    want = (x0_hat - x0).pow(2).flatten(1).mean(1)
+    got = prediction_loss_per_sample(v, x_t, x0, eps, t, "x0")
+    assert torch.allclose(got, want, atol=1e-5), f"x0-space loss {got} != implied-x0 MSE {want} (atol 1e-5)"
+
+
+def test_velocity_and_x0_losses_differ_by_t_squared():
+    x0, eps, v = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    x_t = add_noise(x0, eps, t)
+    lv = prediction_loss_per_sample(v, x_t, x0, eps, t, "velocity")
+    lx = prediction_loss_per_sample(v, x_t, x0, eps, t, "x0")
+    assert torch.allclose(lx, lv * t**2, rtol=1e-4), f"x0 loss {lx} should be t^2 * velocity loss {lv * t**2}"
+
+
+def test_dit_stage_lowers_the_loss(tmp_path):
+    cfg = _cfg(tmp_path, dit_steps=60)
+    train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.6 * losses[0], f"DiT loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 40%"
+
+
+def test_dit_stage_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg(tmp_path, dit_steps=20)
+    straight, _, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
+    (tmp_path / "stage2-step000020.safetensors").unlink()  # as if killed after step 10's checkpoint
+    resumed, _, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), f"{name} differs after resuming (atol 1e-6)"
+
+
+def test_frozen_text_encoder_stays_at_its_init(tmp_path):
+    cfg = _cfg(tmp_path, dit_steps=10, train_text=False)
+    torch.manual_seed(cfg.seed + 1)
+    _, t5, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
+    torch.manual_seed(cfg.seed + 1)
+    DiT(SMALL_DIT)  # the same draws as train_dit, which builds the DiT first
+    from model.t5 import T5Encoder
+
+    fresh = T5Encoder(TINY.t5)
+    assert all(torch.equal(a, b) for a, b in zip(t5.state_dict().values(), fresh.state_dict().values(),
+                                                     strict=True)), "frozen T5 changed in training"
+
+
+def test_vae_stage_lowers_reconstruction_error(tmp_path):
+    cfg = _cfg(tmp_path, vae_steps=30, vae_full_steps=0, vae_batch=4, vae_schedule_steps=None)
+    x = to_model_video(generate_batch(4, seed=321, cfg=SMALL).video)
+    torch.manual_seed(cfg.seed)  # train_vae's own initialization
+    before = psnr(VAE(TINY.vae)(x)[0], x)
+    vae = train_vae(cfg, TINY, Log(tmp_path))
+    with torch.no_grad():
+        after = psnr(vae(x)[0], x)
+    assert after > before + 1.0, f"VAE PSNR on held clips {before:.2f} -> {after:.2f} dB: should rise > 1 dB"
+
+
+def test_latent_stats_normalize_latents_to_unit_scale(tmp_path):
+    cfg = _cfg(tmp_path, stats_clips=16)
+    torch.manual_seed(0)
+    vae = VAE(TINY.vae).eval()
+    mean, std = latent_stats(cfg, vae)
+    normed = VAE(dataclasses.replace(TINY.vae, latents_mean=mean, latents_std=std)).eval()
+    normed.load_state_dict(vae.state_dict())
+    z = normed.encode(to_model_video(generate_batch(16, seed=123, cfg=SMALL).video))
+    per_channel = z.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 0.5 and (per_channel.std(1) - 1).abs().max() < 0.5, \
+        "normalized latents should have roughly zero mean and unit std per channel on fresh clips"
+
+
+def test_tokenizer_covers_every_caption_with_whole_words(tmp_path):
+    path = build_tokenizer(_cfg(tmp_path), Log(tmp_path))
+    tok = Tokenizer(path)
+    assert tok.vocab_size <= TINY.t5.vocab_size
+    assert caption_length(tok, TINY.t5.max_length) <= TINY.t5.max_length
+    assert all(tok.decode(tok.tokenize(c)) == c for c in all_captions()[:50]), "captions must round-trip"
+
+
+def test_motion_quality_flags_a_jump_and_a_split():
+    clip = generate_batch(1, seed=0, cfg=SMALL).video[0]  # (T, H, W, 3)
+    ok = motion_quality([clip], [1])
+    jumped = clip.copy()
+    jumped[5:] = np.roll(clip[5:], 12, axis=2)  # teleport 12 px at frame 5
+    split = clip.copy()
+    split[:, 1:5, 1:5] = 255  # a second blob in the corner of every frame
+    assert ok["smooth"] == 1.0 and ok["one_object"] == 1.0, ok
+    assert motion_quality([jumped], [1])["smooth"] == 0.0
+    assert motion_quality([split], [1])["one_object"] == 0.0
+
+
+def test_report_markdown_and_contact_sheet_shapes():
+    clip = generate_batch(2, seed=0, cfg=SMALL).video
+    sheet = contact_sheet([clip[0], clip[1]], frames=(0, 4, 8), gap=2)
+    assert sheet.shape == (2 * 34, 3 * 34, 3) and sheet.dtype == np.uint8
+    row = {a: {"accuracy": 0.5, "uniform": 0.2, "majority": 0.3, "n": 2} for a in
+           ("background", "colour", "shape", "motion")} | {"smooth": 1.0, "one_object": 1.0,
+                                                            "mean_max_jump_px": 1.5}
+    md = report_markdown({"n": 2, "steps": 5, "vae_psnr_db": 31.0, "reference": row, "reconstruction": row,
+                          "guidance": {"1.0": row, "3.0": row}})
+    assert "guidance 3.0" in md and "31.00 dB" in md and "0.20 / 0.30" in md
+
+
+@pytest.mark.slow
+def test_pretrain_command_writes_a_loadable_checkpoint_and_report(tmp_path, monkeypatch):
+    from setseq import cli, cmd_pretrain
+    from weights.checkpoint import load_checkpoint
+
+    small = _cfg(tmp_path / "work", dit_steps=6, bank_size=8)
+    monkeypatch.setattr(cmd_pretrain, "config_from_args", lambda args: small)
+    out = tmp_path / "out"
+    assert cli.main(["pretrain", "--out", str(out), "--eval-samples", "4", "--eval-steps", "2",
+                     "--guidance", "1", "3"]) == 0
+    base = load_checkpoint(out, parts=("dit", "vae", "t5"))
+    assert base.cfg.vae.latents_std is not None and base.tokenizer_path is not None
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["guidance"]) == {"1.0", "3.0"} and (out / "samples.png").is_file()
