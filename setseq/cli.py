@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `setseq --help` lists them.
-COMMANDS = ["info", "convert", "personalize", "generate", "export", "pretrain"]
+COMMANDS = ["info", "convert", "personalize", "generate", "export", "pretrain", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,360 @@
+"""`setseq bench toyworld`: the paper's Tables 1 and 2 at toy scale, in one command.
+
+    setseq bench toyworld                        # 3 held-out concepts x 2 seeds x 5 variants
+    setseq bench toyworld --concepts 1 --seeds 1 --variants ours,dblora --samples 2
+    setseq bench toyworld --quick --base tiny    # smoke run on a random base
+
+Rows (same steps, batch and LoRA learning rate for every row; see toyexp.variants):
+LoRA rank-1 single stage, DB-LoRA (rank = ours, single stage), two-stage without regularization,
+two-stage + regularization (ours), textual inversion (tokens only, at a higher token lr).
+Columns: reconstruction MSE (training prompt), ID (object crop cosine and colour histogram),
+edit adherence (requested background), temporal coherence and motion fidelity (velocity
+correlation) of the edited videos; mean ± spread over concepts x seeds, floors in the last row.
+Each finished (concept, seed, variant) is saved in OUT/runs/, so a rerun skips it (--fresh redoes all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from setseq import toyexp as X
+
+# (key in a run's record, header, source job)
+COLUMNS = [
+    ("mse", "MSE ↓", "recon"),
+    ("id_crop", "ID crop ↑", "edit"),
+    ("id", "ID colour ↑", "edit"),
+    ("edit_background", "edit adherence ↑", "edit"),
+    ("temporal_coherence", "TC ↑", "edit"),
+    ("motion_fidelity", "motion fidelity ↑", "edit"),
+    ("recon_motion_fidelity", "recon motion fidelity ↑", "recon"),
+    ("recon_id_crop", "recon ID crop ↑", "recon"),
+]
+FLOORS = {
+    "mse": "mse_floor",
+    "id_crop": "id_crop_floor",
+    "temporal_coherence": "reference_coherence",
+    "recon_id_crop": "id_crop_floor",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="reproduce Tables 1-2 at toy scale (variants x held-out concepts x seeds)",
+        description="Personalize held-out toy-world concepts with each variant (LoRA-1, DB-LoRA, two-stage, "
+        "ours, textual inversion), generate reconstructions and background edits, and tabulate "
+        "pixel metrics as mean ± spread with their floors.",
+    )
+    p.add_argument("suite", choices=("toyworld",), help="which benchmark (toyworld)")
+    p.add_argument("--base", help="base model folder or preset (default: assets/tiny)")
+    p.add_argument(
+        "--concepts",
+        default="3",
+        help="held-out concepts: how many from examples/concepts (alphabetical), or comma-separated names "
+        "(default 3)",
+    )
+    p.add_argument("--seeds", type=int, default=2, help="training seeds per concept (default 2)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(X.variants(X.ToyBudget()))}")
+    p.add_argument("--samples", type=int, help="generations per prompt (default 4; quick 1)")
+    p.add_argument(
+        "--steps1", type=int, help="stage-1 steps (default 300; single-stage rows get steps1 + steps2)"
+    )
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default 600)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
+    p.add_argument("--out", default="runs/bench", help="results folder (default runs/bench)")
+    p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")
+    p.add_argument(
+        "--shard",
+        help="I/N: run only every N-th run starting at I (0-based), e.g. two processes "
+        "0/2 and 1/2 on two cores; a final run without --shard tabulates them all",
+    )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: tabulate the runs already saved in OUT/runs/ (an interrupted bench)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def pick_variants(text: str | None, budget) -> list[X.Variant]:
+    table = X.variants(budget)
+    if text is None:
+        return list(table.values())
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in table]
+    if unknown or not keys:
+        raise ValueError(f"--variants {text!r}: unknown {unknown or 'empty'}; choose from {', '.join(table)}")
+    return [table[k] for k in keys]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: give I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: I must lie in 0..N-1")
+    return i, n
+
+
+def pick_concepts(text: str) -> list[str]:
+    """'N' (the first N shipped concepts) or 'name,name' (each a shipped name or a TOML path)."""
+    from train.toyworld_concepts import list_concepts
+
+    names = list_concepts()
+    if not text.strip().isdigit():
+        chosen = [c.strip() for c in text.split(",") if c.strip()]
+        if not chosen:
+            raise ValueError(f"--concepts {text!r}: give a number or concept names ({', '.join(names)})")
+        return chosen
+    n = int(text)
+    if not 1 <= n <= len(names):
+        raise ValueError(f"--concepts {n}: there are {len(names)} held-out concepts ({', '.join(names)})")
+    return names[:n]
+
+
+def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progress: bool) -> dict:
+    """Personalize, generate reconstruction and background edit, score: one record."""
+    from sample.report import summarize
+
+    ref = X.reference_clip(spec, world)
+    video = X.write_lossless(folder / "reference.mp4", ref.video)
+    targets = X.edit_targets(spec, world)
+    concept_file, seconds = X.personalize(
+        base, spec, variant, budget, video, folder, seed=seed, progress=progress
+    )
+    pipe, adapter = X.concept_pipeline(base, concept_file)
+    s = X.seeds(budget.samples, offset=100 * seed)
+    recon = X.Job("recon", X.full_prompt(spec), seeds=s)
+    edit = X.Job("edit_background", X.full_prompt(spec, X.edit_background(spec)), seeds=s)
+    t0 = time.perf_counter()
+    rec = summarize(
+        X.score_job("recon", X.generate_videos(pipe, adapter, recon, world, budget), ref.video, targets, spec)
+    )
+    ed = summarize(
+        X.score_job(
+            "edit_background", X.generate_videos(pipe, adapter, edit, world, budget), ref.video, targets, spec
+        )
+    )
+    values = {
+        "mse": rec["mse"]["mean"],
+        "mse_floor": rec["mse_floor"]["mean"],
+        "recon_motion_fidelity": rec["motion_fidelity"]["mean"],
+        "recon_id_crop": rec["id_crop"]["mean"],
+        "recon_trajectory_error": rec["trajectory_error"]["mean"],
+        "centre_floor": rec["centre_floor"]["mean"],
+        "id_crop_floor": rec["id_crop_floor"]["mean"],
+        "reference_coherence": rec["reference_coherence"]["mean"],
+    }
+    ceiling = X.score_job("recon", [X.vae_roundtrip(pipe, ref.video)], ref.video, targets, spec)[0]
+    keys = ("mse", "id_crop", "motion_fidelity", "temporal_coherence")
+    values.update({f"vae_{k}": ceiling[k] for k in keys})
+    for key in (
+        "id_crop",
+        "id",
+        "edit_background",
+        "temporal_coherence",
+        "motion_fidelity",
+        "trajectory_error",
+    ):
+        values[key] = ed[key]["mean"]
+    return {
+        "concept": spec.name,
+        "seed": seed,
+        "variant": variant.key,
+        "label": variant.label,
+        "train_seconds": seconds,
+        "generate_seconds": time.perf_counter() - t0,
+        "values": values,
+        "recon": rec,
+        "edit": ed,
+        "prompts": {"recon": recon.prompt, "edit": edit.prompt},
+    }
+
+
+def aggregate(records: list[dict], variants: list[X.Variant]) -> dict:
+    """{variant: {metric: {"mean", "std", "n"}}} over (concept, seed) runs, plus the floors."""
+    from sample.report import summarize
+
+    table = {}
+    for v in variants:
+        mine = [r["values"] for r in records if r["variant"] == v.key]
+        table[v.key] = summarize(mine) if mine else {}
+    floors = summarize([{k: r["values"][f] for k, f in FLOORS.items()} for r in records]) if records else {}
+    ceiling = summarize([{k: v for k, v in r["values"].items() if k.startswith("vae_")} for r in records])
+    return {"rows": table, "floors": floors, "ceiling": ceiling}
+
+
+def render_markdown(data: dict) -> str:
+    from sample.report import fmt, fmt_pm, markdown_table
+
+    b = data["budget"]
+    header = ["method"] + [h for _, h, _ in COLUMNS] + ["train s"]
+    rows = []
+    for v in data["variants"]:
+        row = data["table"]["rows"].get(v["key"], {})
+        secs = [r["train_seconds"] for r in data["records"] if r["variant"] == v["key"]]
+        rows.append(
+            [v["label"]]
+            + [fmt_pm(row.get(k)) for k, _, _ in COLUMNS]
+            + [fmt(sum(secs) / len(secs)) if secs else "n/a"]
+        )
+    floors = data["table"]["floors"]
+    ceil = {k[4:]: v for k, v in data["table"].get("ceiling", {}).items()}
+    rows.append(
+        ["VAE round trip of the reference (ceiling)"]
+        + [fmt(ceil[k.removeprefix("recon_")]["mean"]) if k.removeprefix("recon_") in ceil else "-"
+           for k, _, _ in COLUMNS]
+        + [""]
+    )
+    rows.append(
+        ["floor (trivial answer)"]
+        + [
+            fmt(floors[k]["mean"])
+            if k in floors
+            else {
+                "edit_background": "0.2 (chance)",
+                "motion_fidelity": "0",
+                "recon_motion_fidelity": "0",
+                "id": "-",
+            }.get(k, "-")
+            for k, _, _ in COLUMNS
+        ]
+        + [""]
+    )
+    lines = [
+        "# setseq bench toyworld: Tables 1-2 at toy scale",
+        "",
+        f"- base: `{data['base']}`"
+        + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
+        f"- concepts: {', '.join(data['concepts'])}; training seeds: {data['seeds']}; "
+        f"{b['samples']} generations per prompt and run; mean ± spread (std) over concept x seed runs",
+        f"- every row: {b['steps1']} + {b['steps2']} steps (single-stage rows: "
+        f"{b['steps1'] + b['steps2']} steps on clips), batch {b['batch_size']}, LoRA lr {b['lr']:g} "
+        f"(AdamW 0.9/0.99, wd 0.01, clip 0.05), token lr {b['token_lr']:g}; rank {b['rank']} (LoRA-1: 1); "
+        f"textual inversion: tokens only at lr {b['ti_token_lr']:g}",
+        "- ours: B-dropout 0.8 / 0.5, prior preservation "
+        f"({b['prior_count']} base generations of world captions, {b['prior_per_batch']} per batch), "
+        "token masking 0.1, caption dropout 0.1, self-conditioning 0.5; the other rows: none of these "
+        "(self-conditioning kept)",
+        "- MSE and the recon columns: the training prompt; the other columns: the background edit "
+        f"(`{data['records'][0]['prompts']['edit'] if data['records'] else ''}`)",
+        f"- wall time of this invocation: {data['seconds']:.0f} s; training time summed over runs: "
+        f"{sum(r['train_seconds'] for r in data['records']):.0f} s",
+        *([f"- NOT RUN ({len(data['missing'])} planned runs, tabulated without them): "
+           + ", ".join(data["missing"])] if data.get("missing") else []),
+        "",
+        markdown_table(header, rows),
+        "",
+        "Floors: MSE of a flat video of the reference's background; crop cosine of the reference with its "
+        "sprite flattened to its mean colour; chance 1/5 for the background; TC floor = the reference's "
+        "own TC (coherence depends on the motion, higher is not always better); velocity correlation 0.",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from sample.report import write_report
+    from setseq.cmd_demo import resolve_base_arg
+    from train.toyworld import ToyWorldConfig
+    from train.toyworld_concepts import load_concept
+
+    start = time.perf_counter()
+    budget = X.QUICK if args.quick else X.ToyBudget()
+    budget = dataclasses.replace(
+        budget,
+        **{k: getattr(args, k) for k in ("samples", "steps1", "steps2") if getattr(args, k) is not None},
+    )
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: need at least 1")
+    variants = pick_variants(args.variants, budget)
+    concepts = pick_concepts(args.concepts)
+    out = Path(args.out)
+    base_arg = resolve_base_arg(args.base, args.quick)
+    base = X.ToyBase(base_arg, out / "work", seed=0)
+    world = ToyWorldConfig()
+    specs = {c: load_concept(c) for c in concepts}  # a bad name fails here, before any training
+    concepts = [spec.name for spec in specs.values()]
+    plan = [(spec, s, v) for spec in specs.values() for s in range(args.seeds) for v in variants]
+    shard, shards = parse_shard(args.shard)
+    missing: list[str] = []  # --table-only: planned runs with no saved record
+    print(
+        f"bench toyworld: {len(concepts)} concepts x {args.seeds} seeds x {len(variants)} variants = "
+        f"{len(plan)} runs on base {base_arg}"
+    )
+    records = []
+    for i, (spec, seed, variant) in enumerate(tqdm(plan, desc="bench runs", disable=not args.progress)):
+        if i % shards != shard:
+            continue
+        name = spec.name
+        path = out / "runs" / f"{name}-s{seed}-{variant.key}.json"
+        if path.is_file() and not args.fresh:
+            saved = json.loads(path.read_text())
+            if saved.get("budget") == X.describe_budget(budget) and saved.get("base") == base_arg:
+                records.append(saved)
+                continue
+        if args.table_only:
+            missing.append(f"{name}-s{seed}-{variant.key}")
+            continue
+        rec = one_run(
+            base,
+            spec,
+            variant,
+            budget,
+            world,
+            out / "work" / f"{name}-s{seed}-{variant.key}",
+            seed,
+            args.progress,
+        )
+        rec.update(budget=X.describe_budget(budget), base=base_arg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from sample.report import clean_json
+
+        path.write_text(json.dumps(clean_json(rec), indent=2) + "\n")
+        records.append(json.loads(path.read_text()))
+        print(
+            f"  {name} seed {seed} {variant.key}: "
+            + ", ".join(
+                f"{k} {rec['values'][k]:.3g}"
+                for k in ("mse", "id_crop", "edit_background", "motion_fidelity")
+                if rec["values"].get(k) is not None
+            )
+            + f" ({rec['train_seconds']:.0f} s training)"
+        )
+    data = {
+        "command": "setseq bench toyworld",
+        "base": base_arg,
+        "random_base": base.random,
+        "concepts": concepts,
+        "seeds": args.seeds,
+        "budget": X.describe_budget(budget),
+        "variants": [
+            {
+                "key": v.key,
+                "label": v.label,
+                "overrides": {k: list(x) if isinstance(x, tuple) else x for k, x in v.overrides.items()},
+            }
+            for v in variants
+        ],
+        "table": aggregate(records, variants),
+        "records": records,
+        "seconds": time.perf_counter() - start,
+        "missing": missing,
+    }
+    md, js = write_report(out, render_markdown(data), data, stem="bench")
+    print(render_markdown(data).split("\n\n")[2])
+    print(f"bench finished in {data['seconds']:.0f} s")
+    print(f"table: {md}")
+    print(f"json: {js}")
+    return 0

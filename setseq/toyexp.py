@@ -1,0 +1,484 @@
+"""Toy-world experiments: personalize held-out concepts on the tiny base, generate, measure.
+
+The orchestration behind `setseq demo` and `setseq bench toyworld`. It needs train/ (the world,
+the personalization loop), sample/ (generation, metrics, media) and weights/ (the base model), so
+it lives with the command line, not in any of them.
+
+    concept spec ──render_concept──► reference clip (lossless mp4) ──personalize (variant)──► concept file
+    concept file + base ──Pipeline──► several seeds per prompt ──pixels──► scores beside floors
+
+Prompts follow the world's own caption template, with the concept tokens in the colour and motion
+slots: stage 1 "a [v] square on a gray background", stage 2 "a [v] square moves [u] on a gray
+background"; edits change the background word or add "and a red square moves up" as the world's
+two-object captions do. Prior preservation uses the world's captions too ("STATIC | FULL").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from train.toyworld import BACKGROUNDS, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, ToyWorldConfig, caption_of
+from train.toyworld_concepts import ConceptSpec as ToyConcept
+from train.toyworld_concepts import render_concept
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = REPO / "assets" / "tiny"
+EXTRA = ("red", "square", "up")  # the ordinary object the second edit adds
+FPS = 8.0
+
+
+# ------------------------------------------------------------------------------------------ budget
+
+
+@dataclass
+class ToyBudget:
+    """Personalization and sampling settings of a toy run (the paper's 600 + 900 steps at lr 1e-4 are
+    for an 11B model; the tiny base takes fewer steps at a higher rate). Every variant of the bench
+    uses the same steps, batch and LoRA learning rate."""
+
+    steps1: int = 300
+    steps2: int = 600
+    rank: int = 16
+    lr: float = 1e-3
+    token_lr: float = 1e-3  # [v]/[u] embeddings (paper: 1e-5, at which zero-initialized tokens barely move)
+    ti_token_lr: float = 1e-2  # textual inversion: the tokens are all it trains
+    batch_size: int = 8
+    prior_count: int = 8  # prior-preservation generations per stage
+    prior_per_batch: int = 2
+    samples: int = 4  # generations (seeds) per prompt
+    sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
+    guidance: float | None = None  # None = the base's own (ModelConfig.guidance)
+    prior_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps1", "steps2", "rank", "batch_size", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# A smoke run: seconds on a random tiny base, every file written, numbers meaningless.
+QUICK = ToyBudget(
+    steps1=2,
+    steps2=2,
+    rank=2,
+    batch_size=3,
+    prior_count=2,
+    prior_per_batch=1,
+    samples=1,
+    sample_steps=2,
+    prior_steps=2,
+)
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def static_prompt(spec: ToyConcept, background: str | None = None) -> str:
+    return f"a [v] {spec.shape} on a {background or spec.background} background"
+
+
+def full_prompt(
+    spec: ToyConcept, background: str | None = None, extra: tuple[str, str, str] | None = None
+) -> str:
+    """The world's caption with [v] in the colour slot and [u] in the motion: 'a [v] square moves [u]
+    on a gray background'; `extra` adds an ordinary object as two-object captions do."""
+    subject = f"a [v] {spec.shape} moves [u]"
+    bg = background or spec.background
+    if extra is None:
+        return f"{subject} on a {bg} background"
+    return f"{subject} and {caption_of(bg, [extra])}"
+
+
+def edit_background(spec: ToyConcept) -> str:
+    """Another background for the edit: blue unless the concept's own is blue."""
+    return "blue" if spec.background != "blue" else "green"
+
+
+def toy_prior_prompts(n: int = 8, seed: int = 0) -> tuple[str, ...]:
+    """Two-part prior prompts in the world's own captions, 'a red circle on a blue background | a red
+    circle moves left on a blue background': every background, varied objects and motions."""
+    rng = np.random.default_rng(seed)
+    bgs, cols = list(BACKGROUNDS), list(COLOURS)
+    out = []
+    for i in range(n):
+        bg = bgs[i % len(bgs)]
+        colour, shape = cols[rng.integers(len(cols))], SHAPES[rng.integers(len(SHAPES))]
+        motion = MOTIONS[1 + rng.integers(len(MOTIONS) - 1)]  # a moving object
+        out.append(f"a {colour} {shape} on a {bg} background | {caption_of(bg, [(colour, shape, motion)])}")
+    return tuple(out)
+
+
+def toy_captions(pairs: int = 500) -> list[str]:
+    """Every one-object caption of the vocabulary and a sample of two-object ones (a tokenizer for a
+    random base is trained on them)."""
+    objs = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]
+    out = [caption_of(bg, [o]) for bg in BACKGROUNDS for o in objs]
+    rng = np.random.default_rng(0)
+    for _ in range(pairs):
+        a, b = (objs[i] for i in rng.integers(0, len(objs), 2))
+        out.append(caption_of(list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], [a, b]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the base
+
+
+class ToyBase:
+    """Loads fresh copies of the base model's parts (a run's LoRA and tokens change them in place)."""
+
+    def __init__(self, base: str | Path, work: Path, seed: int = 0):
+        from weights.checkpoint import resolve_base
+
+        self.arg = str(base)
+        self.cfg, self._loader = resolve_base(base, seed=seed)
+        self.work = work
+        self.random = not Path(base).is_dir()
+        if self.random:  # room for the world's two-object captions, spelled by a small tokenizer
+            from weights.checkpoint import random_models
+
+            t5 = dataclasses.replace(self.cfg.t5, max_length=max(self.cfg.t5.max_length, 64))
+            self.cfg = dataclasses.replace(self.cfg, t5=t5)
+            self._loader = lambda **kw: random_models(self.cfg, seed, **kw)
+        self._sp_path: Path | None = None
+
+    def _models(self):
+        models = self._loader(dtype=torch.float32, device="cpu", parts=("dit", "vae", "t5"))
+        if self.random:  # a random DiT's zero head passes no gradient to the LoRA: randomize it as trained
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                models.dit.head.head.weight.copy_(
+                    torch.randn(models.dit.head.head.weight.shape, generator=g) * 0.05
+                )
+        return models
+
+    def tokenizer_path(self, models) -> Path:
+        if models.tokenizer_path is not None:
+            return Path(models.tokenizer_path)
+        if self._sp_path is None:  # a preset base ships none: train one on the world's captions
+            from model.tokenizer import train_tokenizer
+
+            self._sp_path = Path(
+                train_tokenizer(toy_captions(), self.work / "tokenizer.model", vocab_size=64)
+            )
+        return self._sp_path
+
+    def for_training(self):
+        """A train.personalize.Base with fresh weights."""
+        from model.tokenizer import Tokenizer
+        from train.personalize import Base
+
+        models = self._models()
+        sp = self.tokenizer_path(models)
+        if models.added_tokens:
+            tokenizer = Tokenizer(sp)
+            tokenizer.add_tokens(models.added_tokens)
+        else:
+            tokenizer = Tokenizer(sp, first_added_id=models.t5.token_embedding.weight.shape[0])
+        return Base(
+            config=self.cfg,
+            dit=models.dit,
+            vae=models.vae,
+            t5=models.t5,
+            tokenizer=tokenizer,
+            name=self.cfg.name,
+        )
+
+    def pipeline(self):
+        """A sample.generate.Pipeline with fresh weights and no concept."""
+        from sample.generate import Pipeline, make_tokenizer
+
+        models = self._models()
+        tokenizer = make_tokenizer(
+            self.tokenizer_path(models), models.added_tokens, models.t5.token_embedding.weight.shape[0]
+        )
+        return Pipeline(self.cfg, models.dit, models.vae, models.t5, tokenizer, name=self.cfg.name)
+
+
+# ---------------------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of Tables 1-2: a name, what it is, and the PersonalizeConfig fields it sets."""
+
+    key: str
+    label: str
+    overrides: dict = field(default_factory=dict)
+
+
+NO_REG = dict(dropout1=0.0, dropout2=0.0, prior_count=0, token_mask_prob=0.0, caption_dropout=0.0)
+
+
+def variants(budget: ToyBudget) -> dict[str, Variant]:
+    """The bench's rows. Single-stage rows train A1 + B1 on clips with the full prompt for
+    steps1 + steps2 steps (the same budget as the two stages)."""
+    single = dict(stages=(1,), single_stage=True, steps1=budget.steps1 + budget.steps2)
+    rows = [
+        Variant("lora1", "LoRA rank-1 (single stage)", {**NO_REG, **single, "rank": 1}),
+        Variant("dblora", f"DB-LoRA rank-{budget.rank} (single stage)", {**NO_REG, **single}),
+        Variant("twostage", "Two-stage, no regularization", dict(NO_REG)),
+        Variant("ours", "Two-stage + regularization (ours)", {}),
+        Variant(
+            "textinv",
+            "Textual inversion (tokens only)",
+            {**NO_REG, **single, "train_lora": False, "token_lr": budget.ti_token_lr},
+        ),
+    ]
+    return {v.key: v for v in rows}
+
+
+def no_prior(budget: ToyBudget) -> Variant:
+    return Variant(
+        "ours_noprior", "Two-stage + regularization, without prior preservation", {"prior_count": 0}
+    )
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def reference_clip(spec: ToyConcept, world: ToyWorldConfig, seed: int = 0):
+    return render_concept(spec, seed=seed, cfg=world)[0]
+
+
+def edit_targets(spec: ToyConcept, world: ToyWorldConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """What each edit should look like, rendered by the world: (T, H, W, 3) uint8."""
+    return {
+        "edit_background": render_concept(spec, seed=seed, cfg=world, background=edit_background(spec))[
+            0
+        ].video,
+        "edit_object": render_concept(spec, seed=seed, cfg=world, extra=EXTRA)[0].video,
+    }
+
+
+def write_lossless(path: Path, frames: np.ndarray, fps: float = FPS) -> Path:
+    """An mp4 that decodes to exactly these frames (H.264 RGB, crf 0): the training input."""
+    import imageio.v3 as iio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(
+        path,
+        frames,
+        plugin="FFMPEG",
+        fps=fps,
+        codec="libx264rgb",
+        output_params=["-crf", "0"],
+        pixelformat="rgb24",
+        macro_block_size=1,
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def personalize(
+    base: ToyBase,
+    spec: ToyConcept,
+    variant: Variant,
+    budget: ToyBudget,
+    video: Path,
+    folder: Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Path, float]:
+    """Train one concept with one variant into FOLDER/<variant>.safetensors; returns (path, seconds).
+    A previous run's file and work folder there are replaced."""
+    from sample.sampler import euler_sample
+    from train.personalize import ConceptSpec, PersonalizeConfig, main
+
+    out = folder / f"{variant.key}.safetensors"
+    work = folder / f"{variant.key}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    concept = ConceptSpec(
+        video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]", full_prompt=full_prompt(spec)
+    )
+    values = dict(
+        concepts=[concept],
+        out=str(out),
+        work_dir=str(work),
+        name=spec.name,
+        seed=seed,
+        steps1=budget.steps1,
+        steps2=budget.steps2,
+        rank=budget.rank,
+        lr=budget.lr,
+        token_lr=budget.token_lr,
+        batch_size=budget.batch_size,
+        prior_count=budget.prior_count,
+        prior_per_batch=budget.prior_per_batch,
+        prior_prompts=toy_prior_prompts(),
+        prior_steps=budget.prior_steps,
+        checkpoint_every=10**9,
+        keep_checkpoints=1,
+        log_every=25,
+        force=True,
+        progress=progress,
+        device="cpu",
+    )
+    values.update(variant.overrides)
+    if values["prior_count"] == 0:
+        values["prior_per_batch"] = 0
+    cfg = PersonalizeConfig(**values)
+    start = time.perf_counter()
+    main(cfg, base.for_training(), sample_fn=euler_sample)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the concept file holds the result
+    return out, seconds
+
+
+# -------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Job:
+    """Videos to generate: one prompt at one pair of scales, one video per seed."""
+
+    name: str
+    prompt: str
+    identity: float = 1.0
+    motion: float = 1.0
+    seeds: tuple[int, ...] = (0,)
+
+
+@torch.no_grad()
+def generate_videos(
+    pipe, adapter: str | None, job: Job, world: ToyWorldConfig, budget: ToyBudget
+) -> list[Tensor]:
+    """All seeds of a job in one batched sampling run: (3, T, H, W) in [-1, 1] each. Seed s's noise is
+    drawn alone from torch.Generator().manual_seed(s), so a video does not depend on its batch."""
+    from sample.generate import (
+        GenerateConfig,
+        check_prompt_tokens,
+        encode_prompts,
+        latent_shape,
+        set_concept_scales,
+    )
+    from sample.sampler import euler_sample
+
+    if adapter is not None:
+        set_concept_scales(pipe, adapter, job.identity, job.motion)
+    gen = GenerateConfig(
+        frames=world.frames,
+        size=(world.size, world.size),
+        steps=budget.sample_steps,
+        guidance=budget.guidance,
+    ).resolved(pipe.config)
+    check_prompt_tokens(pipe, job.prompt)
+    shape = latent_shape(pipe.config, world.frames, (world.size, world.size))
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in job.seeds])
+    context, mask = encode_prompts(pipe, [job.prompt] * len(job.seeds))
+    uncond, uncond_mask = encode_prompts(pipe, [""])
+    z = euler_sample(
+        pipe.dit,
+        noise,
+        steps=gen.steps,
+        shift=gen.shift,
+        guidance=gen.guidance,
+        context=context,
+        context_mask=mask,
+        uncond_context=uncond,
+        uncond_mask=uncond_mask,
+        self_cond=gen.self_cond,
+        progress=False,
+    )
+    return [v.float() for v in pipe.vae.decode(z)]
+
+
+def concept_pipeline(base: ToyBase, concept_file: Path):
+    """A fresh pipeline with the concept applied; returns (pipeline, adapter name)."""
+    from lora.concept import load_concept
+    from sample.generate import add_concept
+
+    pipe = base.pipeline()
+    adapter = add_concept(pipe, load_concept(concept_file))
+    return pipe, adapter
+
+
+# ---------------------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, frames: np.ndarray) -> Tensor:
+    """The clip through the base's VAE and back, (3, T, H, W): the best any generation in this latent
+    space can look (the ceiling beside the floors)."""
+    from train.toyworld import to_model_video
+
+    return pipe.vae.decode(pipe.vae.encode(to_model_video(frames)))[0].float()
+
+
+def score_job(
+    job_kind: str,
+    videos: list[Tensor],
+    reference: np.ndarray,
+    targets: dict[str, np.ndarray],
+    spec: ToyConcept,
+) -> list[dict[str, float]]:
+    """Scores of each video of a job. job_kind: "recon" (or a stylization), "edit_background",
+    "edit_object"."""
+    from sample.report import score_concept_video, score_with_extra
+
+    out = []
+    for v in videos:
+        if job_kind == "edit_object":
+            out.append(
+                score_with_extra(
+                    v,
+                    reference,
+                    targets["edit_object"],
+                    sprite_colours=spec.colours,
+                    extra_rgb=COLOURS[EXTRA[0]],
+                    extra_motion=EXTRA[2],
+                    backgrounds=BACKGROUNDS,
+                )
+            )
+        else:
+            bg = edit_background(spec) if job_kind == "edit_background" else None
+            out.append(
+                score_concept_video(v, reference, backgrounds=BACKGROUNDS, colours=COLOURS, background=bg)
+            )
+    return out
+
+
+def seeds(n: int, offset: int = 0) -> tuple[int, ...]:
+    return tuple(range(offset, offset + n))
+
+
+def describe_budget(budget: ToyBudget) -> dict:
+    return dataclasses.asdict(budget)
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+__all__ = [
+    "ToyBudget",
+    "QUICK",
+    "ToyBase",
+    "Variant",
+    "variants",
+    "no_prior",
+    "personalize",
+    "Job",
+    "generate_videos",
+    "concept_pipeline",
+    "score_job",
+    "static_prompt",
+    "full_prompt",
+    "edit_background",
+    "edit_targets",
+    "reference_clip",
+    "write_lossless",
+    "toy_prior_prompts",
+    "MOTION_PHRASES",
+]

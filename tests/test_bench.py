@@ -1,0 +1,113 @@
+"""`setseq bench toyworld` (setseq/cmd_bench.py) and the personalization variants it compares
+(train/personalize.py: single_stage, train_lora). One smoke bench on a random tiny base: 1 concept x
+1 seed x 5 variants, a few steps each."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from lora.concept import load_concept
+from setseq import toyexp as X
+from setseq.cli import main as cli_main
+from train.personalize import ConceptSpec, PersonalizeConfig
+
+ROWS = ("lora1", "dblora", "twostage", "ours", "textinv")
+
+
+def bench(out, *extra) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli_main(["bench", "toyworld", "--quick", "--base", "tiny", "--concepts", "1", "--seeds", "1",
+                         "--out", str(out), "--no-progress", *extra])
+    return code, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code, printed = bench(out)
+    return out, code, printed
+
+
+def concept_file(out, variant: str):
+    return load_concept(out / "work" / f"checker_eight-s0-{variant}" / f"{variant}.safetensors")
+
+
+def test_bench_table_has_every_row_and_column(smoke):
+    out, code, _ = smoke
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data["table"]["rows"]) == set(ROWS)
+    for row in data["table"]["rows"].values():
+        for key in ("mse", "id_crop", "id", "edit_background", "temporal_coherence", "motion_fidelity"):
+            assert key in row and row[key]["n"] == 1
+    md = (out / "bench.md").read_text()
+    labels = [v.label for v in X.variants(X.QUICK).values()]
+    headers = ("MSE", "ID crop", "edit adherence", "TC", "motion fidelity", "floor (trivial answer)",
+               "VAE round trip of the reference (ceiling)")
+    for text in (*labels, *headers):
+        assert text in md
+
+
+def test_single_stage_rows_train_identity_coefficients_only(smoke):
+    out = smoke[0]
+    lora1, dblora = concept_file(out, "lora1"), concept_file(out, "dblora")
+    assert lora1.rank == 1 and dblora.rank == X.QUICK.rank
+    for c in (lora1, dblora):
+        b1 = torch.cat([c.lora[k].flatten() for k in c.lora if k.endswith("lora_B1")])
+        b2 = torch.cat([c.lora[k].flatten() for k in c.lora if k.endswith("lora_B2")])
+        assert b1.abs().max() > 0 and b2.abs().max() == 0
+        assert all(t.abs().max() > 0 for t in c.tokens.values())  # both [v] and [u] trained in one stage
+
+
+def test_two_stage_rows_train_a_motion_residual(smoke):
+    for variant in ("twostage", "ours"):
+        c = concept_file(smoke[0], variant)
+        assert max(c.lora[k].abs().max() for k in c.lora if k.endswith("lora_B2")) > 0
+
+
+def test_textual_inversion_trains_tokens_and_no_lora(smoke):
+    c = concept_file(smoke[0], "textinv")
+    assert all(c.lora[k].abs().max() == 0 for k in c.lora if "lora_B" in k)
+    assert all(t.abs().max() > 0 for t in c.tokens.values())
+
+
+def test_a_rerun_reuses_finished_runs(smoke):
+    out = smoke[0]
+    saved = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    code, printed = bench(out)
+    assert code == 0 and len(saved) == len(ROWS)
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved
+    assert "training)" not in printed  # nothing trained again
+
+
+def test_unknown_variant_exits_2_naming_the_choices(tmp_path, capsys):
+    assert cli_main(["bench", "toyworld", "--base", "tiny", "--variants", "ours,lora9", "--out",
+                     str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lora9" in err and "dblora" in err
+
+
+def test_single_stage_needs_stage_one_only(tmp_path):
+    with pytest.raises(ValueError, match="single_stage"):
+        PersonalizeConfig(concepts=[ConceptSpec("v.mp4", "a [v]", "[u]")],
+                          out=str(tmp_path / "c.safetensors"), single_stage=True)
+
+
+def test_table_only_trains_nothing_and_names_the_missing_runs(tmp_path):
+    code, _ = bench(tmp_path, "--table-only")
+    assert code == 0 and not (tmp_path / "runs").exists()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["missing"] == [f"checker_eight-s0-{v}" for v in ROWS]
+    assert "NOT RUN" in (tmp_path / "bench.md").read_text()
+
+
+def test_concepts_can_be_named(tmp_path):
+    code, printed = bench(tmp_path, "--concepts", "stripes_stutter", "--variants", "ours", "--table-only")
+    assert code == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["concepts"] == ["stripes_stutter"]

@@ -1,0 +1,152 @@
+"""`setseq demo` (setseq/cmd_demo.py, setseq/toyexp.py) and the experiment scores (sample/report.py).
+
+The smoke run uses a random tiny base and a few steps: it proves every promised file is written,
+not that personalization works (the real run's numbers are in its report)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sample import report as R
+from setseq import toyexp as X
+from setseq.cli import main as cli_main
+from train.toyworld import BACKGROUNDS, COLOURS, ToyWorldConfig, caption_of
+from train.toyworld_concepts import load_concept, render_concept
+
+SPEC = load_concept("checker_eight")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli_main(["demo", "--quick", "--base", "tiny", "--out", str(out), "--no-progress"])
+    return out, code, buf.getvalue()
+
+
+def test_demo_quick_writes_mp4_and_gif_per_video(demo):
+    out, code, _ = demo
+    assert code == 0
+    mp4 = sorted(p.stem for p in (out / "videos").glob("*.mp4"))
+    gif = sorted(p.stem for p in (out / "videos").glob("*.gif"))
+    assert mp4 == gif and "reference" in mp4
+    # reconstruction, both edits, both stylizations, the adapter switched off, and the no-prior ablation
+    for stem in (
+        "ours-recon-s0",
+        "ours-edit_background-s0",
+        "ours-edit_object-s0",
+        "ours-style_identity_only-s0",
+        "ours-style_half_identity-s0",
+        "ours-base_adapter_off-s0",
+        "ours_noprior-recon-s0",
+        "ours_noprior-edit_background-s0",
+    ):
+        assert stem in mp4
+
+
+def test_demo_contact_sheet_has_a_row_per_video_and_a_column_per_frame(demo):
+    from PIL import Image
+
+    out, _, _ = demo
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    rows = 3 + 1 + 8  # reference, two edit targets, the VAE round trip, eight generated videos
+    from sample.media import LABEL_HEIGHT, SHEET_PAD
+
+    assert sheet.shape[0] == SHEET_PAD + rows * (LABEL_HEIGHT + 64 + SHEET_PAD)
+    assert sheet.shape[1] == SHEET_PAD + 17 * (64 + SHEET_PAD)
+
+
+def test_demo_report_holds_metrics_beside_their_floors(demo):
+    out, _, _ = demo
+    data = json.loads((out / "report.json").read_text())
+    jobs = {(j["run"], j["job"]): j for j in data["jobs"]}
+    recon = jobs[("ours", "recon")]["summary"]
+    for key in (
+        "mse",
+        "mse_floor",
+        "trajectory_error",
+        "centre_floor",
+        "motion_fidelity",
+        "id_crop",
+        "id_crop_floor",
+        "temporal_coherence",
+    ):
+        assert key in recon
+    assert "edit_background" in jobs[("ours", "edit_background")]["summary"]
+    assert "extra_adherence" in jobs[("ours", "edit_object")]["summary"]
+    assert {g["goal"] for g in jobs[("ours", "recon")]["goals"]} >= {"MSE below the flat-video floor"}
+    md = (out / "report.md").read_text()
+    assert "flat floor" in md and "centre floor" in md and "Random base" in md
+    assert "mse" in jobs[("ceiling", "vae_roundtrip")]["summary"]  # the VAE's own ceiling beside the floors
+
+
+def test_demo_prints_where_the_results_are_last(demo):
+    out, _, printed = demo
+    last = printed.strip().splitlines()[-3:]
+    assert str(out / "contact_sheet.png") in last[1]
+    assert str(out / "report.md") in last[2] and str(out / "report.json") in last[2]
+
+
+def test_demo_without_a_committed_base_names_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(X, "DEFAULT_BASE", tmp_path / "missing")
+    assert cli_main(["demo", "--out", str(tmp_path / "o")]) == 2
+    assert "setseq pretrain --preset tiny" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- prompts
+
+
+def test_prompts_follow_the_worlds_caption_template():
+    assert X.full_prompt(SPEC) == "a [v] square moves [u] on a gray background"
+    assert X.full_prompt(SPEC, extra=X.EXTRA) == (
+        "a [v] square moves [u] and " + caption_of("gray", [X.EXTRA])
+    )
+    assert X.static_prompt(SPEC, "blue") == "a [v] square on a blue background"
+    assert all(" | " in p for p in X.toy_prior_prompts())
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def test_reference_against_itself_scores_perfectly_and_beats_every_floor():
+    ref = render_concept(SPEC)[0].video
+    s = R.score_concept_video(ref, ref, backgrounds=BACKGROUNDS, colours=COLOURS, background="gray")
+    assert s["mse"] == 0.0 < s["mse_floor"]
+    assert s["trajectory_error"] == 0.0 < s["centre_floor"]
+    assert s["motion_fidelity"] > 0.99 and s["edit_background"] == 1.0
+    assert s["id_crop_min"] > 0.999 > s["id_crop_floor"]
+
+
+def test_a_flat_video_scores_at_the_floor():
+    ref = render_concept(SPEC)[0].video
+    flat = np.broadcast_to(np.array(BACKGROUNDS["gray"], np.uint8), ref.shape).copy()
+    s = R.score_concept_video(flat, ref, backgrounds=BACKGROUNDS, colours=COLOURS)
+    assert s["mse"] == pytest.approx(s["mse_floor"], rel=1e-6)
+    assert s["id_crop_min"] == 0.0 and s["detection"] == 0.0
+
+
+def test_added_object_is_found_and_tracked_apart_from_the_sprite():
+    world = ToyWorldConfig()
+    ref = render_concept(SPEC, cfg=world)[0].video
+    target = X.edit_targets(SPEC, world)["edit_object"]
+    kw = dict(
+        sprite_colours=SPEC.colours, extra_rgb=COLOURS["red"], extra_motion="up", backgrounds=BACKGROUNDS
+    )
+    good = R.score_with_extra(target, ref, target, **kw)
+    assert good["extra_adherence"] == 1.0 and good["extra_error"] == 0.0
+    assert good["trajectory_error"] == 0.0 and good["motion_fidelity"] > 0.99
+    missing = R.score_with_extra(ref, ref, target, **kw)  # the sprite alone: no red square
+    assert missing["extra_found"] == 0.0 and missing["extra_adherence"] == 0.0
+
+
+def test_summaries_count_nans_instead_of_averaging_them():
+    s = R.summarize([{"a": 1.0}, {"a": 3.0}, {"a": float("nan")}])
+    assert s["a"] == {"mean": 2.0, "std": 1.0, "n": 3, "nan": 1}
+    assert json.loads(json.dumps(R.clean_json({"x": float("nan")}))) == {"x": None}
