@@ -35,7 +35,8 @@ MIN_PIXELS = 12  # fewer foreground pixels in a frame = no object found there
 def as_frames(video) -> np.ndarray:
     """uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1] (numpy or torch) -> float32 (T, H, W, 3) 0..255."""
     if hasattr(video, "detach"):
-        video = video.detach().cpu().numpy()
+        video = video.detach().cpu()
+        video = (video.float() if video.is_floating_point() else video).numpy()  # bf16 has no numpy dtype
     video = np.asarray(video)
     if video.ndim != 4:
         raise ValueError(f"expected one video, (T, H, W, 3) uint8 or (3, T, H, W) float, "

@@ -18,27 +18,16 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .instruments import as_frames
+
 SHEET_PAD = 2  # pixels between cells
 SHEET_BACKGROUND = (24, 24, 24)
 LABEL_HEIGHT = 12  # pixels of the label strip above each row (Pillow's default bitmap font)
 
 
 def to_uint8(video) -> np.ndarray:
-    """(3, T, H, W) float in [-1, 1] or (T, H, W, 3) uint8 -> (T, H, W, 3) uint8."""
-    if hasattr(video, "detach"):
-        video = video.detach().float().cpu().numpy()
-    video = np.asarray(video)
-    if video.ndim != 4:
-        raise ValueError(f"expected one video, (3, T, H, W) float or (T, H, W, 3) uint8, "
-                         f"got shape {video.shape}")
-    if video.dtype == np.uint8:
-        if video.shape[-1] != 3:
-            raise ValueError(f"uint8 frames must be (T, H, W, 3), got shape {video.shape}")
-        return video
-    if video.shape[0] != 3:
-        raise ValueError(f"float video must be (3, T, H, W) in [-1, 1], got shape {video.shape}")
-    frames = np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return np.ascontiguousarray(frames.transpose(1, 2, 3, 0))  # (T, H, W, 3)
+    """(3, T, H, W) float in [-1, 1] or (T, H, W, 3) uint8 -> (T, H, W, 3) uint8 (validated by as_frames)."""
+    return np.ascontiguousarray(np.round(as_frames(video)).astype(np.uint8))
 
 
 def _atomic(path: Path, write) -> Path:
