@@ -1,8 +1,12 @@
-"""`setseq bench toyworld`: the paper's Tables 1 and 2 at toy scale, in one command.
+"""`setseq bench toyworld`: the paper's Tables 1 and 2 at toy scale, in one command;
+`setseq bench compose`: composition of two dynamic concepts (joint+stitch, joint, post-hoc mixing).
 
     setseq bench toyworld                        # 3 held-out concepts x 2 seeds x 5 variants
     setseq bench toyworld --concepts 1 --seeds 1 --variants ours,dblora --samples 2
     setseq bench toyworld --quick --base tiny    # smoke run on a random base
+    setseq bench compose                         # checker_eight (left) + split_hop_spin (right), 1 seed
+    setseq bench compose --pair stripes_stutter,checker_eight --seeds 2 --out runs/compose-sc
+    setseq bench compose --quick --base tiny     # smoke run on a random base
 
 Rows (same steps, batch and LoRA learning rate for every row; see toyexp.variants):
 LoRA rank-1 single stage, DB-LoRA (rank = ours, single stage), two-stage without regularization,
@@ -11,6 +15,16 @@ Columns: reconstruction MSE (training prompt), ID (object crop cosine and colour
 edit adherence (requested background), temporal coherence and motion fidelity (velocity
 correlation) of the edited videos; mean ± spread over concepts x seeds, floors in the last row.
 Each finished (concept, seed, variant) is saved in OUT/runs/, so a rerun skips it (--fresh redoes all).
+
+compose (setseq/toycompose.py): per seed, one joint run with stitched pairs, one without, and two
+single runs mixed at generation; the composition prompt puts A in the left half and B in the right
+(the world's two-object grammar), plus each concept alone. Per half: ID to its own concept, ID to the
+other (leakage) and their difference, motion (per-axis velocity correlation), beside floors.
+Default budget: `ours` at 200 + 400 steps per concept (joint runs 400 + 800), 2 generations per
+prompt: 3600 training steps per seed, about 9 minutes on 2 cores (a 150 + 300 single run took 60 s on
+a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step); toyexp's full 300 + 600
+(--steps1 300 --steps2 600) takes about 13-18 minutes. --quick takes about 15 s.
+OUT: compose.md, compose.json, compose.png, runs/ (cached per method and seed; --fresh redoes them).
 """
 
 from __future__ import annotations
@@ -44,12 +58,14 @@ FLOORS = {
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="reproduce Tables 1-2 at toy scale (variants x held-out concepts x seeds)",
-        description="Personalize held-out toy-world concepts with each variant (LoRA-1, DB-LoRA, two-stage, "
-        "ours, textual inversion), generate reconstructions and background edits, and tabulate "
-        "pixel metrics as mean ± spread with their floors.",
+        help="reproduce Tables 1-2 at toy scale (toyworld) or measure composition of two concepts (compose)",
+        description="toyworld: personalize held-out toy-world concepts with each variant (LoRA-1, DB-LoRA, "
+        "two-stage, ours, textual inversion), generate reconstructions and background edits, and tabulate "
+        "pixel metrics as mean ± spread with their floors. compose: put two held-out concepts in one video "
+        "(joint training with and without stitched pairs, post-hoc mixing) and measure each half's identity, "
+        "leakage and motion.",
     )
-    p.add_argument("suite", choices=("toyworld",), help="which benchmark (toyworld)")
+    p.add_argument("suite", choices=("toyworld", "compose"), help="which benchmark (toyworld, compose)")
     p.add_argument("--base", help="base model folder or preset (default: assets/tiny)")
     p.add_argument(
         "--concepts",
@@ -57,15 +73,18 @@ def register(subparsers) -> None:
         help="held-out concepts: how many from examples/concepts (alphabetical), or comma-separated names "
         "(default 3)",
     )
-    p.add_argument("--seeds", type=int, default=2, help="training seeds per concept (default 2)")
+    p.add_argument("--pair", help="compose: two concepts A,B (names or TOML files; default the first two "
+                   "of examples/concepts)")
+    p.add_argument("--seeds", type=int, help="training seeds per concept (default: toyworld 2, compose 1)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(X.variants(X.ToyBudget()))}")
-    p.add_argument("--samples", type=int, help="generations per prompt (default 4; quick 1)")
+    p.add_argument("--samples", type=int, help="generations per prompt (default 4, compose 2; quick 1)")
     p.add_argument(
-        "--steps1", type=int, help="stage-1 steps (default 300; single-stage rows get steps1 + steps2)"
+        "--steps1", type=int, help="stage-1 steps (default 300, compose 200 per concept; single-stage rows "
+        "get steps1 + steps2)"
     )
-    p.add_argument("--steps2", type=int, help="stage-2 steps (default 600)")
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default 600, compose 400 per concept)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
-    p.add_argument("--out", default="runs/bench", help="results folder (default runs/bench)")
+    p.add_argument("--out", help="results folder (default runs/bench; compose runs/bench-compose)")
     p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")
     p.add_argument(
         "--shard",
@@ -270,7 +289,13 @@ def run(args: argparse.Namespace) -> int:
     from train.toyworld import ToyWorldConfig
     from train.toyworld_concepts import load_concept
 
+    if args.suite == "compose":
+        return run_compose(args)
+    if args.pair is not None:
+        raise ValueError("--pair belongs to `bench compose`; toyworld takes --concepts")
     start = time.perf_counter()
+    args.seeds = 2 if args.seeds is None else args.seeds
+    args.out = args.out or "runs/bench"
     budget = X.QUICK if args.quick else X.ToyBudget()
     budget = dataclasses.replace(
         budget,
@@ -357,4 +382,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"bench finished in {data['seconds']:.0f} s")
     print(f"table: {md}")
     print(f"json: {js}")
+    return 0
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from setseq import toycompose as C
+    from setseq.cmd_demo import resolve_base_arg
+
+    unused = [f"--{k}" for k in ("concepts", "variants", "shard") if getattr(args, k) not in (None, "3")]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} belong to `bench toyworld`; compose takes --pair")
+    budget = C.QUICK if args.quick else C.COMPOSE
+    budget = dataclasses.replace(
+        budget,
+        **{k: getattr(args, k) for k in ("samples", "steps1", "steps2") if getattr(args, k) is not None},
+    )
+    pair = C.pick_pair(args.pair)
+    base_arg = resolve_base_arg(args.base, args.quick)
+    data = C.bench_compose(base_arg, pair, 1 if args.seeds is None else args.seeds, budget,
+                           Path(args.out or "runs/bench-compose"), fresh=args.fresh, progress=args.progress,
+                           table_only=args.table_only)
+    sections = C.render_markdown(data).split("\n\n")
+    print("\n\n".join(sections[2:6]))
+    print(f"bench compose finished in {data['seconds']:.0f} s")
+    print(f"contact sheet: {data['paths']['sheet']}")
+    print(f"table: {data['paths']['markdown']}")
+    print(f"json: {data['paths']['json']}")
     return 0

@@ -1,0 +1,653 @@
+"""Composition of two dynamic concepts at toy scale: the orchestration behind `setseq bench compose`.
+
+Three ways to put held-out concepts A and B in one video (paper §5.2.2 and the design notes):
+
+    joint+stitch  one personalization run, both concepts in one adapter (one shared identity basis,
+                  tokens [v1]/[u1] and [v2]/[u2]), plus side-by-side stitched pairs (stitch_prob 0.25)
+                  as the regularizer against identity leakage
+    joint         the same run without stitched pairs (stitch_prob 0)
+    post-hoc      A and B personalized separately (one adapter each, distinct tokens), both adapters
+                  applied at generation (their weight deltas add)
+
+Every run uses the `ours` variant of toyexp (both stages, every regularizer) at the same steps, batch
+and learning rate per concept: a joint run of two concepts takes 2 x steps1 + 2 x steps2, the total
+that post-hoc's two single runs take.
+
+Generation: the composition in the world's two-object caption grammar, which puts the first-named
+object in the left half (x < W/2) and the second in the right half,
+"a [v1] square moves [u1] and a [v2] circle moves [u2] on a gray background", and each concept alone
+with its own training prompt (for post-hoc also with its own adapter only: the single-concept baseline).
+
+Measured from pixels, per half (the halves convention of sample/instruments.object_masks):
+
+    id_crop / id_colour          appearance of the half's object against its own concept's reference
+                                 (aligned-crop cosine; colour-histogram intersection)
+    id_crop_other / id_colour_other   the same against the OTHER concept's reference: leakage
+    crop_margin / colour_margin  own - other (> 0: the half looks more like its own concept)
+    motion                       per-axis velocity correlation with the own reference trajectory,
+                                 averaged over the axes the reference moves along (scale- and
+                                 translation-free: a composed object moves in a smaller slot)
+    sides_right                  both halves' crop margins > 0 (the concepts are where the prompt says)
+
+Floors beside them: the flat-colour floor (the reference with its sprite flattened to its mean
+colour), the base model without any concept prompted with the nearest vocabulary words, a flat video
+(no object: ID 0); and the world's own rendering of the composition (with its VAE round trip) as the
+ceiling. Shape alphabet: T frames, H, W pixels; frames (T, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sample import instruments as ins
+from setseq import toyexp as X
+from train.toyworld import (
+    BACKGROUNDS,
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    Layer,
+    ToyWorldConfig,
+    caption_of,
+    draw_layers,
+)
+from train.toyworld_concepts import ConceptSpec as ToyConcept
+from train.toyworld_concepts import concept_path, list_concepts
+
+TOKENS = (("[v1]", "[u1]"), ("[v2]", "[u2]"))  # (appearance, motion) tokens of concept A, concept B
+STITCH_PROB = 0.25  # PersonalizeConfig's default: a stitched pair is one step in four
+MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens on the tiny tokenizer
+MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
+
+# The default: `ours` at 200 + 400 steps per concept (the budget of the committed runs/bench table;
+# toyexp's 300 + 600 is --steps1 300 --steps2 600), so that the six single-run equivalents of a seed
+# (2 post-hoc + 2 x 2 joint) fit in about 10 minutes on 2 cores (see cmd_bench's docstring).
+COMPOSE = X.ToyBudget(steps1=200, steps2=400, samples=2)
+# The smoke run: toyexp's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps) draws a
+# stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
+QUICK = dataclasses.replace(X.QUICK, steps2=6)
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    joint: bool  # one run for both concepts (else two single runs mixed at generation)
+    stitch_prob: float = 0.0
+
+
+METHODS = (
+    Method("joint+stitch", f"joint, stitched pairs (p {STITCH_PROB:g})", True, STITCH_PROB),
+    Method("joint", "joint, no stitched pairs", True, 0.0),
+    Method("post-hoc", "post-hoc mix of two single runs", False),
+)
+
+
+def pick_pair(text: str | None) -> tuple[str, str]:
+    """'a,b' (shipped names or TOML paths) or None (the first two shipped concepts, alphabetically)."""
+    names = list_concepts()
+    if text is None:
+        return names[0], names[1]
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--pair {text!r}: give two concepts separated by a comma, e.g. "
+                         f"--pair {names[0]},{names[1]} (shipped: {', '.join(names)})")
+    if parts[0] == parts[1]:
+        raise ValueError(f"--pair {text!r}: the two concepts must differ (shipped: {', '.join(names)})")
+    unknown = [p for p in parts if p not in names and not p.endswith(".toml")]
+    if unknown:
+        raise ValueError(f"--pair {text!r}: unknown concept(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(names)} or give TOML files")
+    return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def with_tokens(prompt: str, k: int) -> str:
+    """A toyexp prompt with concept k's own tokens in place of [v] / [u]."""
+    return prompt.replace("[v]", TOKENS[k][0]).replace("[u]", TOKENS[k][1])
+
+
+def composition_prompt(a: ToyConcept, b: ToyConcept) -> str:
+    """The world's two-object caption with concept tokens: A named first (left half), B second (right)."""
+    (v1, u1), (v2, u2) = TOKENS
+    return f"a {v1} {a.shape} moves {u1} and a {v2} {b.shape} moves {u2} on a {a.background} background"
+
+
+def nearest_words(spec: ToyConcept, world: ToyWorldConfig, exclude: tuple[str, ...] = ()
+                  ) -> tuple[str, str, str]:
+    """(colour, shape, motion) vocabulary words nearest the concept: the colour name nearest either
+    of its two colours (none in `exclude`: two objects of a world caption never share a colour), its
+    shape, and the vocabulary motion whose frame-to-frame steps point most the same way as its own
+    (cosine of the stacked step vectors: unlike a correlation it credits a steady "moves right" for
+    a stutter to the right)."""
+    names = [n for n in COLOURS if n not in exclude]
+    dist = {n: min(float(np.linalg.norm(np.subtract(COLOURS[n], c))) for c in spec.colours) for n in names}
+    ref = np.diff(concept_path(spec, world)[0], axis=0).ravel()
+
+    def agreement(motion: str) -> float:
+        steps = np.diff(concept_path(spec, world, motion=motion)[0], axis=0).ravel()
+        norm = np.linalg.norm(steps) * np.linalg.norm(ref)
+        return float(steps @ ref / norm) if norm > 0 else 0.0
+
+    return min(dist, key=dist.get), spec.shape, max(MOTIONS, key=agreement)
+
+
+# ------------------------------------------------------------------------------------------- target
+
+
+def render_pair(a: ToyConcept, b: ToyConcept, world: ToyWorldConfig) -> np.ndarray:
+    """What the composition should look like, (T, H, W, 3) uint8: A in the left slot (x = W/4), B in the
+    right (x = 3W/4), each on its own path with the x offsets shrunk to keep the sprite in its half."""
+    layers = []
+    for spec, slot in ((a, world.size / 4), (b, 3 * world.size / 4)):
+        centres, angles = concept_path(spec, world)
+        off = centres - world.size / 2  # (T, 2)
+        reach = spec.radius * (np.sqrt(2) if spec.shape == "square" and np.ptp(angles) > 0 else 1.0)
+        room = max(world.size / 4 - reach, 0.0)
+        widest = float(np.abs(off[:, 0]).max())
+        if widest > room:
+            off[:, 0] *= room / widest
+        layers.append(Layer(centres=(off + [slot, world.size / 2])[None],
+                            shapes=np.array([SHAPES.index(spec.shape)]),
+                            colours=np.array(spec.colours, np.uint8)[None], radius=spec.radius,
+                            pattern=spec.pattern, cell=spec.cell, angles=angles[None]))
+    bg = np.array(BACKGROUNDS[a.background], np.uint8)[None]
+    return draw_layers(bg, layers, world.frames, world.size)[0][0]
+
+
+# ------------------------------------------------------------------------------------------ measure
+
+
+def motion_match(traj: np.ndarray, ref: np.ndarray, stride: int = 2) -> float:
+    """Per-axis Pearson correlation of stride-2 velocities, averaged over the axes along which the
+    reference moves (velocity std >= MOVING_AXIS_PX). Invariant to translation and to a per-axis
+    scale, so an object tracing its concept's path smaller, in its half, still scores 1. A found
+    object that does not move along a moving axis scores 0 there; NaN when nothing is comparable."""
+    if len(traj) <= stride:
+        return float("nan")
+    a, b = traj[stride:] - traj[:-stride], ref[stride:] - ref[:-stride]  # (T - s, 2)
+    ok = ~(np.isnan(a).any(1) | np.isnan(b).any(1))
+    if ok.sum() < 3:
+        return float("nan")
+    a, b = a[ok], b[ok]
+    out = []
+    for k in range(2):
+        if b[:, k].std() < MOVING_AXIS_PX:
+            continue
+        out.append(0.0 if a[:, k].std() < 1e-6 else float(np.corrcoef(a[:, k], b[:, k])[0, 1]))
+    return float(np.mean(out)) if out else float("nan")
+
+
+@dataclass
+class Reference:
+    """A concept's reference clip read once: frames (T, H, W, 3) float 0..255, object mask, trajectory."""
+
+    frames: np.ndarray
+    mask: np.ndarray
+    traj: np.ndarray
+    hist: np.ndarray
+
+    @classmethod
+    def of(cls, video) -> Reference:
+        frames = ins.as_frames(video)
+        mask = ins.object_masks(frames)[0]
+        return cls(frames, mask, ins.centroids(mask), ins.colour_histogram(frames, mask))
+
+
+def object_scores(frames: np.ndarray, mask: np.ndarray, own: Reference, other: Reference) -> dict[str, float]:
+    """One object (a mask of `frames`) against its own concept's reference and the other's."""
+    from sample.report import crop_cosines
+
+    def crop(ref: Reference) -> float:
+        cos = crop_cosines(frames, mask, ref.frames, ref.mask)
+        return float(np.nanmean(cos)) if np.any(~np.isnan(cos)) else 0.0  # never found: 0, as bench
+
+    hist = ins.colour_histogram(frames, mask)
+    out = {
+        "id_crop": crop(own),
+        "id_crop_other": crop(other),
+        "id_colour": ins.appearance_similarity(hist, own.hist),
+        "id_colour_other": ins.appearance_similarity(hist, other.hist),
+        "motion": motion_match(ins.centroids(mask), own.traj),
+        "detection": ins.detection_rate(ins.centroids(mask)),
+    }
+    out["crop_margin"] = out["id_crop"] - out["id_crop_other"]
+    out["colour_margin"] = out["id_colour"] - out["id_colour_other"]
+    return out
+
+
+def score_composition(video, ref_a: Reference, ref_b: Reference) -> dict[str, float]:
+    """A two-concept video: the left half's object against A (own) and B (other), the right half's
+    against B (own) and A (other). Keys 'a_*' (left), 'b_*' (right), 'sides_right'."""
+    frames = np.clip(np.round(ins.as_frames(video)), 0, 255)
+    left, right = ins.object_masks(frames, 2)
+    out = {f"a_{k}": v for k, v in object_scores(frames, left, ref_a, ref_b).items()}
+    out.update({f"b_{k}": v for k, v in object_scores(frames, right, ref_b, ref_a).items()})
+    out["sides_right"] = float(out["a_crop_margin"] > 0 and out["b_crop_margin"] > 0)
+    return out
+
+
+def score_alone(video, own: Reference, other: Reference) -> dict[str, float]:
+    """One concept generated alone: its object against its own and the other concept's reference,
+    and the frame-by-frame MSE to its own reference (beside the flat-video floor)."""
+    frames = np.clip(np.round(ins.as_frames(video)), 0, 255)
+    out = object_scores(frames, ins.object_masks(frames)[0], own, other)
+    out["mse"] = float(np.mean((frames / 127.5 - own.frames / 127.5) ** 2))
+    out["mse_floor"] = ins.flat_video_mse(own.frames.astype(np.uint8))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def widen_context(base: X.ToyBase) -> X.ToyBase:
+    """Room for a stitched pair's prompt ("On the left, ... On the right, ..."): the tokenizer pads
+    to the config's T5 max_length, which weights do not depend on (relative positions; padding is
+    masked), so every method here runs at the same, longer context."""
+    t5 = base.cfg.t5
+    if t5.max_length < MIN_MAX_LENGTH:
+        base.cfg = dataclasses.replace(base.cfg, t5=dataclasses.replace(t5, max_length=MIN_MAX_LENGTH))
+    return base
+
+
+def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.ToyBudget, out: Path,
+          work: Path, *, seed: int, stitch_prob: float, progress: bool) -> float:
+    """One personalization run (variant `ours`) of one or several concepts into one concept file;
+    specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
+    Returns the training seconds."""
+    from sample.sampler import euler_sample
+    from train.personalize import ConceptSpec, PersonalizeConfig, main
+
+    shutil.rmtree(work, ignore_errors=True)
+    concepts = [ConceptSpec(video=str(video), prompt=with_tokens(X.static_prompt(spec), k),
+                            motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
+                            motion_token=TOKENS[k][1], full_prompt=with_tokens(X.full_prompt(spec), k))
+                for k, spec, video in specs]
+    n = len(concepts)
+    values = dict(
+        concepts=concepts, out=str(out), work_dir=str(work), name="__".join(s.name for _, s, _ in specs),
+        seed=seed, steps1=n * budget.steps1, steps2=n * budget.steps2, rank=budget.rank, lr=budget.lr,
+        token_lr=budget.token_lr, batch_size=budget.batch_size, prior_count=budget.prior_count,
+        prior_per_batch=budget.prior_per_batch, prior_prompts=X.toy_prior_prompts(),
+        prior_steps=budget.prior_steps, stitch_prob=stitch_prob, checkpoint_every=10**9, keep_checkpoints=1,
+        log_every=25, force=True, progress=progress, device="cpu",
+    )
+    values.update(X.variants(budget)["ours"].overrides)
+    if values["prior_count"] == 0:
+        values["prior_per_batch"] = 0
+    start = time.perf_counter()
+    main(PersonalizeConfig(**values), base.for_training(), sample_fn=euler_sample)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the concept file holds the result
+    return time.perf_counter() - start
+
+
+def pipeline_with(base: X.ToyBase, files: list[Path]):
+    """A fresh pipeline with every concept file applied (each its own adapter, scales 1)."""
+    from lora.concept import load_concept
+    from sample.generate import add_concept
+
+    pipe = base.pipeline()
+    for f in files:
+        add_concept(pipe, load_concept(f))
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Pair:
+    """Everything about the pair a run needs: specs, reference clips and their videos on disk."""
+
+    a: ToyConcept
+    b: ToyConcept
+    world: ToyWorldConfig
+    ref_a: np.ndarray  # (T, H, W, 3) uint8
+    ref_b: np.ndarray
+    video_a: Path
+    video_b: Path
+
+    @classmethod
+    def make(cls, a: ToyConcept, b: ToyConcept, world: ToyWorldConfig, work: Path) -> Pair:
+        ref_a, ref_b = X.reference_clip(a, world).video, X.reference_clip(b, world).video
+        return cls(a, b, world, ref_a, ref_b, X.write_lossless(work / f"{a.name}.mp4", ref_a),
+                   X.write_lossless(work / f"{b.name}.mp4", ref_b))
+
+    def refs(self) -> tuple[Reference, Reference]:
+        return Reference.of(self.ref_a), Reference.of(self.ref_b)
+
+    def jobs(self, samples: tuple[int, ...]) -> dict[str, X.Job]:
+        return {
+            "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples),
+            "alone_a": X.Job("alone_a", with_tokens(X.full_prompt(self.a), 0), seeds=samples),
+            "alone_b": X.Job("alone_b", with_tokens(X.full_prompt(self.b), 1), seeds=samples),
+        }
+
+
+def generate_and_score(pipe, jobs: dict[str, X.Job], pair: Pair, budget: X.ToyBudget
+                       ) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
+    """Scores per job (one dict per video) and the first video of each job (uint8, for the sheet)."""
+    ref_a, ref_b = pair.refs()
+    scores, firsts = {}, {}
+    for name, job in jobs.items():
+        vids = X.generate_videos(pipe, None, job, pair.world, budget)
+        if name.endswith("compose"):
+            scores[name] = [score_composition(v, ref_a, ref_b) for v in vids]
+        else:
+            own, other = (ref_a, ref_b) if name.endswith("_a") else (ref_b, ref_a)
+            scores[name] = [score_alone(v, own, other) for v in vids]
+        firsts[name] = np.clip(np.round(ins.as_frames(vids[0])), 0, 255).astype(np.uint8)
+    return scores, firsts
+
+
+def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget, work: Path, seed: int,
+               progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """Train (one joint run, or two single runs), generate the composition and each concept alone,
+    score: one record and the first video of each job."""
+    specs = [(0, pair.a, pair.video_a), (1, pair.b, pair.video_b)]
+    if method.joint:
+        files = [work / "joint.safetensors"]
+        seconds = {"joint": train(base, specs, budget, files[0], work / "joint.work", seed=seed,
+                                  stitch_prob=method.stitch_prob, progress=progress)}
+    else:
+        files, seconds = [], {}
+        for k, spec, video in specs:
+            f = work / f"single-{spec.name}.safetensors"
+            seconds[spec.name] = train(base, [(k, spec, video)], budget, f, work / f"single-{spec.name}.work",
+                                       seed=seed, stitch_prob=0.0, progress=progress)
+            files.append(f)
+    t0 = time.perf_counter()
+    jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed))
+    scores, firsts = generate_and_score(pipeline_with(base, files), jobs, pair, budget)
+    if not method.joint:  # the single-concept baseline: each concept with its own adapter only
+        for f, key in zip(files, ("alone_a", "alone_b"), strict=True):
+            job = {f"single_{key[-1]}": jobs[key]}
+            s, v = generate_and_score(pipeline_with(base, [f]), job, pair, budget)
+            scores.update(s)
+            firsts.update(v)
+    record = {
+        "method": method.key, "label": method.label, "seed": seed, "stitch_prob": method.stitch_prob,
+        "train_seconds": sum(seconds.values()), "train_seconds_per_run": seconds,
+        "generate_seconds": time.perf_counter() - t0, "prompts": {k: j.prompt for k, j in jobs.items()},
+        "scores": scores, "concept_files": [str(f) for f in files],
+    }
+    return record, firsts
+
+
+def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict[str, np.ndarray]]:
+    """The trivial answers: the base model (no concept) prompted with the nearest vocabulary words;
+    the world's rendering of the composition and its VAE round trip (the ceiling); flat-colour floors."""
+    from sample.report import flat_colour_floor
+
+    ref_a, ref_b = pair.refs()
+    wa = nearest_words(pair.a, pair.world)
+    wb = nearest_words(pair.b, pair.world, exclude=(wa[0],))
+    samples = X.seeds(budget.samples, offset=10_000)
+    jobs = {
+        "compose": X.Job("compose", caption_of(pair.a.background, [wa, wb]), seeds=samples),
+        "alone_a": X.Job("alone_a", caption_of(pair.a.background, [wa]), seeds=samples),
+        "alone_b": X.Job("alone_b", caption_of(pair.b.background, [wb]), seeds=samples),
+    }
+    pipe = base.pipeline()
+    scores, firsts = generate_and_score(pipe, jobs, pair, budget)
+    target = render_pair(pair.a, pair.b, pair.world)
+    roundtrip = X.vae_roundtrip(pipe, target)
+    out = {
+        "words": scores, "words_prompts": {k: j.prompt for k, j in jobs.items()},
+        "target": score_composition(target, ref_a, ref_b),
+        "target_vae": score_composition(roundtrip, ref_a, ref_b),
+        "reference_a": score_alone(pair.ref_a, ref_a, ref_b),
+        "reference_b": score_alone(pair.ref_b, ref_b, ref_a),
+        "flat_colour_a": flat_colour_floor(ref_a.frames, ref_a.mask),
+        "flat_colour_b": flat_colour_floor(ref_b.frames, ref_b.mask),
+    }
+    firsts = {f"words_{k}": v for k, v in firsts.items()}
+    firsts["target"] = target
+    firsts["target_vae"] = np.clip(np.round(ins.as_frames(roundtrip)), 0, 255).astype(np.uint8)
+    return out, firsts
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def cached(path: Path, key: dict, fresh: bool, make) -> tuple[dict, dict[str, np.ndarray], bool]:
+    """(record, first videos, computed now): the saved record at PATH (.json + .npz) when it was made
+    with the same key, else make() and save it."""
+    from sample.report import clean_json
+
+    videos = path.with_suffix(".npz")
+    if path.is_file() and videos.is_file() and not fresh:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            with np.load(videos) as z:
+                return saved, {k: z[k] for k in z.files}, False
+    record, firsts = make()
+    record = clean_json({**record, "key": key})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(videos, **firsts)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return json.loads(path.read_text()), firsts, True
+
+
+# ------------------------------------------------------------------------------------------- report
+
+COMPOSE_COLUMNS = [  # (key suffix, header)
+    ("id_crop", "ID crop own ↑"),
+    ("id_crop_other", "ID crop other (leak) ↓"),
+    ("crop_margin", "crop own − other ↑"),
+    ("id_colour", "ID colour own ↑"),
+    ("id_colour_other", "ID colour other (leak) ↓"),
+    ("colour_margin", "colour own − other ↑"),
+    ("motion", "motion ↑"),
+    ("detection", "detected"),
+]
+ALONE_COLUMNS = [("mse", "MSE ↓")] + COMPOSE_COLUMNS
+
+
+def pooled(records: list[dict], job: str) -> dict:
+    """summarize() over every video of a job, pooled over the runs (training seeds x samples)."""
+    from sample.report import summarize
+
+    nan = float("nan")  # a saved record holds None where a number was NaN (JSON has no NaN)
+    return summarize([{k: nan if v is None else v for k, v in s.items()}
+                      for r in records for s in r["scores"].get(job, [])])
+
+
+def aggregate(records: list[dict], floor: dict) -> dict:
+    rows = {}
+    for m in METHODS:
+        mine = [r for r in records if r["method"] == m.key]
+        jobs = ("compose", "alone_a", "alone_b", "single_a", "single_b")
+        rows[m.key] = {job: pooled(mine, job) for job in jobs if pooled(mine, job)}
+    words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
+    return {"rows": rows, "words": words}
+
+
+def render_markdown(data: dict) -> str:
+    from sample.report import fmt, fmt_pm, markdown_table
+
+    b, t, fl = data["budget"], data["table"], data["floors"]
+    a_name, b_name = data["pair"]
+    lines = [
+        f"# setseq bench compose: {a_name} (left) + {b_name} (right)",
+        "",
+        f"- base: `{data['base']}`"
+        + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
+        f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run; mean ± spread "
+        "(std) over every video, pooled over seeds x generations",
+        f"- every method: the `ours` variant, per concept {b['steps1']} + {b['steps2']} steps, batch "
+        f"{b['batch_size']}, rank {b['rank']}, LoRA lr {b['lr']:g}, token lr {b['token_lr']:g}, prior "
+        f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
+        f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
+        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "
+        f"{STITCH_PROB:.0%} of its steps",
+        f"- T5 context {data['max_length']} tokens (a stitched prompt is longer than the tiny base's 32)",
+        f"- composition prompt: `{data['prompts']['compose']}`; alone: `{data['prompts']['alone_a']}`, "
+        f"`{data['prompts']['alone_b']}`",
+        f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "
+        f"`{fl['words_prompts']['alone_a']}`; `{fl['words_prompts']['alone_b']}`",
+        f"- wall time of this invocation: {data['seconds']:.0f} s; training summed over runs "
+        f"{sum(r['train_seconds'] for r in data['records']):.0f} s",
+        "",
+        "## Composition: each half's object against its own concept and the other (leakage)",
+        "",
+    ]
+    header = ["method", "half"] + [h for _, h in COMPOSE_COLUMNS] + ["both sides right", "train s"]
+    rows = []
+    for m in data["methods"]:
+        comp = t["rows"].get(m["key"], {}).get("compose", {})
+        secs = [r["train_seconds"] for r in data["records"] if r["method"] == m["key"]]
+        for half, name in (("a", a_name), ("b", b_name)):
+            rows.append([m["label"] if half == "a" else "", f"{'left' if half == 'a' else 'right'}: {name}"]
+                        + [fmt_pm(comp.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS]
+                        + ([fmt_pm(comp.get("sides_right")), fmt(sum(secs) / len(secs)) if secs else "n/a"]
+                           if half == "a" else ["", ""]))
+    words = t["words"]["compose"]
+    for label, src in (("floor: base model, nearest words", None),
+                       ("world's rendering (target)", fl["target"]),
+                       ("its VAE round trip (ceiling)", fl["target_vae"])):
+        for half, name in (("a", a_name), ("b", b_name)):
+            cells = ([fmt_pm(words.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS] if src is None
+                     else [fmt(src.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS])
+            side = (fmt_pm(words.get("sides_right")) if src is None else fmt(src.get("sides_right")))
+            where = f"{'left' if half == 'a' else 'right'}: {name}"
+            tail = [side, ""] if half == "a" else ["", ""]
+            rows.append([label if half == "a" else "", where] + cells + tail)
+    flat = ["floor: flat colour / flat video", ""] + [
+        f"{fmt(fl['flat_colour_a'])} / {fmt(fl['flat_colour_b'])}; flat video 0" if k == "id_crop" else
+        ("0" if k in ("motion", "detection") else "-") for k, _ in COMPOSE_COLUMNS] + ["0", ""]
+    rows.append(flat)
+    lines += [markdown_table(header, rows), "", "## Each concept alone (does composition training hurt it?)",
+              ""]
+    header = ["method", "concept"] + [h for _, h in ALONE_COLUMNS]
+    rows = []
+    for m in data["methods"]:
+        row = t["rows"].get(m["key"], {})
+        for job, name, what in (("alone_a", a_name, ""), ("alone_b", b_name, ""),
+                                ("single_a", a_name, " (own adapter only: single-concept baseline)"),
+                                ("single_b", b_name, " (own adapter only: single-concept baseline)")):
+            if job in row:
+                rows.append([m["label"], name + what] + [fmt_pm(row[job].get(k)) for k, _ in ALONE_COLUMNS])
+    for job, name in (("alone_a", a_name), ("alone_b", b_name)):
+        rows.append(["floor: base model, nearest words", name]
+                    + [fmt_pm(t["words"][job].get(k)) for k, _ in ALONE_COLUMNS])
+    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
+        rows.append(["floor: flat video (background colour)", name] + [fmt(fl[key]["mse_floor"])]
+                    + ["0" if k in ("id_crop", "id_colour", "motion", "detection") else "-"
+                       for k, _ in COMPOSE_COLUMNS])
+    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
+        rows.append(["the reference clip itself", name] + [fmt(fl[key].get(k)) for k, _ in ALONE_COLUMNS])
+    lines += [
+        markdown_table(header, rows),
+        "",
+        "Metrics: ID crop = cosine of frame-aligned 32 px object crops (pattern, orientation), ID colour = "
+        "colour-histogram intersection; 'other' is the same against the other concept's reference (identity "
+        "leakage), and own − other > 0 means the object looks more like its own concept. Motion = per-axis "
+        "velocity correlation (stride 2) with the own reference trajectory, averaged over the axes the "
+        "reference moves along (translation- and scale-free: a composed object traces a smaller path in its "
+        "half). Halves: the left half's foreground (x < W/2) is A, the right half's is B. 'both sides "
+        "right': both halves' crop margins > 0. Floors: the base model without any concept, prompted with "
+        "the nearest vocabulary words; the reference with its sprite flattened to its mean colour "
+        "(flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor (in the "
+        "JSON) = a flat video of the reference's background. The world's rendering of the composition "
+        "(each sprite on its own path, x offsets shrunk to its half) shows what a perfect answer scores; "
+        "its VAE round trip is the ceiling of any generation in the base's latent space.",
+    ]
+    if data.get("missing"):
+        lines += ["", f"NOT RUN: {', '.join(data['missing'])}"]
+    return "\n".join(lines)
+
+
+def contact_sheet(out: Path, pair: Pair, videos: dict[str, dict[str, np.ndarray]]) -> Path:
+    """References, the target, then per method its first composition / alone videos, then the floors."""
+    from sample import media
+
+    rows, labels = [pair.ref_a, pair.ref_b], [f"reference A: {pair.a.name}", f"reference B: {pair.b.name}"]
+    fl = videos.get("floors", {})
+    for key, label in (("target", "target: A left, B right (world rendering)"),
+                       ("target_vae", "target, VAE round trip (ceiling)")):
+        if key in fl:
+            rows.append(fl[key])
+            labels.append(label)
+    for run, vids in videos.items():
+        if run == "floors":
+            continue
+        for job, v in vids.items():
+            rows.append(v)
+            labels.append(f"{run} {job}")
+    for key in ("words_compose", "words_alone_a", "words_alone_b"):
+        if key in fl:
+            rows.append(fl[key])
+            labels.append(f"floor: base, nearest words, {key[6:]}")
+    return media.write_contact_sheet(out / "compose.png", rows, labels)
+
+
+def bench_compose(base_arg: str, pair_names: tuple[str, str], seeds: int, budget: X.ToyBudget, out: Path,
+                  *, fresh: bool = False, progress: bool = True, table_only: bool = False) -> dict:
+    """The whole bench: train and score every (method, seed) not saved in OUT/runs/, then OUT/compose.md,
+    OUT/compose.json and OUT/compose.png. Returns the report data (with 'paths')."""
+    from tqdm.auto import tqdm
+
+    from sample.report import write_report
+    from train.toyworld_concepts import load_concept
+
+    start = time.perf_counter()
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: need at least 1")
+    a, b = (load_concept(n) for n in pair_names)  # a bad name fails here, before any training
+    if a.name == b.name:
+        raise ValueError(f"--pair: both concepts are named {a.name!r}; give two different concepts")
+    world = ToyWorldConfig()
+    base = widen_context(X.ToyBase(base_arg, out / "work", seed=0))
+    pair = Pair.make(a, b, world, out / "work")
+    key = {"base": base_arg, "pair": [a.name, b.name], "budget": X.describe_budget(budget)}
+    plan = [(m, s) for s in range(seeds) for m in METHODS]
+    print(f"bench compose: {a.name} (left) + {b.name} (right), {len(METHODS)} methods x {seeds} seeds "
+          f"on base {base_arg}")
+    floor, floor_videos, _ = cached(out / "runs" / "floors.json", key, fresh,
+                                    lambda: floors(base, pair, budget))
+    records, videos, missing = [], {"floors": floor_videos}, []
+    for method, seed in tqdm(plan, desc="compose runs", disable=not progress):
+        name = f"{method.key}-s{seed}"
+        path = out / "runs" / f"{name}.json"
+        if table_only and not path.is_file():
+            missing.append(name)
+            continue
+        rec, firsts, new = cached(path, {**key, "seed": seed}, fresh,
+                                  lambda m=method, s=seed, n=name: run_method(base, m, pair, budget,
+                                                                              out / "work" / n, s, progress))
+        records.append(rec)
+        videos[name] = firsts
+        if new:
+            c = pooled([rec], "compose")
+            print(f"  {name}: crop own − other {c['a_crop_margin']['mean']:.3g} (left) / "
+                  f"{c['b_crop_margin']['mean']:.3g} (right), motion {c['a_motion']['mean']:.3g} / "
+                  f"{c['b_motion']['mean']:.3g} ({rec['train_seconds']:.0f} s training)")
+    prompts = {k: j.prompt for k, j in pair.jobs((0,)).items()}
+    data = {
+        "command": "setseq bench compose", "base": base_arg, "random_base": base.random,
+        "pair": [a.name, b.name], "seeds": seeds, "budget": X.describe_budget(budget),
+        "max_length": base.cfg.t5.max_length, "stitch_prob": STITCH_PROB,
+        "methods": [{"key": m.key, "label": m.label, "joint": m.joint, "stitch_prob": m.stitch_prob}
+                    for m in METHODS],
+        "prompts": prompts, "floors": floor, "table": aggregate(records, floor), "records": records,
+        "missing": missing,
+    }
+    data["seconds"] = time.perf_counter() - start
+    sheet = contact_sheet(out, pair, videos)
+    md, js = write_report(out, render_markdown(data), data, stem="compose")
+    data["paths"] = {"markdown": str(md), "json": str(js), "sheet": str(sheet)}
+    return data
+
+
+__all__ = ["METHODS", "COMPOSE", "QUICK", "TOKENS", "pick_pair", "composition_prompt", "render_pair",
+           "motion_match", "Reference", "score_composition", "score_alone", "bench_compose"]

@@ -1,0 +1,147 @@
+"""`setseq bench compose` (setseq/cmd_bench.py, setseq/toycompose.py): composition of two toy concepts
+by joint training with and without stitched pairs and by post-hoc mixing, measured per half.
+The metrics are checked on the world's own renderings; one smoke bench runs on a random tiny base."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from lora.concept import load_concept as load_concept_file
+from setseq import toycompose as C
+from setseq.cli import main as cli_main
+from train.toyworld import ToyWorldConfig, caption_of
+from train.toyworld_concepts import load_concept
+
+WORLD = ToyWorldConfig()
+A, B = "checker_eight", "split_hop_spin"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    a, b = load_concept(A), load_concept(B)
+    refs = tuple(C.Reference.of(C.X.reference_clip(s, WORLD).video) for s in (a, b))
+    return a, b, refs
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_leakage_scores_a_correct_composition_as_not_leaking(pair):
+    a, b, (ref_a, ref_b) = pair
+    s = C.score_composition(C.render_pair(a, b, WORLD), ref_a, ref_b)
+    assert s["a_crop_margin"] > 0.5 and s["b_crop_margin"] > 0.5  # own >> other on both halves
+    assert s["a_colour_margin"] > 0.3 and s["b_colour_margin"] > 0.3
+    assert s["sides_right"] == 1.0
+
+
+def test_leakage_scores_swapped_halves_as_leaking(pair):
+    a, b, (ref_a, ref_b) = pair
+    s = C.score_composition(C.render_pair(b, a, WORLD), ref_a, ref_b)  # B on the left, A on the right
+    assert s["a_crop_margin"] < -0.5 and s["b_crop_margin"] < -0.5
+    assert s["a_id_crop_other"] > s["a_id_crop"] and s["b_id_crop_other"] > s["b_id_crop"]
+    assert s["sides_right"] == 0.0
+
+
+def test_leakage_flags_the_half_that_took_the_other_identity(pair):
+    a, _, (ref_a, ref_b) = pair
+    s = C.score_composition(C.render_pair(a, a, WORLD), ref_a, ref_b)  # A twice: the right half leaked
+    assert s["a_crop_margin"] > 0.5 and s["b_crop_margin"] < -0.5 and s["sides_right"] == 0.0
+
+
+def test_composed_motion_matches_its_own_concept(pair):
+    a, b, (ref_a, ref_b) = pair
+    s = C.score_composition(C.render_pair(a, b, WORLD), ref_a, ref_b)
+    assert s["a_motion"] > 0.9 and s["b_motion"] > 0.9  # shrunk x offsets: the per-axis score ignores scale
+
+
+def test_motion_match_is_free_of_translation_and_scale_and_zero_when_still():
+    t = np.linspace(0, 1, 17)
+    ref = np.stack([32 + 12 * np.sin(2 * np.pi * t), 32 + 6 * np.sin(4 * np.pi * t)], 1)
+    moved = np.stack([16 + 3 * (ref[:, 0] - 32), ref[:, 1] - 5], 1)
+    assert C.motion_match(moved, ref) == pytest.approx(1.0, abs=1e-9)
+    assert C.motion_match(np.full_like(ref, 20.0), ref) == 0.0
+    assert np.isnan(C.motion_match(np.full_like(ref, np.nan), ref))
+
+
+def test_composition_prompt_follows_the_worlds_two_object_grammar(pair):
+    a, b, _ = pair
+    prompt = C.composition_prompt(a, b)
+    assert prompt == "a [v1] square moves [u1] and a [v2] circle moves [u2] on a gray background"
+    for token, word in (("[u1]", "left"), ("[u2]", "up"), ("[v1]", "red"), ("[v2]", "cyan")):
+        prompt = prompt.replace(token, word)
+    words = prompt
+    assert words == caption_of("gray", [("red", "square", "left"), ("cyan", "circle", "up")])
+
+
+# ------------------------------------------------------------------------------------------ the bench
+
+
+def bench(out, *extra) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli_main(["bench", "compose", "--quick", "--base", "tiny", "--out", str(out), "--no-progress",
+                         *extra])
+    return code, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compose")
+    code, printed = bench(out)
+    return out, code, printed
+
+
+def test_quick_bench_writes_every_methods_rows(smoke):
+    out, code, printed = smoke
+    assert code == 0
+    assert (out / "compose.png").stat().st_size > 0
+    data = json.loads((out / "compose.json").read_text())
+    assert data["pair"] == [A, B]
+    for m in C.METHODS:
+        jobs = data["table"]["rows"][m.key]
+        want = {"compose", "alone_a", "alone_b"} | ({"single_a", "single_b"} if not m.joint else set())
+        assert set(jobs) == want
+        for key in ("a_id_crop", "a_id_crop_other", "a_crop_margin", "b_motion", "sides_right"):
+            assert jobs["compose"][key]["n"] == C.QUICK.samples
+    md = (out / "compose.md").read_text()
+    for text in [m.label for m in C.METHODS] + ["floor: base model, nearest words", "ID crop other (leak)",
+                                                "(ceiling)", "single-concept baseline"]:
+        assert text in md
+    assert printed.rstrip().splitlines()[-1].startswith("json: ") and "compose.json" in printed
+
+
+def test_methods_train_what_they_say(smoke):
+    work = smoke[0] / "work"
+    stitched = load_concept_file(work / "joint+stitch-s0" / "joint.safetensors")
+    plain = load_concept_file(work / "joint-s0" / "joint.safetensors")
+    assert set(stitched.tokens) == set(plain.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
+    assert stitched.train_config["stitch_prob"] == C.STITCH_PROB and plain.train_config["stitch_prob"] == 0
+    # same seed and data: only the stitched pairs drawn can make them differ
+    assert any(not np.array_equal(stitched.lora[k].numpy(), plain.lora[k].numpy()) for k in plain.lora)
+    assert stitched.train_config["steps2"] == 2 * C.QUICK.steps2  # joint: one run's steps per concept
+    single_a = load_concept_file(work / "post-hoc-s0" / f"single-{A}.safetensors")
+    single_b = load_concept_file(work / "post-hoc-s0" / f"single-{B}.safetensors")
+    assert set(single_a.tokens) == {"[v1]", "[u1]"} and set(single_b.tokens) == {"[v2]", "[u2]"}
+    assert single_a.train_config["steps2"] == C.QUICK.steps2
+
+
+def test_a_rerun_reuses_finished_runs(smoke):
+    out = smoke[0]
+    saved = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    code, printed = bench(out)
+    assert code == 0 and len(saved) == len(C.METHODS) + 1  # + the floors
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved
+    assert "training)" not in printed
+
+
+@pytest.mark.parametrize("text, named", [(f"{A},nope", "nope"), (A, "two concepts"), (f"{A},{A}", "differ")])
+def test_pair_is_validated_with_a_clear_error(tmp_path, capsys, text, named):
+    assert cli_main(["bench", "compose", "--base", "tiny", "--pair", text, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "stripes_stutter" in err  # names the shipped choices
+    assert not (tmp_path / "runs").exists()
