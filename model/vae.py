@@ -7,6 +7,11 @@ decoder mirrors it: `post_quant_conv`, conv_in, mid block, then from the deepest
 (halving the width, Wan's layout) and `decoder_blocks[i]` residual blocks; with
 `decoder_adaptive_norm` every decoder norm but the attention's is modulated by the latent.
 
+With `patch` (time, space) > 1 the video is pixel-unshuffled first (a lossless patchify stem) and
+the decoder's output shuffled back. `arch="linear"` replaces encoder and decoder by one 1x1x1 linear
+map each on the patchified video: a linear autoencoder (the toy world's, fitted as a PCA by
+`setseq pretrain`), causal by construction since latent frame j reads only its own frame group.
+
 Causality: latent frame j reads input frames <= j * time_compression, and output frames of
 latent frame j never read later latent frames. Frame 0 is encoded alone, so an image is a
 1-frame video; videos have 1 + k * time_compression frames. `chunk=` streams a video through
@@ -69,7 +74,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         norm, pad, ch = {"kind": cfg.norm, "groups": cfg.norm_groups}, cfg.padding, _widths(cfg)
-        self.conv_in = CausalConv3d(cfg.in_channels, cfg.base_channels, 3, pad)
+        self.conv_in = CausalConv3d(cfg.patched_channels, cfg.base_channels, 3, pad)
         cins = [cfg.base_channels] + ch[:-1]
         ts, ss = cfg.time_strides, cfg.space_strides
         nb = cfg.encoder_blocks
@@ -107,7 +112,7 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList(DecoderLevel(below[i], ch[i], nb[i], norm, pad, ts[i], ss[i])
                                     for i in range(n))
         self.norm_out = Norm(channels=ch[0], **norm)
-        self.conv_out = CausalConv3d(ch[0], cfg.in_channels, 3, pad)
+        self.conv_out = CausalConv3d(ch[0], cfg.patched_channels, 3, pad)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         x = self.conv_in(z, cache)  # (B, C, T', H', W')
@@ -124,6 +129,55 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x, cond)), cache)  # (B, 3, T, H, W)
 
 
+class LinearEncoder(nn.Module):
+    """arch="linear": one 1x1x1 map from the patchified video to the latent (posterior parameters)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.patched_channels, cfg.latent_channels * (2 if cfg.kl else 1), 1)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.proj(x)
+
+
+class LinearDecoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.latent_channels, cfg.patched_channels, 1)
+
+    def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.proj(z)
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int], first: bool) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C * pt * ps * ps, T', H / ps, W / ps), channels ordered (C, pt, ps, ps).
+
+    first: x starts with frame 0, which is repeated pt - 1 times in front so it fills a time group
+    alone (T = 1 + k * pt -> 1 + k groups); otherwise T is a multiple of pt."""
+    pt, ps = patch
+    if (pt, ps) == (1, 1):
+        return x
+    if first and pt > 1:
+        x = torch.cat([x[:, :, :1].expand(-1, -1, pt - 1, -1, -1), x], dim=2)
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // pt, pt, H // ps, ps, W // ps, ps)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, C * pt * ps * ps, T // pt, H // ps, W // ps)
+
+
+def unpatchify(x: torch.Tensor, patch: tuple[int, int], first: bool) -> torch.Tensor:
+    """Inverse of `patchify`; with `first`, frame 0 is the mean of its group's pt frames."""
+    pt, ps = patch
+    if (pt, ps) == (1, 1):
+        return x
+    B, CP, t, h, w = x.shape
+    C = CP // (pt * ps * ps)
+    x = x.reshape(B, C, pt, ps, ps, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    x = x.reshape(B, C, t * pt, h * ps, w * ps)
+    if first and pt > 1:
+        x = torch.cat([x[:, :, :pt].mean(2, keepdim=True), x[:, :, pt:]], dim=2)
+    return x
+
+
 def _nearest(value: int, step: int, first: int) -> str:
     """The valid counts first + k * step just below and above `value`, as 'a or b'."""
     lo = first + max(0, (value - first) // step) * step
@@ -138,11 +192,11 @@ class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
-        z = cfg.latent_channels
-        self.encoder = Encoder(cfg)
+        z, linear = cfg.latent_channels, cfg.arch == "linear"
+        self.encoder = LinearEncoder(cfg) if linear else Encoder(cfg)
         self.quant_conv = nn.Conv3d(z * (2 if cfg.kl else 1), z * (2 if cfg.kl else 1), 1)
         self.post_quant_conv = nn.Conv3d(z, z, 1)
-        self.decoder = Decoder(cfg)
+        self.decoder = LinearDecoder(cfg) if linear else Decoder(cfg)
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -200,11 +254,13 @@ class VAE(nn.Module):
         """
         self._check_video(video)
         pieces = self._pieces(video, chunk, self.cfg.time_compression)
+        patch = self.cfg.patch
         if pieces is None:
-            h = self.encoder(video)
+            h = self.encoder(patchify(video, patch, first=True))
         else:
             cache = StreamCache()
-            h = torch.cat([self.encoder(p, cache) for p in pieces], dim=2)
+            h = torch.cat([self.encoder(patchify(p, patch, first=i == 0), cache)
+                           for i, p in enumerate(pieces)], dim=2)
         h = self.quant_conv(h)
         if not self.cfg.kl:
             return h, None
@@ -234,10 +290,12 @@ class VAE(nn.Module):
         self._check_latent(z)
         z = self.post_quant_conv(z)
         pieces = self._pieces(z, chunk, 1)
+        patch = self.cfg.patch
         if pieces is None:
-            return self.decoder(z)
+            return unpatchify(self.decoder(z), patch, first=True)
         cache = StreamCache()
-        return torch.cat([self.decoder(p, cache) for p in pieces], dim=2)
+        return torch.cat([unpatchify(self.decoder(p, cache), patch, first=i == 0)
+                          for i, p in enumerate(pieces)], dim=2)
 
     def decode(self, z: torch.Tensor, *, chunk: int | None = None, clamp: bool = True) -> torch.Tensor:
         """Video (B, C, 1 + (T'-1) * time_compression, H, W) from a normalized latent, clamped to [-1, 1]."""

@@ -161,12 +161,12 @@ def score_with_extra(
 
 
 def summarize(scores: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """{metric: {"mean", "std", "n", "nan"}} over videos; NaNs (nothing measurable) are counted, not
-    averaged."""
+    """{metric: {"mean", "std", "n", "nan"}} over videos; NaNs (nothing measurable; None once a record
+    went through JSON) are counted, not averaged."""
     keys = list(dict.fromkeys(k for s in scores for k in s))
     out = {}
     for k in keys:
-        vals = np.array([float(s[k]) for s in scores if k in s], np.float64)
+        vals = np.array([math.nan if s[k] is None else float(s[k]) for s in scores if k in s], np.float64)
         ok = vals[~np.isnan(vals)]
         out[k] = {
             "mean": float(ok.mean()) if ok.size else math.nan,

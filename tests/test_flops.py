@@ -31,7 +31,7 @@ def test_forward_flops_equal_flop_counter(monkeypatch, variant):
     monkeypatch.setattr(dit_module, "attention", _plain_attention)
     cfg = dataclasses.replace(TINY, **variant)
     model = dit_module.DiT(cfg).eval()
-    x, text = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 7, cfg.text_dim)
+    x, text = torch.randn(1, cfg.in_channels, 3, 8, 8), torch.randn(1, 7, cfg.text_dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, torch.rand(1), text)
     tokens = 3 * 4 * 4

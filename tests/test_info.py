@@ -57,7 +57,7 @@ def test_wan_defaults_give_wan_sequence_length(networks, capsys):
 
 def test_frames_and_size_override_defaults(networks, capsys):
     info = _info_json(capsys, "--preset", "tiny", "--frames", "9", "--size", "32x128", "--batch", "4")
-    assert info["latent_shape"] == [16, 3, 4, 16]
+    assert info["latent_shape"] == [160, 3, 4, 16]
     assert info["video_tokens"] == 3 * 2 * 8
     one = _info_json(capsys, "--preset", "tiny", "--frames", "9", "--size", "32x128")
     assert info["train_flops_per_step"] == 4 * one["train_flops_per_step"]

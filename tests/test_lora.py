@@ -407,7 +407,7 @@ def test_mask_is_the_same_when_gradient_checkpointing_recomputes():
     set_stage(dit, 1)
     dit.train()
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 5, 64, generator=g)
+    x, ctx = torch.randn(1, dit.cfg.in_channels, 2, 4, 4, generator=g), torch.randn(1, 5, 64, generator=g)
     grads = []
     for checkpointing in (False, True):
         dit.gradient_checkpointing = checkpointing

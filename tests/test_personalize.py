@@ -24,6 +24,8 @@ from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
 from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig
 from train.video import read_frames, read_video, write_video
 
+LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
+
 _TINY = PRESETS["tiny"]
 TINY = dataclasses.replace(
     _TINY,
@@ -85,7 +87,7 @@ def test_token_masking_changes_the_conditioning(sp_model_path):
     masked, kept = mask_tokens(context, mask, 0.5, g)
     assert bool((kept <= mask).all()) and int(kept.sum()) < int(mask.sum())
     assert bool((masked[~kept] == 0).all())
-    x, t = torch.randn(2, 16, 1, 4, 4), torch.full((2,), 0.5)
+    x, t = torch.randn(2, LATENT, 1, 4, 4), torch.full((2,), 0.5)
     with torch.no_grad():
         v_full = base.dit(x, t, context, context_mask=mask)
         v_masked = base.dit(x, t, masked, context_mask=kept)
@@ -102,10 +104,10 @@ def _stage_data(base: Base, prompts: list[str], prior: bool) -> P.StageData:
     table = build_prompt_table(["", *prompts], base.tokenizer, base.t5, 16, [])
     g = torch.Generator().manual_seed(1)
     zeros = torch.zeros(4, dtype=torch.long)
-    items = LatentSet(torch.randn(4, 16, 1, 4, 4, generator=g), torch.ones(4, dtype=torch.long), zeros)
+    items = LatentSet(torch.randn(4, LATENT, 1, 4, 4, generator=g), torch.ones(4, dtype=torch.long), zeros)
     prior_set = None
     if prior:
-        prior_set = LatentSet(torch.randn(2, 16, 1, 4, 4, generator=g), torch.full((2,), 2), zeros[:2])
+        prior_set = LatentSet(torch.randn(2, LATENT, 1, 4, 4, generator=g), torch.full((2,), 2), zeros[:2])
     return P.StageData(items, None, prior_set, table, 0)
 
 

@@ -13,7 +13,7 @@ from model.config import PRESETS
 from model.dit import DiT
 from model.flow import add_noise, prediction_loss_per_sample
 from model.tokenizer import Tokenizer
-from model.vae import VAE
+from model.vae import VAE, patchify, unpatchify
 from sample.evaluate_base import contact_sheet, motion_quality, report_markdown
 from train.pretrain import (
     Bank,
@@ -28,6 +28,8 @@ from train.pretrain import (
     train_vae,
 )
 from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
+
+LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
 
 # A 9x32x32 world: latents 3x4x4, 12 tokens; small objects so everything fits.
 SMALL = ToyWorldConfig(frames=9, size=32, radius=4.0, travel=10.0, orbit_radius=5.0, pair_travel=4.0,
@@ -46,7 +48,7 @@ def _cfg(tmp_path, **kw) -> PretrainConfig:
 def _bank(n: int = 16, seed: int = 0) -> Bank:
     """Structured latents (a per-caption pattern, not noise) with caption ids: learnable in a few steps."""
     g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(4, 16, 3, 4, 4, generator=g)
+    protos = torch.randn(4, LATENT, 3, 4, 4, generator=g)
     which = torch.arange(n) % 4
     ids = torch.stack([torch.tensor([5 + int(w), 1, 0]) for w in which])
     mask = ids != 0
@@ -65,7 +67,7 @@ def test_x0_dit_returns_the_velocity_its_x0_implies():
     torch.manual_seed(0)
     dit = DiT(dataclasses.replace(SMALL_DIT, prediction="x0"))
     torch.nn.init.normal_(dit.head.head.weight, std=0.02)
-    x0, eps = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    x0, eps = torch.randn(2, LATENT, 3, 4, 4), torch.randn(2, LATENT, 3, 4, 4)
     t = torch.tensor([0.3, 0.8])
     x_t = add_noise(x0, eps, t)
     v = dit(x_t, t, torch.randn(2, 3, 64))
@@ -124,17 +126,53 @@ def test_vae_stage_lowers_reconstruction_error(tmp_path):
     assert after > before + 1.0, f"VAE PSNR on held clips {before:.2f} -> {after:.2f} dB: should rise > 1 dB"
 
 
-def test_latent_stats_normalize_latents_to_unit_scale(tmp_path):
-    cfg = _cfg(tmp_path, stats_clips=16)
+CONV_VAE = dataclasses.replace(TINY.vae, arch="conv", patch=(1, 1), latent_channels=8, base_channels=8,
+                               channel_mult=(1, 2, 2), encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1),
+                               time_strides=(1, 2, 2), space_strides=(2, 2, 2), norm="rms")
+
+
+@pytest.mark.parametrize("vae_cfg", [CONV_VAE, TINY.vae], ids=["conv", "linear"])
+def test_latent_stats_normalize_latents_to_unit_scale(tmp_path, vae_cfg):
+    """Conv VAE: unit std per channel. Linear VAE: one pooled std (unit mean variance), so latent
+    distances stay proportional to pixel distances."""
+    cfg = _cfg(tmp_path, stats_clips=16, vae_fit_clips=64)
     torch.manual_seed(0)
-    vae = VAE(TINY.vae).eval()
+    vae = (VAE(vae_cfg) if vae_cfg.arch == "conv" else train_vae(cfg, TINY, Log(tmp_path))).eval()
     mean, std = latent_stats(cfg, vae)
-    normed = VAE(dataclasses.replace(TINY.vae, latents_mean=mean, latents_std=std)).eval()
+    normed = VAE(dataclasses.replace(vae_cfg, latents_mean=mean, latents_std=std)).eval()
     normed.load_state_dict(vae.state_dict())
     z = normed.encode(to_model_video(generate_batch(16, seed=123, cfg=SMALL).video))
     per_channel = z.transpose(0, 1).flatten(1)
-    assert per_channel.mean(1).abs().max() < 0.5 and (per_channel.std(1) - 1).abs().max() < 0.5, \
-        "normalized latents should have roughly zero mean and unit std per channel on fresh clips"
+    assert (per_channel.mean(1).abs() / per_channel.std(1)).max() < 0.5, "roughly zero mean per channel"
+    if vae_cfg.arch == "linear":
+        assert len(set(std)) == 1 and abs(per_channel.var(1).mean().item() - 1) < 0.5
+    else:
+        assert (per_channel.std(1) - 1).abs().max() < 0.5, "unit std per channel on fresh clips"
+
+
+def test_linear_vae_fit_is_the_pca_and_beats_any_other_rank_k_linear_code(tmp_path):
+    """The fitted linear VAE reconstructs held-out clips better than a random rank-k projection, its
+    latent channels are uncorrelated and ordered by variance, and a rerun loads the saved fit."""
+    cfg = _cfg(tmp_path, vae_fit_clips=128)
+    vae = train_vae(cfg, TINY, Log(tmp_path)).eval()
+    clips = to_model_video(generate_batch(16, seed=99, split="heldout", cfg=SMALL).video)
+    with torch.no_grad():
+        err = (vae(clips)[0] - clips).square().mean()
+        z = vae.encode_dist(clips)[0].transpose(0, 1).flatten(1)
+        k = TINY.vae.latent_channels
+        q = torch.linalg.qr(torch.randn(TINY.vae.patched_channels, k)).Q  # a random orthonormal rank-k code
+        x = patchify(clips, TINY.vae.patch, first=True)
+        mu = x.mean((0, 2, 3, 4), keepdim=True)
+        proj = torch.einsum("bdthw,dk,ek->bethw", x - mu, q, q) + mu
+        random_err = (unpatchify(proj, TINY.vae.patch, first=True) - clips).square().mean()
+    assert err < random_err / 4, (err, random_err)
+    var = z.var(1)
+    assert var[:8].mean() > 20 * var[-8:].mean(), "the leading channels should carry the variance"
+    corr = torch.corrcoef(z[:4])
+    assert (corr - torch.eye(4)).abs().max() < 0.5, "the leading PCA channels should be nearly uncorrelated"
+    again = train_vae(cfg, TINY, Log(tmp_path))
+    pairs = zip(vae.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_tokenizer_covers_every_caption_with_whole_words(tmp_path):

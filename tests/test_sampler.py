@@ -151,7 +151,7 @@ def test_tiny_dit_cfg_batch_equals_separate_passes():
     model = dit.DiT(PRESETS["tiny"].dit).eval()
     for p in model.parameters():  # the fresh model's zero head predicts v = 0; give it a real output
         torch.nn.init.normal_(p, std=0.05)
-    noise = torch.randn(1, 16, 2, 4, 4)
+    noise = torch.randn(1, model.cfg.in_channels, 2, 4, 4)
     cond, uncond = torch.randn(1, 6, 64), torch.randn(1, 2, 64)
     out = euler_sample(model, noise, steps=1, guidance=3.0, context=cond, uncond_context=uncond,
                        self_cond=True, progress=False)

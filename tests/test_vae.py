@@ -6,23 +6,29 @@ import pytest
 import torch
 
 from model.config import PRESETS, VAEConfig
-from model.vae import VAE, kl_loss
+from model.vae import VAE, kl_loss, patchify, unpatchify
 from model.vae_blocks import Norm
 
-# Two tiny layouts: the paper's (GroupNorm, replicate padding, adaptive decoder norm) and Wan's
-# (RMS norm, zero padding, mid attention). time compression 4, space compression 4.
+# Tiny layouts, each with time compression 4 and space compression 4: the paper's (GroupNorm, replicate
+# padding, adaptive decoder norm), Wan's (RMS norm, zero padding, mid attention), a conv VAE behind a
+# 2x2 patchify stem (Wan 2.2 style), and the linear VAE of the toy world (patchify + one 1x1x1 map).
 TINY = {
     "paper": dict(norm="group", norm_groups=4, padding="replicate", decoder_adaptive_norm=True,
                   mid_attention=False),
     "wan": dict(norm="rms", padding="zeros", decoder_adaptive_norm=False, mid_attention=True),
+    "patched": dict(norm="rms", padding="zeros", patch=(2, 2), time_strides=(2, 1, 1),
+                    space_strides=(2, 1, 1)),
+    "linear": dict(arch="linear", patch=(4, 4), channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,),
+                   time_strides=(1,), space_strides=(1,)),
 }
 
 
 
 def tiny_vae(layout: str, seed: int = 0) -> VAE:
-    cfg = VAEConfig(in_channels=3, latent_channels=4, base_channels=8, channel_mult=(1, 2, 2),
-                    encoder_blocks=(1, 1, 1), decoder_blocks=(2, 1, 1), time_strides=(2, 2, 1),
-                    space_strides=(2, 2, 1), **TINY[layout])
+    base = dict(in_channels=3, latent_channels=4, base_channels=8, channel_mult=(1, 2, 2),
+                encoder_blocks=(1, 1, 1), decoder_blocks=(2, 1, 1), time_strides=(2, 2, 1),
+                space_strides=(2, 2, 1))
+    cfg = VAEConfig(**{**base, **TINY[layout]})
     torch.manual_seed(seed)
     vae = VAE(cfg).eval()
     with torch.no_grad():  # random everything, the zero-initialized adaptive-norm convs included
@@ -61,9 +67,27 @@ def test_decoder_is_causal(layout):
     assert d[:5].max() == 0 and d[5:].min() > 1e-4, d
 
 
+@pytest.mark.parametrize("patch", [(1, 2), (4, 1), (4, 8)])
+def test_patchify_round_trips_and_frame_0_fills_its_group(patch):
+    x = video(9, 16, 24)
+    p = patchify(x, patch, first=True)
+    assert p.shape == (1, 3 * patch[0] * patch[1] ** 2, 1 + 8 // patch[0], 16 // patch[1], 24 // patch[1])
+    assert torch.equal(unpatchify(p, patch, first=True), x)
+    if patch[0] > 1:  # group 0 holds frame 0 only, repeated: a chunk of it alone patchifies the same
+        assert torch.equal(patchify(x[:, :, :1], patch, first=True), p[:, :, :1])
+
+
+def test_linear_vae_needs_unit_strides():
+    with pytest.raises(ValueError, match="linear VAE has no conv levels"):
+        VAEConfig(arch="linear", patch=(4, 8))
+    with pytest.raises(ValueError, match="unknown VAE arch"):
+        VAEConfig(arch="mlp")
+
+
+@pytest.mark.parametrize("layout", sorted(TINY))
 @torch.no_grad()
-def test_image_is_a_one_frame_video():
-    vae = tiny_vae("paper")
+def test_image_is_a_one_frame_video(layout):
+    vae = tiny_vae(layout)
     img = video(1)
     z = vae.encode(img)
     assert z.shape == (1, 4, 1, 4, 6) and vae.decode(z).shape == img.shape

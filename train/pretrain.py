@@ -2,9 +2,12 @@
 encoder, DiT. `main(cfg)` runs the stages in order; each is resumable from atomic checkpoints in
 `cfg.work_dir` and a finished stage is skipped:
 
-    1. VAE        random crops of fresh toy clips (9 frames, 32x32: 8x cheaper than whole clips), then
-                  whole 17x64x64 clips; MSE + L1 on pixels. Then per-channel latent mean/std on toy
-                  clips go into VAEConfig.latents_mean/std, so the DiT sees unit-scale latents.
+    1. VAE        a linear VAE (`tiny`) is fitted in closed form: the PCA of patchified toy clips, the
+                  optimal linear autoencoder for MSE (seconds). A conv VAE trains on random crops of
+                  fresh toy clips (9 frames, 32x32: 8x cheaper than whole clips), then whole 17x64x64
+                  clips; MSE + L1 on pixels. Then the latent mean/std on toy clips go into
+                  VAEConfig.latents_mean/std, so the DiT sees unit-scale latents (one pooled std for a
+                  linear VAE, which keeps latent distances proportional to pixel distances).
     2. tokenizer  a sentencepiece model trained on every caption of the vocabulary (both splits: the
                   held-out split holds out combinations, never words).
     3. bank       `bank_size` training clips encoded once by the frozen VAE (encoding on the fly would
@@ -41,7 +44,7 @@ from model.dit import DiT
 from model.flow import add_noise, loss_by_t_bins, prediction_loss_per_sample, sample_time, x0_from_velocity
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer, train_tokenizer
-from model.vae import VAE
+from model.vae import VAE, patchify
 
 from .checkpoint import (
     capture_rng,
@@ -88,6 +91,7 @@ class PretrainConfig:
     vae_crop: tuple[int, int] = (9, 32)  # (frames, pixels) of a training crop
     vae_lr: float = 2e-3
     vae_l1: float = 0.5  # weight of the L1 term beside the MSE (sharper edges early)
+    vae_fit_clips: int = 2048  # linear VAE: toy clips whose patch covariance gives the PCA
     stats_clips: int = 256  # clips for the latent mean/std
     # -- text
     tokenizer_vocab: int = 128  # soft limit; the captions hold 26 distinct words
@@ -184,8 +188,52 @@ def psnr(rec: Tensor, video: Tensor) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+@torch.no_grad()
+def fit_linear_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
+    """A linear VAE set to the PCA of patchified toy clips (saved in work_dir; a rerun loads it).
+
+    Encoder rows are the top `latent_channels` eigenvectors of the patch covariance (sign fixed so each
+    vector's largest entry is positive), the decoder their transpose; biases centre on the patch mean.
+    """
+    vae = VAE(mc.vae)
+    path = Path(cfg.work_dir) / "vae-linear.safetensors"
+    if path.is_file():
+        vae.load_state_dict(load_file(str(path)), strict=True)
+        return vae
+    t0, k, n = time.time(), mc.vae.latent_channels, 0
+    total, outer = 0.0, 0.0
+    for i in tqdm(range(0, cfg.vae_fit_clips, 64), desc="VAE (PCA)"):
+        seed = _clip_seed(cfg.seed, STAGE_VAE, i)
+        video = to_model_video(generate_batch(min(64, cfg.vae_fit_clips - i), seed=seed, cfg=cfg.world).video)
+        x = patchify(video, mc.vae.patch, first=True).transpose(0, 1).flatten(1).double()  # (D, N)
+        total, outer, n = total + x.sum(1), outer + x @ x.T, n + x.shape[1]
+    mean = total / n
+    evals, evecs = torch.linalg.eigh(outer / n - torch.outer(mean, mean))  # ascending
+    basis = evecs[:, -k:].flip(1).T  # (k, D), largest variance first
+    basis *= torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))
+    eye = torch.eye(k).view(k, k, 1, 1, 1)
+    vae.encoder.proj.weight.copy_(basis.float().view(k, -1, 1, 1, 1))
+    vae.encoder.proj.bias.copy_(-(basis @ mean).float())
+    vae.decoder.proj.weight.copy_(basis.T.float().reshape(-1, k, 1, 1, 1))
+    vae.decoder.proj.bias.copy_(mean.float())
+    for conv in (vae.quant_conv, vae.post_quant_conv):
+        conv.weight.copy_(eye)
+        conv.bias.zero_()
+    kept = float(evals[-k:].sum() / evals.sum())
+    held = generate_batch(64, seed=_clip_seed(cfg.seed, 11, 0), split="heldout", cfg=cfg.world)
+    held = to_model_video(held.video)
+    log("vae", fit="pca", clips=cfg.vae_fit_clips, variance_kept=round(kept, 5),
+        heldout_psnr=round(psnr(vae(held)[0], held), 2), seconds=round(time.time() - t0, 1))
+    tmp = path.with_suffix(".tmp")
+    save_file({k_: v.contiguous() for k_, v in vae.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return vae
+
+
 def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     """Stage 1; resumes from the newest stage-1 checkpoint and skips when the stage is done."""
+    if mc.vae.arch == "linear":
+        return fit_linear_vae(cfg, mc, log)
     torch.manual_seed(cfg.seed)
     vae = VAE(mc.vae)
     total = cfg.vae_steps + cfg.vae_full_steps
@@ -222,13 +270,18 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
 @torch.no_grad()
 def latent_stats(cfg: PretrainConfig, vae: VAE) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the raw latents of `stats_clips` toy clips (both splits' statistics
-    are the world's; drawn from the training split)."""
+    are the world's; drawn from the training split). A linear VAE gets one pooled std for every channel:
+    its channels are orthonormal directions in pixel space, so the DiT's latent MSE stays pixel MSE
+    (per-channel scaling would weigh a faint edge-detail component like the object's colour)."""
     zs = []
     for i in range(0, cfg.stats_clips, 32):
         n, seed = min(32, cfg.stats_clips - i), _clip_seed(cfg.seed, 7, i)
         zs.append(vae.encode_dist(to_model_video(generate_batch(n, seed=seed, cfg=cfg.world).video))[0])
     z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N)
-    return tuple(z.mean(1).tolist()), tuple(z.std(1).clamp_min(_EPS).tolist())
+    mean, std = z.mean(1), z.std(1).clamp_min(_EPS)
+    if vae.cfg.arch == "linear":
+        std = std.square().mean().sqrt().expand_as(std)
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 # ------------------------------------------------------------------------------------ 2. tokenizer
