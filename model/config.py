@@ -247,8 +247,8 @@ PRESETS: dict[str, ModelConfig] = {
                       text_proj=True, modulation="shared", qk_norm="rms_per_head", rope_split=(16, 8, 8),
                       self_cond=True, prediction="x0", abs_pos=(8, 8, 8)),
         # A linear VAE on 4-frame x 8x8 patches (768 values -> 160 channels, 4.8x), fitted as a PCA by
-        # `setseq pretrain`: 31 dB on held-out clips in seconds. Conv VAEs of this size trained for 15 min
-        # on the CPU stayed near 20 dB, below the PCA's 16 channels (25 dB); see assets/tiny/report.md.
+        # `setseq pretrain`: 31 dB on held-out clips in 16 s. The conv VAE this preset had before (16 latent
+        # channels, 14 min of CPU training) reached 19.9 dB, below this PCA's first 16 channels (24.8 dB).
         vae=VAEConfig(in_channels=3, latent_channels=160, arch="linear", patch=(4, 8), kl=False,
                       channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,), time_strides=(1,),
                       space_strides=(1,)),
