@@ -83,6 +83,7 @@ def register(subparsers) -> None:
         "get steps1 + steps2)"
     )
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 600, compose 400 per concept)")
+    p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
     p.add_argument("--out", help="results folder (default runs/bench; compose runs/bench-compose)")
     p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")
@@ -109,6 +110,12 @@ def pick_variants(text: str | None, budget) -> list[X.Variant]:
     if unknown or not keys:
         raise ValueError(f"--variants {text!r}: unknown {unknown or 'empty'}; choose from {', '.join(table)}")
     return [table[k] for k in keys]
+
+
+def budget_overrides(args: argparse.Namespace) -> dict:
+    """The budget fields given on the command line."""
+    given = {k: getattr(args, k) for k in ("samples", "steps1", "steps2", "lr")}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -299,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     budget = X.QUICK if args.quick else X.ToyBudget()
     budget = dataclasses.replace(
         budget,
-        **{k: getattr(args, k) for k in ("samples", "steps1", "steps2") if getattr(args, k) is not None},
+        **budget_overrides(args),
     )
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: need at least 1")
@@ -397,7 +404,7 @@ def run_compose(args: argparse.Namespace) -> int:
     budget = C.QUICK if args.quick else C.COMPOSE
     budget = dataclasses.replace(
         budget,
-        **{k: getattr(args, k) for k in ("samples", "steps1", "steps2") if getattr(args, k) is not None},
+        **budget_overrides(args),
     )
     pair = C.pick_pair(args.pair)
     base_arg = resolve_base_arg(args.base, args.quick)

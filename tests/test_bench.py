@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -111,3 +112,12 @@ def test_concepts_can_be_named(tmp_path):
     code, printed = bench(tmp_path, "--concepts", "stripes_stutter", "--variants", "ours", "--table-only")
     assert code == 0
     assert json.loads((tmp_path / "bench.json").read_text())["concepts"] == ["stripes_stutter"]
+
+
+def test_budget_flags_reach_the_budget_and_unset_ones_keep_defaults():
+    from setseq.cmd_bench import budget_overrides, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "toyworld", "--lr", "3e-4", "--steps2", "50"])
+    assert budget_overrides(args) == {"lr": 3e-4, "steps2": 50}
