@@ -268,6 +268,24 @@ def test_several_concepts_share_one_adapter(sp_model_path, tmp_path):
     assert len(list((cfg.work / "cache").glob("stitched-stage*"))) == 2  # one stitched pair per stage
 
 
+def test_a_stitched_prompt_that_truncates_a_token_is_refused_before_any_work(sp_model_path, tmp_path, video):
+    """Each concept's prompt fits the text encoder, their stitched pair does not: a clear error, not a
+    silently truncated [v2]."""
+    base = make_base(sp_model_path)
+    limit = TINY.t5.max_length
+    words = 1
+    while len(base.tokenizer.tokenize("a [v1] " + "big " * (words + 1) + "square.")) < 0.7 * limit:
+        words += 1
+    filler = "big " * words
+    concepts = [ConceptSpec(video, f"a [v1] {filler}square.", "It is [u1] moving.", "[v1]", "[u1]"),
+                ConceptSpec(video, f"a [v2] {filler}square.", "It is [u2] moving.", "[v2]", "[u2]")]
+    cfg = config(tmp_path, video, concepts=concepts, stitch_prob=0.5, prior_count=0, steps1=2, steps2=2)
+    with pytest.raises(ValueError, match="stitched prompt of concepts 1 and 2"):
+        P.main(cfg, base)
+    assert not cfg.work.exists() or not any(cfg.work.glob("cache/*")), "nothing should be computed"
+    P.main(dataclasses.replace(cfg, stitch_prob=0.0), make_base(sp_model_path))  # without pairs it trains
+
+
 def test_concept_file_names_its_base_and_refuses_another(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video, prior_count=0, steps1=2, steps2=2)
     P.main(cfg, make_base(sp_model_path))

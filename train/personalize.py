@@ -622,6 +622,15 @@ def check_inputs(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Non
         if 2 in cfg.stages or cfg.single_stage:
             what = f"concept {i + 1} motion prompt" if len(cfg.concepts) > 1 else "--motion-prompt"
             check_prompt(c.text(2), c.motion_token, what, base.tokenizer, base.config.t5.max_length)
+    if len(cfg.concepts) > 1 and cfg.stitch_prob > 0:  # a stitched pair's prompt holds both concepts' tokens
+        for stage in cfg.stages:
+            texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
+            for i, j in _pairs(len(texts)):
+                pair = stitched_prompt(texts[i], texts[j])
+                what = f"the stitched prompt of concepts {i + 1} and {j + 1} (stitch_prob > 0)"
+                for c in (cfg.concepts[i], cfg.concepts[j]):
+                    for token in (c.token, c.motion_token) if cfg.text_stage(stage) == 2 else (c.token,):
+                        check_prompt(pair, token, what, base.tokenizer, base.config.t5.max_length)
 
 
 def _resume_point(cfg: PersonalizeConfig) -> Checkpoint | None:
