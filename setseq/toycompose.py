@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,30 +263,15 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
     """One personalization run (variant `ours`) of one or several concepts into one concept file;
     specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
     Returns the training seconds."""
-    from sample.sampler import euler_sample
-    from train.personalize import ConceptSpec, PersonalizeConfig, main
+    from train.personalize import ConceptSpec
 
-    shutil.rmtree(work, ignore_errors=True)
     concepts = [ConceptSpec(video=str(video), prompt=with_tokens(X.static_prompt(spec), k),
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
                             motion_token=TOKENS[k][1], full_prompt=with_tokens(X.full_prompt(spec), k))
                 for k, spec, video in specs]
-    n = len(concepts)
-    values = dict(
-        concepts=concepts, out=str(out), work_dir=str(work), name="__".join(s.name for _, s, _ in specs),
-        seed=seed, steps1=n * budget.steps1, steps2=n * budget.steps2, rank=budget.rank, lr=budget.lr,
-        token_lr=budget.token_lr, batch_size=budget.batch_size, prior_count=budget.prior_count,
-        prior_per_batch=budget.prior_per_batch, prior_prompts=X.toy_prior_prompts(),
-        prior_steps=budget.prior_steps, stitch_prob=stitch_prob, checkpoint_every=10**9, keep_checkpoints=1,
-        log_every=25, force=True, progress=progress, device="cpu",
-    )
-    values.update(X.variants(budget)["ours"].overrides)
-    if values["prior_count"] == 0:
-        values["prior_per_batch"] = 0
-    start = time.perf_counter()
-    main(PersonalizeConfig(**values), base.for_training(), sample_fn=euler_sample)
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the concept file holds the result
-    return time.perf_counter() - start
+    return X.train_concepts(base, concepts, X.variants(budget)["ours"], budget, out, work,
+                            name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
+                            stitch_prob=stitch_prob)
 
 
 def pipeline_with(base: X.ToyBase, files: list[Path]):
@@ -490,7 +474,7 @@ def render_markdown(data: dict) -> str:
         f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
         f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "
         f"{STITCH_PROB:.0%} of its steps",
-        f"- T5 context {data['max_length']} tokens (a stitched prompt is longer than the tiny base's 32)",
+        f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
         f"- composition prompt: `{data['prompts']['compose']}`; alone: `{data['prompts']['alone_a']}`, "
         f"`{data['prompts']['alone_b']}`",
         f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "

@@ -293,23 +293,35 @@ def personalize(
 ) -> tuple[Path, float]:
     """Train one concept with one variant into FOLDER/<variant>.safetensors; returns (path, seconds).
     A previous run's file and work folder there are replaced."""
-    from sample.sampler import euler_sample
-    from train.personalize import ConceptSpec, PersonalizeConfig, main
+    from train.personalize import ConceptSpec
 
     out = folder / f"{variant.key}.safetensors"
-    work = folder / f"{variant.key}.work"
-    shutil.rmtree(work, ignore_errors=True)
     concept = ConceptSpec(
         video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]", full_prompt=full_prompt(spec)
     )
+    seconds = train_concepts(base, [concept], variant, budget, out, folder / f"{variant.key}.work",
+                             name=spec.name, seed=seed, progress=progress)
+    return out, seconds
+
+
+def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyBudget, out: Path, work: Path,
+                   *, name: str, seed: int, progress: bool, **extra) -> float:
+    """One personalization run of `concepts` (train.personalize.ConceptSpec; several train into one adapter,
+    each budget step count multiplied by their number) with `variant`'s settings into OUT; returns the
+    training seconds. `extra`: further PersonalizeConfig fields (e.g. stitch_prob). WORK is replaced."""
+    from sample.sampler import euler_sample
+    from train.personalize import PersonalizeConfig, main
+
+    shutil.rmtree(work, ignore_errors=True)
+    n = len(concepts)
     values = dict(
-        concepts=[concept],
+        concepts=concepts,
         out=str(out),
         work_dir=str(work),
-        name=spec.name,
+        name=name,
         seed=seed,
-        steps1=budget.steps1,
-        steps2=budget.steps2,
+        steps1=n * budget.steps1,
+        steps2=n * budget.steps2,
         rank=budget.rank,
         lr=budget.lr,
         token_lr=budget.token_lr,
@@ -324,16 +336,16 @@ def personalize(
         force=True,
         progress=progress,
         device="cpu",
+        **extra,
     )
     values.update(variant.overrides)
     if values["prior_count"] == 0:
         values["prior_per_batch"] = 0
-    cfg = PersonalizeConfig(**values)
     start = time.perf_counter()
-    main(cfg, base.for_training(), sample_fn=euler_sample)
+    main(PersonalizeConfig(**values), base.for_training(), sample_fn=euler_sample)
     seconds = time.perf_counter() - start
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the concept file holds the result
-    return out, seconds
+    return seconds
 
 
 # -------------------------------------------------------------------------------------- generation

@@ -356,11 +356,16 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
+def stage_prompts(cfg: PersonalizeConfig, stage: int) -> tuple[list[str], list[str]]:
+    """Each concept's prompt in `stage`, and the stitched prompt of each pair (in `_pairs` order)."""
+    texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
+    return texts, [stitched_prompt(texts[i], texts[j]) for i, j in _pairs(len(texts))]
+
+
 def build_stage_data(cfg: PersonalizeConfig, base: Base, stage: int, singles: list[Tensor],
                      pairs: list[Tensor], prior, tokens: AddedTokens) -> StageData:
     """Prompt table and index sets of one stage, on the training device."""
-    texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
-    pair_texts = [stitched_prompt(texts[i], texts[j]) for i, j in _pairs(len(texts))]
+    texts, pair_texts = stage_prompts(cfg, stage)
     prior_texts = prior.texts if prior is not None else []
     trained_ids = [tokens.ids[t] for t in _stage_tokens(cfg, stage)]
     table = build_prompt_table(["", *texts, *pair_texts, *prior_texts], base.tokenizer, base.t5,
@@ -624,9 +629,7 @@ def check_inputs(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Non
             check_prompt(c.text(2), c.motion_token, what, base.tokenizer, base.config.t5.max_length)
     if len(cfg.concepts) > 1 and cfg.stitch_prob > 0:  # a stitched pair's prompt holds both concepts' tokens
         for stage in cfg.stages:
-            texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
-            for i, j in _pairs(len(texts)):
-                pair = stitched_prompt(texts[i], texts[j])
+            for (i, j), pair in zip(_pairs(len(cfg.concepts)), stage_prompts(cfg, stage)[1], strict=True):
                 what = f"the stitched prompt of concepts {i + 1} and {j + 1} (stitch_prob > 0)"
                 for c in (cfg.concepts[i], cfg.concepts[j]):
                     for token in (c.token, c.motion_token) if cfg.text_stage(stage) == 2 else (c.token,):
