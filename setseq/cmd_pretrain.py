@@ -39,6 +39,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "ema": (float, "EMA decay of the saved DiT"),
     "self_cond_prob": (float, "self-conditioning probability in training"),
     "time_dist": (str, "training time distribution: logit_normal or uniform"),
+    "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none)"),
     "checkpoint_every": (int, "steps between checkpoints"),
 }
 

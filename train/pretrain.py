@@ -105,6 +105,12 @@ class PretrainConfig:
     weight_decay: float = 0.0
     ema: float = 0.998
     time_dist: str = "logit_normal"  # or "uniform"
+    # Shift of the training times toward noise (model.flow.shift_time), as SD3/Wan do for large latents.
+    # With 51k latent values per clip the layout is readable from x_t up to t ~ 0.9, and unshifted
+    # logit-normal times almost never go past it (P(t > 0.9) = 1.4%): the 16k-step base trained so
+    # never learned to lay out motion from the caption (motion at chance), while its x0 estimate at
+    # t = 0.8 placed the object within 0.7 px. Shift 5 puts 28% of the times above 0.9.
+    time_shift: float = 5.0
     self_cond_prob: float = 0.5  # paper: 0.9 in pretraining
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
@@ -370,7 +376,7 @@ def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.
     drop = torch.rand(b, generator=g) < cfg.caption_dropout  # empty prompt: the unconditional model
     ids[drop], mask[drop] = bank.empty_ids, bank.empty_mask
     context = t5(ids, mask)  # (B, L, D); no grad flows when the T5 is frozen
-    t = sample_time(b, kind=cfg.time_dist, generator=g)
+    t = sample_time(b, kind=cfg.time_dist, shift=cfg.time_shift, generator=g)
     eps = torch.randn(x0.shape, generator=g)
     x_t = add_noise(x0, eps, t)
     self_cond = None
