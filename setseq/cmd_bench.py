@@ -84,6 +84,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 600, compose 400 per concept)")
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
+    p.add_argument("--prior-weight", dest="prior_weight", type=float,
+                   help="weight of the prior-preservation loss beside the concept's (default 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
     p.add_argument("--out", help="results folder (default runs/bench; compose runs/bench-compose)")
     p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")
@@ -114,7 +116,7 @@ def pick_variants(text: str | None, budget) -> list[X.Variant]:
 
 def budget_overrides(args: argparse.Namespace) -> dict:
     """The budget fields given on the command line."""
-    given = {k: getattr(args, k) for k in ("samples", "steps1", "steps2", "lr")}
+    given = {k: getattr(args, k) for k in ("samples", "steps1", "steps2", "lr", "prior_weight")}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -267,7 +269,8 @@ def render_markdown(data: dict) -> str:
         f"(AdamW 0.9/0.99, wd 0.01, clip 0.05), token lr {b['token_lr']:g}; rank {b['rank']} (LoRA-1: 1); "
         f"textual inversion: tokens only at lr {b['ti_token_lr']:g}",
         "- ours: B-dropout 0.8 / 0.5, prior preservation "
-        f"({b['prior_count']} base generations of world captions, {b['prior_per_batch']} per batch), "
+        f"({b['prior_count']} base generations of world captions, {b['prior_per_batch']} per batch, "
+        f"weight {b['prior_weight']:g}), "
         "token masking 0.1, caption dropout 0.1, self-conditioning 0.5; the other rows: none of these "
         "(self-conditioning kept)",
         "- MSE and the recon columns: the training prompt; the other columns: the background edit "

@@ -54,6 +54,7 @@ class ToyBudget:
     batch_size: int = 8
     prior_count: int = 8  # prior-preservation generations per stage
     prior_per_batch: int = 2
+    prior_weight: float = 1.0  # loss = concept + prior_weight * prior
     samples: int = 4  # generations (seeds) per prompt
     sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
     guidance: float | None = None  # None = the base's own (ModelConfig.guidance)
@@ -328,6 +329,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         batch_size=budget.batch_size,
         prior_count=budget.prior_count,
         prior_per_batch=budget.prior_per_batch,
+        prior_weight=budget.prior_weight,
         prior_prompts=toy_prior_prompts(),
         prior_steps=budget.prior_steps,
         checkpoint_every=10**9,

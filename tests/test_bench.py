@@ -121,3 +121,22 @@ def test_budget_flags_reach_the_budget_and_unset_ones_keep_defaults():
     register(parser.add_subparsers())
     args = parser.parse_args(["bench", "toyworld", "--lr", "3e-4", "--steps2", "50"])
     assert budget_overrides(args) == {"lr": 3e-4, "steps2": 50}
+
+
+def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypatch):
+    import train.personalize as P
+    from setseq import toyexp as X
+    from setseq.cmd_bench import budget_overrides, register
+    from train.personalize import ConceptSpec
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "toyworld", "--prior-weight", "0.25"])
+    budget = X.ToyBudget(**budget_overrides(args))
+    seen = {}
+    monkeypatch.setattr(P, "main", lambda cfg, base, sample_fn: seen.setdefault("cfg", cfg))
+    base = type("Base", (), {"for_training": lambda self: None})()
+    concept = ConceptSpec(video="clip.mp4", prompt="a [v] square", motion_prompt="moves [u]")
+    X.train_concepts(base, [concept], X.variants(budget)["ours"], budget, tmp_path / "c.safetensors",
+                     tmp_path / "w", name="c", seed=0, progress=False)
+    assert seen["cfg"].prior_weight == 0.25 and seen["cfg"].prior_count == budget.prior_count
