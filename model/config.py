@@ -254,7 +254,7 @@ PRESETS: dict[str, ModelConfig] = {
                       space_strides=(1,)),
         # 64 tokens: a stitched two-concept prompt ("On the left, ... On the right, ...") takes ~46.
         t5=T5Config(vocab_size=512, dim=64, head_dim=16, heads=4, ffn_dim=128, layers=2, max_length=64),
-        # Sampling shift = the pretraining time shift (train/pretrain.py, `time_shift`).
+        # Also the pretraining time shift (train/pretrain.py, `time_shift`), so both agree.
         sample_shift=5.0, guidance=3.0, sample_steps=25,
     ),
     # The paper's model (Tables 4-5): build on the meta device only. The T5 size is not named in

@@ -85,7 +85,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 600, compose 400 per concept)")
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=float,
-                   help="weight of the prior-preservation loss beside the concept's (default 1)")
+                   help="weight of the prior-preservation loss beside the concept's (default 0.25)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
     p.add_argument("--out", help="results folder (default runs/bench; compose runs/bench-compose)")
     p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")

@@ -311,7 +311,7 @@ def render_markdown(data: dict) -> str:
         f"- prompts: stage 1 `{data['prompts']['stage1']}`, stage 2 `{data['prompts']['stage2']}`",
         f"- personalization: {b['steps1']} + {b['steps2']} steps, rank {b['rank']}, lr {b['lr']:g}, token lr "
         f"{b['token_lr']:g}, batch {b['batch_size']}, prior {b['prior_count']} generations "
-        f"({b['prior_per_batch']} per batch, weight {b.get('prior_weight', 1.0):g}); "
+        f"({b['prior_per_batch']} per batch, weight {b['prior_weight']:g}); "
         "B-dropout 0.8 / 0.5, token masking 0.1, caption dropout 0.1",
         f"- sampling: {b['samples']} seeds per prompt; steps {b['sample_steps'] or 'base default'}, "
         f"guidance {b['guidance'] or 'base default'}",

@@ -39,7 +39,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "ema": (float, "EMA decay of the saved DiT"),
     "self_cond_prob": (float, "self-conditioning probability in training"),
     "time_dist": (str, "training time distribution: logit_normal or uniform"),
-    "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none)"),
+    "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none; "
+                         "default: the preset's sampling shift)"),
     "checkpoint_every": (int, "steps between checkpoints"),
 }
 
