@@ -15,6 +15,8 @@ Columns: reconstruction MSE (training prompt), ID (object crop cosine and colour
 edit adherence (requested background), temporal coherence and motion fidelity (velocity
 correlation) of the edited videos; mean ± spread over concepts x seeds, floors in the last row.
 Each finished (concept, seed, variant) is saved in OUT/runs/, so a rerun skips it (--fresh redoes all).
+A rerun that changes only how it samples (--guidance, --sample-steps, --samples) reuses the trained concepts
+in OUT/work/ and generates again.
 
 compose (setseq/toycompose.py): per seed, one joint run with stitched pairs, one without, and two
 single runs mixed at generation; the composition prompt puts A in the left half and B in the right
@@ -86,6 +88,11 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
+    p.add_argument("--guidance", type=float, help="sampling guidance (default: the base model's own); "
+                   "a toyworld rerun that changes only --guidance, --sample-steps or --samples reuses the "
+                   "trained concepts")
+    p.add_argument("--sample-steps", dest="sample_steps", type=int,
+                   help="Euler steps per generation (default: the base model's own)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")
     p.add_argument("--out", help="results folder (default runs/bench; compose runs/bench-compose)")
     p.add_argument("--fresh", action="store_true", help="redo runs already saved in OUT/runs/")
@@ -116,7 +123,8 @@ def pick_variants(text: str | None, budget) -> list[X.Variant]:
 
 def budget_overrides(args: argparse.Namespace) -> dict:
     """The budget fields given on the command line."""
-    given = {k: getattr(args, k) for k in ("samples", "steps1", "steps2", "lr", "prior_weight")}
+    names = ("samples", "steps1", "steps2", "lr", "prior_weight", "guidance", "sample_steps")
+    given = {k: getattr(args, k, None) for k in names}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -148,16 +156,21 @@ def pick_concepts(text: str) -> list[str]:
     return names[:n]
 
 
-def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progress: bool) -> dict:
-    """Personalize, generate reconstruction and background edit, score: one record."""
+def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progress: bool,
+            trained: tuple[Path, float] | None = None) -> dict:
+    """Personalize, generate reconstruction and background edit, score: one record. `trained`: a concept
+    file already trained under this budget's training fields, and its training seconds (sampling only)."""
     from sample.report import summarize
 
     ref = X.reference_clip(spec, world)
-    video = X.write_lossless(folder / "reference.mp4", ref.video)
     targets = X.edit_targets(spec, world)
-    concept_file, seconds = X.personalize(
-        base, spec, variant, budget, video, folder, seed=seed, progress=progress
-    )
+    if trained is None:
+        video = X.write_lossless(folder / "reference.mp4", ref.video)
+        concept_file, seconds = X.personalize(
+            base, spec, variant, budget, video, folder, seed=seed, progress=progress
+        )
+    else:
+        concept_file, seconds = trained
     pipe, adapter = X.concept_pipeline(base, concept_file)
     s = X.seeds(budget.samples, offset=100 * seed)
     recon = X.Job("recon", X.full_prompt(spec), seeds=s)
@@ -205,6 +218,20 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
         "edit": ed,
         "prompts": {"recon": recon.prompt, "edit": edit.prompt},
     }
+
+
+def reusable(saved: dict | None, record: Path, concept: Path, budget, base_arg: str
+             ) -> tuple[Path, float] | None:
+    """(concept file, training seconds) of a saved run that differs from this budget only in how it samples
+    (--guidance, --sample-steps, --samples), else None. The concept file must be older than the record:
+    a newer one is from a later run that never finished."""
+    if saved is None or saved.get("base") != base_arg or not concept.is_file():
+        return None
+    if X.training_budget(saved.get("budget", {})) != X.training_budget(budget):
+        return None
+    if concept.stat().st_mtime > record.stat().st_mtime:
+        return None
+    return concept, saved["train_seconds"]
 
 
 def aggregate(records: list[dict], variants: list[X.Variant]) -> dict:
@@ -334,29 +361,22 @@ def run(args: argparse.Namespace) -> int:
             continue
         name = spec.name
         path = out / "runs" / f"{name}-s{seed}-{variant.key}.json"
-        if path.is_file() and not args.fresh:
-            saved = json.loads(path.read_text())
-            if saved.get("budget") == X.describe_budget(budget) and saved.get("base") == base_arg:
-                records.append(saved)
-                continue
+        folder = out / "work" / f"{name}-s{seed}-{variant.key}"
+        saved = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
+        same_base = saved is not None and saved.get("base") == base_arg
+        if same_base and saved.get("budget") == X.describe_budget(budget):
+            records.append(saved)
+            continue
         if args.table_only:
             missing.append(f"{name}-s{seed}-{variant.key}")
             continue
-        rec = one_run(
-            base,
-            spec,
-            variant,
-            budget,
-            world,
-            out / "work" / f"{name}-s{seed}-{variant.key}",
-            seed,
-            args.progress,
-        )
+        trained = reusable(saved, path, folder / f"{variant.key}.safetensors", budget, base_arg)
+        rec = one_run(base, spec, variant, budget, world, folder, seed, args.progress, trained=trained)
         rec.update(budget=X.describe_budget(budget), base=base_arg)
-        path.parent.mkdir(parents=True, exist_ok=True)
         from sample.report import clean_json
+        from weights.io import write_json_atomic
 
-        path.write_text(json.dumps(clean_json(rec), indent=2) + "\n")
+        write_json_atomic(path, clean_json(rec))  # an interrupted bench keeps every finished run
         records.append(json.loads(path.read_text()))
         print(
             f"  {name} seed {seed} {variant.key}: "
@@ -365,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
                 for k in ("mse", "id_crop", "edit_background", "motion_fidelity")
                 if rec["values"].get(k) is not None
             )
-            + f" ({rec['train_seconds']:.0f} s training)"
+            + (" (trained concept reused)" if trained else f" ({rec['train_seconds']:.0f} s training)")
         )
     data = {
         "command": "setseq bench toyworld",

@@ -475,6 +475,16 @@ def describe_budget(budget: ToyBudget) -> dict:
     return dataclasses.asdict(budget)
 
 
+# Budget fields that only change generation: a concept trained under one value serves every other.
+SAMPLING_FIELDS = ("samples", "sample_steps", "guidance")
+
+
+def training_budget(budget: ToyBudget | dict) -> dict:
+    """The budget fields that shape a trained concept (all but SAMPLING_FIELDS)."""
+    values = describe_budget(budget) if isinstance(budget, ToyBudget) else budget
+    return {k: v for k, v in values.items() if k not in SAMPLING_FIELDS}
+
+
 def nan_to_none(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 

@@ -8,6 +8,8 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -121,6 +123,8 @@ def test_budget_flags_reach_the_budget_and_unset_ones_keep_defaults():
     register(parser.add_subparsers())
     args = parser.parse_args(["bench", "toyworld", "--lr", "3e-4", "--steps2", "50"])
     assert budget_overrides(args) == {"lr": 3e-4, "steps2": 50}
+    args = parser.parse_args(["bench", "toyworld", "--guidance", "1", "--sample-steps", "30"])
+    assert budget_overrides(args) == {"guidance": 1.0, "sample_steps": 30}
 
 
 def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypatch):
@@ -140,3 +144,19 @@ def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypa
     X.train_concepts(base, [concept], X.variants(budget)["ours"], budget, tmp_path / "c.safetensors",
                      tmp_path / "w", name="c", seed=0, progress=False)
     assert seen["cfg"].prior_weight == 0.25 and seen["cfg"].prior_count == budget.prior_count
+
+
+def test_a_rerun_that_only_samples_differently_reuses_the_trained_concepts(smoke, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(smoke[0], out)  # copy2 keeps the mtimes: every concept file is older than its record
+    stale = out / "work" / "checker_eight-s0-ours" / "ours.safetensors"
+    future = stale.stat().st_mtime + 3600
+    os.utime(stale, (future, future))  # as if a later run had trained it and died before its record
+    kept = {p: p.stat().st_mtime_ns for p in (out / "work").glob("*/*.safetensors") if p != stale}
+    code, printed = bench(out, "--guidance", "2")
+    assert code == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not trained again
+    assert printed.count("trained concept reused") == len(ROWS) - 1
+    assert "ours: " in printed and printed.count("s training)") == 1  # the stale one trained again
+    data = json.loads((out / "bench.json").read_text())
+    assert data["budget"]["guidance"] == 2 and all(r["budget"]["guidance"] == 2 for r in data["records"])
