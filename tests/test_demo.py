@@ -112,6 +112,17 @@ def test_prompts_follow_the_worlds_caption_template():
     assert all(" | " in p for p in X.toy_prior_prompts())
 
 
+def test_prior_pairs_are_two_object_world_captions_of_two_colours():
+    one, mixed = X.toy_prior_prompts(8), X.toy_prior_prompts(8, pairs=3)
+    assert mixed[:5] == one[:5]  # pairs are appended, the one-object prompts stay as they were
+    for prompt in mixed[5:]:
+        static, full = prompt.split(" | ")
+        assert static.count(" and ") == 1 and full.count(" and ") == 1
+        colours = [w for w in full.split() if w in COLOURS]
+        assert len(colours) == 2 and colours[0] != colours[1]
+    assert all(" and " not in p for p in one)
+
+
 # ------------------------------------------------------------------------------------------ scores
 
 
