@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         folder = out / "work" / f"{name}-s{seed}-{variant.key}"
         saved = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
         same_base = saved is not None and saved.get("base") == base_arg
-        if same_base and saved.get("budget") == X.describe_budget(budget):
+        if same_base and X.saved_budget(saved.get("budget", {})) == X.describe_budget(budget):
             records.append(saved)
             continue
         if args.table_only:

@@ -407,18 +407,24 @@ def cached(path: Path, key: dict, fresh: bool, make) -> tuple[dict, dict[str, np
     """(record, first videos, computed now): the saved record at PATH (.json + .npz) when it was made
     with the same key, else make() and save it."""
     from sample.report import clean_json
+    from weights.io import write_atomic, write_json_atomic
 
     videos = path.with_suffix(".npz")
     if path.is_file() and videos.is_file() and not fresh:
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
+        old = saved.get("key") or {}
+        if {**old, "budget": X.saved_budget(old.get("budget", {}))} == key:
             with np.load(videos) as z:
                 return saved, {k: z[k] for k in z.files}, False
     record, firsts = make()
     record = clean_json({**record, "key": key})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(videos, **firsts)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+
+    def save_videos(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: savez would append .npz to a path
+            np.savez_compressed(f, **firsts)
+
+    write_atomic(videos, save_videos)  # the videos first: a record without its videos is made again
+    write_json_atomic(path, record)
     return json.loads(path.read_text()), firsts, True
 
 

@@ -489,9 +489,16 @@ def describe_budget(budget: ToyBudget) -> dict:
 SAMPLING_FIELDS = ("samples", "sample_steps", "guidance")
 
 
+def saved_budget(values: dict) -> dict:
+    """A budget as a record saved it, with fields added since at their defaults: a new ToyBudget field's
+    default must keep the behaviour the code had before the field existed."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ToyBudget)}
+    return {**defaults, **values}
+
+
 def training_budget(budget: ToyBudget | dict) -> dict:
     """The budget fields that shape a trained concept (all but SAMPLING_FIELDS)."""
-    values = describe_budget(budget) if isinstance(budget, ToyBudget) else budget
+    values = describe_budget(budget) if isinstance(budget, ToyBudget) else saved_budget(budget)
     return {k: v for k, v in values.items() if k not in SAMPLING_FIELDS}
 
 

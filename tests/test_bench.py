@@ -160,3 +160,14 @@ def test_a_rerun_that_only_samples_differently_reuses_the_trained_concepts(smoke
     assert "ours: " in printed and printed.count("s training)") == 1  # the stale one trained again
     data = json.loads((out / "bench.json").read_text())
     assert data["budget"]["guidance"] == 2 and all(r["budget"]["guidance"] == 2 for r in data["records"])
+
+
+def test_records_saved_before_a_budget_field_existed_still_count(smoke, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(smoke[0], out)
+    for path in (out / "runs").glob("*.json"):
+        rec = json.loads(path.read_text())
+        del rec["budget"]["prior_pairs"]  # as written before the field existed (its default: no pairs)
+        path.write_text(json.dumps(rec))
+    code, printed = bench(out)
+    assert code == 0 and "training)" not in printed and "reused" not in printed
