@@ -290,7 +290,8 @@ def render_markdown(data: dict) -> str:
         f"- base: `{data['base']}`"
         + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
         f"- concepts: {', '.join(data['concepts'])}; training seeds: {data['seeds']}; "
-        f"{b['samples']} generations per prompt and run; mean ± spread (std) over concept x seed runs",
+        f"{b['samples']} generations per prompt and run (guidance {b['guidance'] or 'base default'}, "
+        f"{b['sample_steps'] or 'base default'} steps); mean ± spread (std) over concept x seed runs",
         f"- every row: {b['steps1']} + {b['steps2']} steps (single-stage rows: "
         f"{b['steps1'] + b['steps2']} steps on clips), batch {b['batch_size']}, LoRA lr {b['lr']:g} "
         f"(AdamW 0.9/0.99, wd 0.01, clip 0.05), token lr {b['token_lr']:g}; rank {b['rank']} (LoRA-1: 1); "

@@ -472,7 +472,8 @@ def render_markdown(data: dict) -> str:
         "",
         f"- base: `{data['base']}`"
         + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
-        f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run; mean ± spread "
+        f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run (guidance "
+        f"{b['guidance'] or 'base default'}); mean ± spread "
         "(std) over every video, pooled over seeds x generations",
         f"- every method: the `ours` variant, per concept {b['steps1']} + {b['steps2']} steps, batch "
         f"{b['batch_size']}, rank {b['rank']}, LoRA lr {b['lr']:g}, token lr {b['token_lr']:g}, prior "
