@@ -386,3 +386,31 @@ def test_cli_bad_prompt_exits_2_with_one_clear_line(sp_model_path, tmp_path, vid
                      "--base", "tiny", "--tokenizer", sp_model_path, "--out", str(out), "--device", "cpu"])
     assert code == 2 and not out.exists()
     assert "does not contain [v]" in capsys.readouterr().err
+
+
+def test_batch_context_gradient_is_the_same_on_every_run_with_two_threads():
+    """Rows repeat in a batch; their gradient must not depend on how threads accumulate them (the backward
+    of context[prompt] did: 20 of 20 runs differed)."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    rows, length, dim = 3, 64, 256
+    table = SimpleNamespace(context=torch.randn(rows, length, dim, generator=g),
+                            trainable=torch.ones(rows, dtype=torch.bool),
+                            ids=torch.zeros(rows, length, dtype=torch.long),
+                            mask=torch.ones(rows, length, dtype=torch.bool))
+    embed = torch.nn.Parameter(torch.randn(rows, length, dim, generator=g))
+    t5 = lambda ids, mask: embed  # noqa: E731  (a text encoder whose output is the trained tensor)
+    prompt = torch.randint(0, rows, (64,), generator=g)
+    weight = torch.randn(64, length, dim, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+        for _ in range(10):
+            context, _ = P.batch_context(SimpleNamespace(prompts=table), prompt, t5, True)
+            (grad,) = torch.autograd.grad((context * weight).sum(), embed)
+            seen.add(grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1
