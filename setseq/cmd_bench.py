@@ -78,7 +78,8 @@ def register(subparsers) -> None:
     p.add_argument("--pair", help="compose: two concepts A,B (names or TOML files; default the first two "
                    "of examples/concepts)")
     p.add_argument("--seeds", type=int, help="training seeds per concept (default: toyworld 2, compose 1)")
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(X.variants(X.ToyBudget()))}")
+    p.add_argument("--variants", help=f"comma-separated rows (default {','.join(X.variants(X.ToyBudget()))}; "
+                   f"also {','.join(X.extra_variants(X.ToyBudget()))})")
     p.add_argument("--samples", type=int, help="generations per prompt (default 4, compose 2; quick 1)")
     p.add_argument(
         "--steps1", type=int, help="stage-1 steps (default 300, compose 200 per concept; single-stage rows "
@@ -111,9 +112,9 @@ def register(subparsers) -> None:
 
 
 def pick_variants(text: str | None, budget) -> list[X.Variant]:
-    table = X.variants(budget)
     if text is None:
-        return list(table.values())
+        return list(X.variants(budget).values())
+    table = {**X.variants(budget), **X.extra_variants(budget)}
     keys = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in table]
     if unknown or not keys:

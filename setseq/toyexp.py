@@ -257,6 +257,21 @@ def variants(budget: ToyBudget) -> dict[str, Variant]:
     return {v.key: v for v in rows}
 
 
+# The DiT's output head: a (dim -> out_channels x patch) linear whose inputs span every output a token
+# can take. The paper's targets (every block's attention and FFN) never widen that span; on the tiny base
+# adding it lifts the worst frame's appearance and costs motion under an edit (README, bench).
+HEAD_TARGET = r"head\.head"
+
+
+def extra_variants(budget: ToyBudget) -> dict[str, Variant]:
+    """Rows a bench runs only when named (--variants): ablations of ours, not the paper's table."""
+    from lora.inject import DEFAULT_TARGETS
+
+    head = {"targets": (*DEFAULT_TARGETS, HEAD_TARGET)}
+    rows = [Variant("ours_head", "ours + LoRA on the DiT's output head", head)]
+    return {v.key: v for v in rows}
+
+
 def no_prior(budget: ToyBudget) -> Variant:
     return Variant(
         "ours_noprior", "Two-stage + regularization, without prior preservation", {"prior_count": 0}

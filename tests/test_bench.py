@@ -171,3 +171,12 @@ def test_records_saved_before_a_budget_field_existed_still_count(smoke, tmp_path
         path.write_text(json.dumps(rec))
     code, printed = bench(out)
     assert code == 0 and "training)" not in printed and "reused" not in printed
+
+
+def test_an_extra_row_runs_only_when_named_and_adapts_the_output_head(smoke, tmp_path):
+    assert "ours_head" not in json.loads((smoke[0] / "bench.json").read_text())["table"]["rows"]
+    code, _ = bench(tmp_path, "--variants", "ours_head")
+    assert code == 0
+    c = concept_file(tmp_path, "ours_head")
+    assert any(k.startswith("head.head.") for k in c.lora)
+    assert max(c.lora[k].abs().max() for k in c.lora if k.startswith("head.head.") and "lora_B" in k) > 0
