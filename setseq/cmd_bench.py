@@ -126,7 +126,7 @@ def pick_variants(text: str | None, budget) -> list[X.Variant]:
 def budget_overrides(args: argparse.Namespace) -> dict:
     """The budget fields given on the command line."""
     names = ("samples", "steps1", "steps2", "lr", "prior_weight", "guidance", "sample_steps")
-    given = {k: getattr(args, k, None) for k in names}
+    given = {k: getattr(args, k) for k in names}
     return {k: v for k, v in given.items() if v is not None}
 
 
