@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -36,3 +37,47 @@ def sp_model_path(tmp_path_factory) -> str:
     """
     path = tmp_path_factory.mktemp("sentencepiece") / "spiece.model"
     return str(train_tokenizer(toy_sentences(), path, vocab_size=128))
+
+
+# A tiny CLIP (clip_folder): byte-level vocab (no merges), 32-pixel images of 8-pixel patches.
+CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=32, vocab_size=514, eos_token_id=513, bos_token_id=512,
+                 pad_token_id=513, hidden_act="quick_gelu")
+CLIP_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8, hidden_act="quick_gelu")
+
+
+def byte_vocab() -> dict[str, int]:
+    """256 byte symbols, the same with the word-end mark, then the two specials: a valid CLIP BPE vocab
+    with no merges (every byte is its own token)."""
+    from sample.clip_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return vocab
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel, its tokenizer files and a preprocessor config, as save_pretrained writes."""
+    transformers = pytest.importorskip("transformers")
+    from sample.clip import OPENAI_MEAN, OPENAI_STD
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, projection_dim=24)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():  # HF's init leaves some norms at exactly 1/0; random ones test the wiring
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layernorm" in name or "layrnorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    (path / "vocab.json").write_text(json.dumps(byte_vocab()))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "do_resize": True,
+         "do_center_crop": True, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD),
+         "resample": 3, "image_processor_type": "CLIPImageProcessor"}))
+    return path, model
