@@ -8,7 +8,9 @@ Writes FILE.mp4 and FILE.gif beside it (and FILE.png, a contact sheet, with --co
 --identity / --motion scale every concept's identity and motion terms (stylization: e.g. --motion 0
 keeps the look and drops the learned motion); `--concept FILE:ALPHA:BETA` sets them for one concept.
 With --reference VIDEO the contact sheet shows the reference first and FILE.metrics.json holds the
-pixel metrics against it (sample/metrics.py).
+pixel metrics against it (sample/metrics.py). The paper's model-based columns need local weights:
+--clip DIR (a HF CLIP folder) adds CLIP-T of the video and the prompt; --arcface FILE (an insightface
+IResNet backbone) adds ArcFace identity similarity to the reference, read inside --face-box.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="the mp4 to write; the gif (and png) go beside it")
     p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
     p.add_argument("--reference", help="a video to compare with: first row of the sheet, FILE.metrics.json")
+    p.add_argument("--clip", help="a local HF CLIP folder (e.g. clip-vit-large-patch14): adds CLIP-T to "
+                   "FILE.metrics.json")
+    p.add_argument("--arcface", help="an insightface arcface_torch IResNet backbone (.pth): adds ArcFace "
+                   "identity similarity to --reference to FILE.metrics.json")
+    p.add_argument("--face-box", dest="face_box", help="x0,y0,x1,y1 as fractions of the frame: where the "
+                   "face is, for --arcface (no detector; default the centred square)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -100,12 +108,16 @@ def check_out(path: Path) -> None:
                          "(the .gif and .png are written beside it)")
 
 
+def pick_device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_pipeline(args: argparse.Namespace):
     from sample.generate import Pipeline, make_tokenizer
     from weights.checkpoint import resolve_base
 
     cfg, loader = resolve_base(args.base, seed=args.base_seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args)
     dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     models = loader(dtype=dtype, device=device, parts=("dit", "vae", "t5"))
@@ -136,6 +148,51 @@ def apply_concepts(pipe, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"--face-box {text!r}: give x0,y0,x1,y1 as fractions of the frame, "
+                         "e.g. 0.3,0.1,0.7,0.5")
+    from sample.arcface import check_box
+
+    return check_box(box)
+
+
+def check_scorer_args(args: argparse.Namespace) -> None:
+    """Bad --clip / --arcface / --face-box: an error before any weights load."""
+    if args.clip is not None and not (Path(args.clip) / "config.json").is_file():
+        raise FileNotFoundError(f"--clip {args.clip!r}: expected a HF CLIP folder with config.json, the "
+                                "weights and the tokenizer files (what CLIPModel.save_pretrained writes)")
+    if args.arcface is not None:
+        if args.reference is None:
+            raise ValueError("--arcface compares faces with the reference video: pass --reference too")
+        if not Path(args.arcface).is_file():
+            raise FileNotFoundError(f"--arcface {args.arcface!r}: no such file (an insightface "
+                                    "arcface_torch backbone, e.g. backbone.pth)")
+    if args.face_box is not None and args.arcface is None:
+        raise ValueError("--face-box only applies to --arcface")
+    parse_box(args.face_box)
+
+
+def load_scorers(args: argparse.Namespace, device: str):
+    """(CLIP-T scorer, ArcFace scorer), each None when its weights were not given."""
+    clip_scorer = face_scorer = None
+    if args.clip is not None:
+        from sample.clip import ClipTextScorer
+
+        clip_scorer = ClipTextScorer(args.clip, device=device)
+    if args.arcface is not None:
+        from sample.arcface import ArcFaceScorer, load_arcface
+
+        face_scorer = ArcFaceScorer(load_arcface(args.arcface, device=device), box=parse_box(args.face_box))
+    return clip_scorer, face_scorer
+
+
 def run(args: argparse.Namespace) -> int:
     from sample import media
     from sample.generate import GenerateConfig, check_prompt_tokens, generate, latent_shape
@@ -148,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file")
     if args.reference is not None and not Path(args.reference).is_file():
         raise FileNotFoundError(f"--reference {args.reference!r}: no such video")
+    check_scorer_args(args)
     from weights.checkpoint import resolve_base
 
     base_cfg, _ = resolve_base(args.base, seed=args.base_seed)
@@ -177,14 +235,17 @@ def run(args: argparse.Namespace) -> int:
         if reference is not None:
             rows, labels = [reference, video], ["reference", *labels]
         written.append(media.write_contact_sheet(out.with_suffix(".png"), rows, labels))
-    if reference is not None:
+    if reference is not None or args.clip is not None:
         from sample.metrics import score_video, to_json
 
-        scores = score_video(video, reference[:, :frames], prompt=args.prompt)
+        clip_scorer, face_scorer = load_scorers(args, pick_device(args))
+        scores = score_video(video, None if reference is None else reference[:, :frames], prompt=args.prompt,
+                             clip_scorer=clip_scorer, face_scorer=face_scorer)
         metrics_path = out.with_suffix(".metrics.json")
         metrics_path.write_text(to_json(scores) + "\n")
         written.append(metrics_path)
         print(json.dumps({k: v for k, v in scores.items() if k in ("mse", "id", "motion_fidelity",
-                                                                    "temporal_coherence")}))
+                                                                    "temporal_coherence", "clip_t", "arcface")
+                          and v != "not available"}))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -225,6 +225,50 @@ def test_cli_with_reference_puts_it_first_and_writes_metrics(files, tmp_path):
     assert sheet.shape[0] == media.SHEET_PAD + 2 * (media.LABEL_HEIGHT + 32 + media.SHEET_PAD)
 
 
+def test_cli_with_clip_adds_clip_t_of_the_video_and_prompt(files, clip_folder, tmp_path):
+    from sample.clip import ClipTextScorer
+
+    out = tmp_path / "clip.mp4"
+    prompt = "a red square moving left."
+    assert run_cli(files, "--prompt", prompt, "--clip", clip_folder[0], "--out", out) == 0
+    scores = json.loads(out.with_suffix(".metrics.json").read_text())
+    frames = iio.imread(out, index=None)  # the written mp4 is lossy: compare with the raw frames' score
+    want = ClipTextScorer(clip_folder[0])(frames, prompt)
+    assert scores["clip_t"] == pytest.approx(want, abs=0.05)
+    assert scores["arcface"] == "not available" and "mse" not in scores  # no --reference
+
+
+def test_cli_with_arcface_scores_identity_against_the_reference(files, tmp_path):
+    from sample.arcface import IResNet
+
+    torch.manual_seed(0)
+    torch.save(IResNet([1, 1, 1, 1], num_features=64).state_dict(), tmp_path / "backbone.pth")
+    ref = tmp_path / "ref.mp4"
+    write_video(ref, torch.rand(3, 9, 32, 32) * 2 - 1, fps=8)
+    out = tmp_path / "face.mp4"
+    rc = run_cli(files, "--prompt", "a red square.", "--reference", ref, "--arcface",
+                 tmp_path / "backbone.pth", "--face-box", "0.25,0.25,0.75,0.75", "--out", out)
+    assert rc == 0
+    scores = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert isinstance(scores["arcface"], float) and -1 <= scores["arcface"] <= 1
+    assert scores["clip_t"] == "not available"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--arcface", "face.pth"], "pass --reference too"),
+    (["--clip", "nowhere"], "expected a HF CLIP folder"),
+    (["--face-box", "0,0,1,1"], "only applies to --arcface"),
+    (["--reference", "REF", "--arcface", "FACE", "--face-box", "0.8,0,0.2,1"], "0 <= x0 < x1 <= 1"),
+])
+def test_cli_scorer_flags_fail_before_loading_anything(files, tmp_path, capsys, flags, message):
+    out = tmp_path / "x.mp4"
+    for name in ("REF", "FACE"):  # stand-ins for files that exist
+        (tmp_path / name).touch()
+    flags = [str(tmp_path / f) if f in ("REF", "FACE") else f for f in flags]
+    assert run_cli(files, "--prompt", "a red square.", *flags, "--out", out) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("missing", "no such concept file"),
     ("other_base", "was trained on base model gen-test .* but this model is gen-test"),
