@@ -48,12 +48,15 @@ COLUMNS = [
     ("motion_fidelity", "motion fidelity ↑", "edit"),
     ("recon_motion_fidelity", "recon motion fidelity ↑", "recon"),
     ("recon_id_crop", "recon ID crop ↑", "recon"),
+    ("clip_t", "C-T ↑", "edit"),  # only with --clip (local CLIP weights)
 ]
+NO_CLIP = "not available (--clip)"
 FLOORS = {
     "mse": "mse_floor",
     "id_crop": "id_crop_floor",
     "temporal_coherence": "reference_coherence",
     "recon_id_crop": "id_crop_floor",
+    "clip_t": "clip_t_floor",
 }
 
 
@@ -108,6 +111,8 @@ def register(subparsers) -> None:
         action="store_true",
         help="train nothing: tabulate the runs already saved in OUT/runs/ (an interrupted bench)",
     )
+    p.add_argument("--clip", help="toyworld: a local HF CLIP folder; adds the paper's C-T column (CLIP-T of "
+                   "the background edits and their prompt; without it the column says not available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -159,9 +164,11 @@ def pick_concepts(text: str) -> list[str]:
 
 
 def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progress: bool,
-            trained: tuple[Path, float] | None = None) -> dict:
+            trained: tuple[Path, float] | None = None, clip_scorer=None) -> dict:
     """Personalize, generate reconstruction and background edit, score: one record. `trained`: a concept
-    file already trained under this budget's training fields, and its training seconds (sampling only)."""
+    file already trained under this budget's training fields, and its training seconds (sampling only).
+    `clip_scorer` (sample/clip.ClipTextScorer): adds CLIP-T of the edits, its floor (the unedited
+    reference) and the world's own rendering of the edit."""
     from sample.report import summarize
 
     ref = X.reference_clip(spec, world)
@@ -181,11 +188,18 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
     rec = summarize(
         X.score_job("recon", X.generate_videos(pipe, adapter, recon, world, budget), ref.video, targets, spec)
     )
-    ed = summarize(
-        X.score_job(
-            "edit_background", X.generate_videos(pipe, adapter, edit, world, budget), ref.video, targets, spec
-        )
-    )
+    edit_videos = X.generate_videos(pipe, adapter, edit, world, budget)
+    edit_scores = X.score_job("edit_background", edit_videos, ref.video, targets, spec)
+    clip_values = {}
+    if clip_scorer is not None:
+        from sample.media import to_uint8
+
+        text = edit.prompt
+        for scores, video in zip(edit_scores, edit_videos, strict=True):
+            scores["clip_t"] = clip_scorer(to_uint8(video), text)
+        clip_values = {"clip_t_floor": clip_scorer(ref.video, text),
+                       "clip_t_target": clip_scorer(targets["edit_background"], text)}
+    ed = summarize(edit_scores)
     values = {
         "mse": rec["mse"]["mean"],
         "mse_floor": rec["mse_floor"]["mean"],
@@ -195,6 +209,7 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
         "centre_floor": rec["centre_floor"]["mean"],
         "id_crop_floor": rec["id_crop_floor"]["mean"],
         "reference_coherence": rec["reference_coherence"]["mean"],
+        **clip_values,
     }
     ceiling = X.score_job("recon", [X.vae_roundtrip(pipe, ref.video)], ref.video, targets, spec)[0]
     keys = ("mse", "id_crop", "motion_fidelity", "temporal_coherence")
@@ -206,8 +221,10 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
         "temporal_coherence",
         "motion_fidelity",
         "trajectory_error",
+        "clip_t",
     ):
-        values[key] = ed[key]["mean"]
+        if key in ed:
+            values[key] = ed[key]["mean"]
     return {
         "concept": spec.name,
         "seed": seed,
@@ -244,7 +261,7 @@ def aggregate(records: list[dict], variants: list[X.Variant]) -> dict:
     for v in variants:
         mine = [r["values"] for r in records if r["variant"] == v.key]
         table[v.key] = summarize(mine) if mine else {}
-    floors = summarize([{k: r["values"][f] for k, f in FLOORS.items()} for r in records]) if records else {}
+    floors = summarize([{k: r["values"][f] for k, f in FLOORS.items() if f in r["values"]} for r in records])
     ceiling = summarize([{k: v for k, v in r["values"].items() if k.startswith("vae_")} for r in records])
     return {"rows": table, "floors": floors, "ceiling": ceiling}
 
@@ -260,7 +277,7 @@ def render_markdown(data: dict) -> str:
         secs = [r["train_seconds"] for r in data["records"] if r["variant"] == v["key"]]
         rows.append(
             [v["label"]]
-            + [fmt_pm(row.get(k)) for k, _, _ in COLUMNS]
+            + [fmt_pm(row.get(k)) if k in row or k != "clip_t" else NO_CLIP for k, _, _ in COLUMNS]
             + [fmt(sum(secs) / len(secs)) if secs else "n/a"]
         )
     floors = data["table"]["floors"]
@@ -314,9 +331,22 @@ def render_markdown(data: dict) -> str:
         "",
         "Floors: MSE of a flat video of the reference's background; crop cosine of the reference with its "
         "sprite flattened to its mean colour; chance 1/5 for the background; TC floor = the reference's "
-        "own TC (coherence depends on the motion, higher is not always better); velocity correlation 0.",
+        "own TC (coherence depends on the motion, higher is not always better); velocity correlation 0; "
+        "C-T floor: the unedited reference with the edit prompt.",
+        *clip_note(data["records"]),
     ]
     return "\n".join(lines)
+
+
+def clip_note(records: list[dict]) -> list[str]:
+    """The C-T column's model and its ceiling-like reference point, when it was measured."""
+    scored = [r for r in records if "clip_t_target" in r["values"]]
+    if not scored:
+        return []
+    target = sum(r["values"]["clip_t_target"] for r in scored) / len(scored)
+    models = sorted({r.get("clip", "?") for r in scored})
+    return [f"C-T: CLIP at {', '.join(models)}, raw cosine of the edit prompt (placeholders dropped) and the "
+            f"mean frame embedding; the world's own rendering of the edit scores {target:.3g}."]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
     from train.toyworld_concepts import load_concept
 
     if args.suite == "compose":
+        if args.clip is not None:
+            raise ValueError("--clip belongs to `bench toyworld` (compose has no C-T column)")
         return run_compose(args)
     if args.pair is not None:
         raise ValueError("--pair belongs to `bench compose`; toyworld takes --concepts")
@@ -358,7 +390,10 @@ def run(args: argparse.Namespace) -> int:
         f"bench toyworld: {len(concepts)} concepts x {args.seeds} seeds x {len(variants)} variants = "
         f"{len(plan)} runs on base {base_arg}"
     )
-    records = []
+    if args.clip is not None and not (Path(args.clip) / "config.json").is_file():
+        raise FileNotFoundError(f"--clip {args.clip!r}: expected a HF CLIP folder with config.json, the "
+                                "weights and the tokenizer files (what CLIPModel.save_pretrained writes)")
+    records, clip_scorer = [], None  # CLIP loads when the first run needs it
     for i, (spec, seed, variant) in enumerate(tqdm(plan, desc="bench runs", disable=not args.progress)):
         if i % shards != shard:
             continue
@@ -367,15 +402,22 @@ def run(args: argparse.Namespace) -> int:
         folder = out / "work" / f"{name}-s{seed}-{variant.key}"
         saved = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
         same_base = saved is not None and saved.get("base") == base_arg
-        if same_base and X.saved_budget(saved.get("budget", {})) == X.describe_budget(budget):
+        scored = args.clip is None or saved is not None and saved.get("clip") == str(args.clip)
+        if same_base and scored and X.saved_budget(saved.get("budget", {})) == X.describe_budget(budget):
             records.append(saved)
             continue
         if args.table_only:
             missing.append(f"{name}-s{seed}-{variant.key}")
             continue
         trained = reusable(saved, path, folder / f"{variant.key}.safetensors", budget, base_arg)
-        rec = one_run(base, spec, variant, budget, world, folder, seed, args.progress, trained=trained)
-        rec.update(budget=X.describe_budget(budget), base=base_arg)
+        if clip_scorer is None and args.clip is not None:
+            from sample.clip import ClipTextScorer
+
+            clip_scorer = ClipTextScorer(args.clip)
+        rec = one_run(base, spec, variant, budget, world, folder, seed, args.progress, trained=trained,
+                      clip_scorer=clip_scorer)
+        rec.update(budget=X.describe_budget(budget), base=base_arg,
+                   **({"clip": str(args.clip)} if args.clip is not None else {}))
         from sample.report import clean_json
         from weights.io import write_json_atomic
 

@@ -180,3 +180,21 @@ def test_an_extra_row_runs_only_when_named_and_adapts_the_output_head(smoke, tmp
     c = concept_file(tmp_path, "ours_head")
     assert any(k.startswith("head.head.") for k in c.lora)
     assert max(c.lora[k].abs().max() for k in c.lora if k.startswith("head.head.") and "lora_B" in k) > 0
+
+
+def test_clip_t_column_is_not_available_without_weights_and_measured_with_them(smoke, clip_folder, tmp_path):
+    assert (smoke[0] / "bench.md").read_text().count("| not available (--clip) |") == len(ROWS)
+    out = tmp_path / "b"
+    shutil.copytree(smoke[0], out)
+    code, printed = bench(out, "--clip", str(clip_folder[0]))
+    assert code == 0
+    assert printed.count("trained concept reused") == len(ROWS)  # only scored again, not trained
+    data = json.loads((out / "bench.json").read_text())
+    for rec in data["records"]:
+        v = rec["values"]
+        assert all(-1 <= v[k] <= 1 for k in ("clip_t", "clip_t_floor", "clip_t_target"))
+        assert rec["clip"] == str(clip_folder[0])
+    md = (out / "bench.md").read_text()
+    assert "not available (--clip)" not in md and "C-T: CLIP at" in md
+    code, printed = bench(out, "--clip", str(clip_folder[0]))  # a rerun with the same CLIP redoes nothing
+    assert code == 0 and "reused" not in printed and "training)" not in printed
