@@ -10,9 +10,9 @@
                         and `trajectory_error` (px) beside `centre_floor` (always guessing the centre)
     edit_adherence      the fraction of the attributes an edit asked for (background, colour, shape,
                         motion) that the video shows, per attribute in `edit`
-    clip_t, arcface     only with a scorer the caller supplies (one that loads the user's local
-                        weights); otherwise the value is NOT_AVAILABLE, never a made-up number.
-                        This module implements neither model.
+    clip_t, arcface     only with a scorer the caller supplies, built from the user's local weights
+                        (sample/clip.ClipTextScorer, sample/arcface.ArcFaceScorer); otherwise the
+                        value is NOT_AVAILABLE, never a made-up number.
 
 Inputs are videos as instruments.as_frames takes them: (T, H, W, 3) uint8 or (3, T, H, W) in [-1, 1].
 The toy world's palettes are passed in (sample/ does not import train/).
