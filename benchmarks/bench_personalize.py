@@ -169,7 +169,7 @@ class Setup:
             out = P.loss_step(cfg, self.base.dit, self.base.t5, self.data, self.g, shift=3.0)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True))
         self.optimizer.step()
 
     def data_only(self) -> None:
@@ -314,7 +314,7 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
         dit.compile_blocks()
     dit.train()
     params = [p for p in dit.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(args.batch, cfg.in_channels, *latent, generator=g).to(device)
     eps = torch.randn(x0.shape, generator=g).to(device)
@@ -330,7 +330,7 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
         with autocast:
             v = dit(add_noise(x0, eps, t), t, context, context_mask=mask)
         flow_loss_per_sample(v, velocity_target(x0, eps)).mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        torch.nn.utils.clip_grad_norm_(params, 0.05, foreach=True)
         opt.step()
 
     peak, base_mem, exact = peak_of(step, device, calls=1)

