@@ -257,14 +257,20 @@ class ClipModel(nn.Module):
         return F.normalize(self.visual_projection(self.vision_model(pixels)), dim=-1)
 
 
+def check_folder(folder: str | Path) -> Path:
+    """FileNotFoundError unless `folder` looks like a saved HF CLIP model (cheap: before any weights load)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"CLIP folder {str(folder)!r}: expected a HF CLIP folder with config.json, "
+                                "the weights (model.safetensors or pytorch_model.bin) and the tokenizer "
+                                "files, as CLIPModel.save_pretrained writes them")
+    return folder
+
+
 def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> tuple[ClipModel, ClipTokenizer,
                                                                                Preprocess]:
     """The model, tokenizer and preprocessing of a local HF CLIP folder (fp32, eval mode)."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--clip {folder}: expected a HF CLIP folder with config.json, the weights "
-                                "(model.safetensors or pytorch_model.bin) and the tokenizer files, as "
-                                "CLIPModel.save_pretrained writes them")
+    folder = check_folder(folder)
     raw = json.loads((folder / "config.json").read_text())
     if "text_config" not in raw or "vision_config" not in raw:
         raise ValueError(f"{folder / 'config.json'} is not a CLIPModel config (no text_config and "
@@ -305,4 +311,5 @@ class ClipTextScorer:
         return float(self.video_embedding(frames) @ self.text_embedding(prompt))
 
 
-__all__ = ["ClipConfig", "TowerConfig", "ClipModel", "Preprocess", "load_clip", "ClipTextScorer"]
+__all__ = ["ClipConfig", "TowerConfig", "ClipModel", "Preprocess", "check_folder", "load_clip",
+           "ClipTextScorer"]

@@ -390,9 +390,10 @@ def run(args: argparse.Namespace) -> int:
         f"bench toyworld: {len(concepts)} concepts x {args.seeds} seeds x {len(variants)} variants = "
         f"{len(plan)} runs on base {base_arg}"
     )
-    if args.clip is not None and not (Path(args.clip) / "config.json").is_file():
-        raise FileNotFoundError(f"--clip {args.clip!r}: expected a HF CLIP folder with config.json, the "
-                                "weights and the tokenizer files (what CLIPModel.save_pretrained writes)")
+    if args.clip is not None:
+        from sample.clip import check_folder
+
+        check_folder(args.clip)
     records, clip_scorer = [], None  # CLIP loads when the first run needs it
     for i, (spec, seed, variant) in enumerate(tqdm(plan, desc="bench runs", disable=not args.progress)):
         if i % shards != shard:

@@ -165,9 +165,10 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
 
 def check_scorer_args(args: argparse.Namespace) -> None:
     """Bad --clip / --arcface / --face-box: an error before any weights load."""
-    if args.clip is not None and not (Path(args.clip) / "config.json").is_file():
-        raise FileNotFoundError(f"--clip {args.clip!r}: expected a HF CLIP folder with config.json, the "
-                                "weights and the tokenizer files (what CLIPModel.save_pretrained writes)")
+    if args.clip is not None:
+        from sample.clip import check_folder
+
+        check_folder(args.clip)
     if args.arcface is not None:
         if args.reference is None:
             raise ValueError("--arcface compares faces with the reference video: pass --reference too")
