@@ -29,6 +29,12 @@ from torch import nn
 from model.config import VAEConfig
 from model.vae_blocks import Attention, CausalConv3d, Down, Norm, ResBlock, StreamCache, Up, resize_cond
 
+# Above this many pixel-frames (T * H * W) `stream_chunks` streams: a whole-clip pass holds every frame's
+# activations at once (Wan 2.1's 81 x 480 x 832 would need tens of GB). On the CPU (benchmarks/bench_vae.py)
+# whole was faster at 9 x 64 x 64 (encode 0.29 vs 0.34 of diffusers' time) and streaming at 17 x 128 x 128
+# (decode 0.65 vs 0.92, encode 0.64 vs 0.77). Streamed equals whole (tests/test_vae.py).
+STREAM_ABOVE = 9 * 64 * 64
+
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element (fp32)."""
@@ -244,6 +250,14 @@ class VAE(nn.Module):
         if chunk < step or chunk % step:
             raise ValueError(f"chunk {chunk} must be a positive multiple of {step}")
         return [x[:, :, :1], *x[:, :, 1:].split(chunk, dim=2)]
+
+    def stream_chunks(self, frames: int, height: int, width: int) -> tuple[int | None, int | None]:
+        """(encode chunk, decode chunk) for a video of this size: None (whole clip) up to STREAM_ABOVE
+        pixel-frames, else streamed as Wan does (time_compression frames / one latent frame at a time).
+        The linear VAE (the toy world's) has no activations to hold and always runs whole."""
+        if self.cfg.arch == "linear" or frames * height * width <= STREAM_ABOVE:
+            return None, None
+        return self.cfg.time_compression, 1
 
     # ---- encode / decode --------------------------------------------------------------------
     def encode_dist(self, video: torch.Tensor, *, chunk: int | None = None):

@@ -228,3 +228,10 @@ def test_tiny_vae_overfits_one_clip():
         loss.backward()
         opt.step()
     assert losses[0] / losses[-1] >= 10, f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps"
+
+
+def test_long_clips_stream_and_short_ones_run_whole():
+    vae, linear = tiny_vae("wan"), tiny_vae("linear")
+    assert vae.stream_chunks(9, 64, 64) == (None, None)
+    assert vae.stream_chunks(81, 480, 832) == (vae.cfg.time_compression, 1)
+    assert linear.stream_chunks(81, 480, 832) == (None, None)  # nothing to hold: always whole

@@ -328,7 +328,8 @@ def _weights_digest(module: nn.Module) -> str:
 def _encode_latents(vae: nn.Module, items: Tensor) -> Tensor:
     device = next(vae.parameters()).device
     batch = 4 if items.shape[2] == 1 else 1  # frames encode four at a time, clips one at a time
-    return encode_items(lambda x: vae.encode(x.to(device), sample=False), items, batch=batch)
+    chunk = vae.stream_chunks(*items.shape[2:])[0]  # long clips stream (memory; see model/vae.py)
+    return encode_items(lambda x: vae.encode(x.to(device), sample=False, chunk=chunk), items, batch=batch)
 
 
 def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], frames: int, stage: int,
