@@ -260,13 +260,16 @@ class VAE(nn.Module):
         return self.cfg.time_compression, 1
 
     # ---- encode / decode --------------------------------------------------------------------
-    def encode_dist(self, video: torch.Tensor, *, chunk: int | None = None):
+    def encode_dist(self, video: torch.Tensor, *, chunk: int | str | None = None):
         """Raw posterior (mean, logvar), each (B, Z, T', H', W'); logvar is None when cfg.kl is False.
 
         chunk: stream the video as frame 0 then `chunk` frames at a time (a multiple of
         time_compression), through a StreamCache; the result equals the whole-video encode.
+        "auto": whatever `stream_chunks` picks for this size.
         """
         self._check_video(video)
+        if chunk == "auto":
+            chunk = self.stream_chunks(*video.shape[2:])[0]
         pieces = self._pieces(video, chunk, self.cfg.time_compression)
         patch = self.cfg.patch
         if pieces is None:
@@ -288,7 +291,7 @@ class VAE(nn.Module):
         return z * self.latents_std.to(z.dtype) + self.latents_mean.to(z.dtype)
 
     def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               chunk: int | None = None) -> torch.Tensor:
+               chunk: int | str | None = None) -> torch.Tensor:
         """Normalized latent (z - latents_mean) / latents_std: the posterior mean, or a sample of it."""
         mean, logvar = self.encode_dist(video, chunk=chunk)
         z = mean
@@ -299,9 +302,13 @@ class VAE(nn.Module):
             z = mean + (0.5 * logvar).exp() * eps
         return self.normalize(z)
 
-    def decode_raw(self, z: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
-        """Unclamped decode of a raw (un-normalized) latent; the training path."""
+    def decode_raw(self, z: torch.Tensor, *, chunk: int | str | None = None) -> torch.Tensor:
+        """Unclamped decode of a raw (un-normalized) latent; the training path. chunk: as encode_dist's,
+        in latent frames."""
         self._check_latent(z)
+        if chunk == "auto":
+            tc, sc = self.cfg.time_compression, self.cfg.space_compression
+            chunk = self.stream_chunks(1 + (z.shape[2] - 1) * tc, z.shape[3] * sc, z.shape[4] * sc)[1]
         z = self.post_quant_conv(z)
         pieces = self._pieces(z, chunk, 1)
         patch = self.cfg.patch
@@ -311,7 +318,7 @@ class VAE(nn.Module):
         return torch.cat([unpatchify(self.decoder(p, cache), patch, first=i == 0)
                           for i, p in enumerate(pieces)], dim=2)
 
-    def decode(self, z: torch.Tensor, *, chunk: int | None = None, clamp: bool = True) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, *, chunk: int | str | None = None, clamp: bool = True) -> torch.Tensor:
         """Video (B, C, 1 + (T'-1) * time_compression, H, W) from a normalized latent, clamped to [-1, 1]."""
         self._check_latent(z)
         x = self.decode_raw(self.denormalize(z), chunk=chunk)

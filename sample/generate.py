@@ -219,8 +219,7 @@ def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool
                          context=context, context_mask=mask, uncond_context=uncond, uncond_mask=uncond_mask,
                          self_cond=gen.self_cond, generator=generator, progress=progress)
         vae_dtype = next(pipe.vae.parameters()).dtype
-        decode_chunk = pipe.vae.stream_chunks(gen.frames, *gen.size)[1]
-        video = pipe.vae.decode(z.to(vae_dtype), chunk=decode_chunk)  # (1, 3, T, H, W)
+        video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (1, 3, T, H, W); long clips stream
     return video[0].float().cpu()
 
 

@@ -235,3 +235,21 @@ def test_long_clips_stream_and_short_ones_run_whole():
     assert vae.stream_chunks(9, 64, 64) == (None, None)
     assert vae.stream_chunks(81, 480, 832) == (vae.cfg.time_compression, 1)
     assert linear.stream_chunks(81, 480, 832) == (None, None)  # nothing to hold: always whole
+
+
+@torch.no_grad()
+def test_auto_chunk_streams_a_long_clip_and_equals_whole(monkeypatch):
+    vae = tiny_vae("wan")
+    monkeypatch.setattr("model.vae.STREAM_ABOVE", 1)  # every clip counts as long
+    x = video(9)
+    whole = vae.encode_dist(x)[0]
+    calls = []  # the chunk every encode / decode resolved to
+
+    def spy(t, chunk, step):
+        calls.append(chunk)
+        return VAE._pieces(vae, t, chunk, step)
+
+    monkeypatch.setattr(vae, "_pieces", spy)
+    torch.testing.assert_close(vae.encode_dist(x, chunk="auto")[0], whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vae.decode_raw(whole, chunk="auto"), vae.decode_raw(whole), rtol=0, atol=1e-5)
+    assert calls == [vae.cfg.time_compression, 1, None]  # auto encode, auto decode, then the whole decode

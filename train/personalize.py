@@ -328,8 +328,8 @@ def _weights_digest(module: nn.Module) -> str:
 def _encode_latents(vae: nn.Module, items: Tensor) -> Tensor:
     device = next(vae.parameters()).device
     batch = 4 if items.shape[2] == 1 else 1  # frames encode four at a time, clips one at a time
-    chunk = vae.stream_chunks(*items.shape[2:])[0]  # long clips stream (memory; see model/vae.py)
-    return encode_items(lambda x: vae.encode(x.to(device), sample=False, chunk=chunk), items, batch=batch)
+    # chunk="auto": long clips stream (memory; see model/vae.py STREAM_ABOVE)
+    return encode_items(lambda x: vae.encode(x.to(device), sample=False, chunk="auto"), items, batch=batch)
 
 
 def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], frames: int, stage: int,
@@ -544,7 +544,8 @@ def write_preview(path: Path, cfg: PersonalizeConfig, base: Base, data: StageDat
                   generator=torch.Generator(device).manual_seed(cfg.seed), progress=False)
     dit.train()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, base.vae.decode(z.to(next(base.vae.parameters()).dtype))[0], fps=cfg.fps or 8.0)
+    write_video(path, base.vae.decode(z.to(next(base.vae.parameters()).dtype), chunk="auto")[0],
+                fps=cfg.fps or 8.0)
 
 
 def _shift(cfg: PersonalizeConfig, base: Base) -> float:
