@@ -2,8 +2,10 @@
 
 Encode (posterior mean) and decode, no grad, fp32, interleaved in one process; goal ours / reference
 <= 0.8 for each. diffusers streams (frame 0, then chunks of 4 frames through a feature cache; decode
-one latent frame at a time); ours runs the whole clip at once by default, and `chunk=` streams the
+one latent frame at a time); ours runs the whole clip at once with `chunk=None`, and `chunk=` streams the
 same way: both are timed, so the table shows what streaming costs and what the whole-clip path buys.
+generate and personalize pass `chunk="auto"`: whole up to 9x64x64 pixel-frames (the `small` size here),
+streamed above (the `large` size), following these tables (model/vae.py STREAM_ABOVE).
 
     python -m benchmarks.bench_vae --size small --threads 1 --repeats 5
 """
