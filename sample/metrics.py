@@ -110,28 +110,37 @@ def external_score(scorer: Scorer | None, frames: np.ndarray, other) -> float | 
 Palette = Mapping[str, ins.RGB]
 
 
+MOTION_KEYS = ("motion_fidelity", "trajectory_error", "centre_floor", "detection")
+
+
 def score_video(video, reference=None, *, prompt: str | None = None, edit: Mapping[str, str] | None = None,
                 backgrounds: Palette | None = None, colours: Palette | None = None,
-                clip_scorer: Scorer | None = None, face_scorer: Scorer | None = None
-                ) -> dict[str, float | str]:
+                clip_scorer: Scorer | None = None, face_scorer: Scorer | None = None,
+                toy_world: bool = True) -> dict[str, float | str]:
     """Every metric that the inputs allow; the others are NOT_AVAILABLE. Keys: see the module doc.
-    Videos are scored as the uint8 frames a person sees (a model tensor is rounded to 0..255 first)."""
+    Videos are scored as the uint8 frames a person sees (a model tensor is rounded to 0..255 first).
+    toy_world=False (real footage): the object instruments (ID, motion fidelity, edit adherence) assume
+    one flat-coloured object on a flat background and would measure nothing, so they are NOT_AVAILABLE."""
     frames = _uint8(_frames(video))
     ref = None if reference is None else _uint8(_frames(reference))
     out: dict[str, float | str] = {"temporal_coherence": temporal_coherence(frames)}
     if ref is not None:
         out["reference_coherence"] = temporal_coherence(ref)
-        out.update(identity_similarity(frames, ref))
+        if toy_world:
+            out.update(identity_similarity(frames, ref))
+        else:
+            out.update(dict.fromkeys(("id", "id_crop"), NOT_AVAILABLE))
         if frames.shape == ref.shape:
             out.update(reconstruction_mse(frames, ref))
         else:  # a different length or size: nothing frame-by-frame to compare
             out.update(dict.fromkeys(("mse", "mse_floor"), NOT_AVAILABLE))
-        if len(frames) == len(ref):
+        if len(frames) == len(ref) and toy_world:
             out.update(motion_fidelity(frames, ref))
         else:
-            out.update(dict.fromkeys(("motion_fidelity", "trajectory_error", "centre_floor", "detection"),
-                                     NOT_AVAILABLE))
+            out.update(dict.fromkeys(MOTION_KEYS, NOT_AVAILABLE))
     if edit:
+        if not toy_world:
+            raise ValueError("edit adherence reads the toy world's palettes; it needs toy_world=True")
         if backgrounds is None or colours is None:
             raise ValueError("edit adherence needs the world's palettes (backgrounds and colours)")
         out.update(edit_adherence(frames, edit, backgrounds, colours))

@@ -8,9 +8,11 @@ Writes FILE.mp4 and FILE.gif beside it (and FILE.png, a contact sheet, with --co
 --identity / --motion scale every concept's identity and motion terms (stylization: e.g. --motion 0
 keeps the look and drops the learned motion); `--concept FILE:ALPHA:BETA` sets them for one concept.
 With --reference VIDEO the contact sheet shows the reference first and FILE.metrics.json holds the
-pixel metrics against it (sample/metrics.py). The paper's model-based columns need local weights:
---clip DIR (a HF CLIP folder) adds CLIP-T of the video and the prompt; --arcface FILE (an insightface
-IResNet backbone) adds ArcFace identity similarity to the reference, read inside --face-box.
+pixel metrics against it (sample/metrics.py): MSE and temporal coherence for any base, the toy world's
+object instruments (ID, motion fidelity) only for the tiny base, whose world they assume. The paper's
+model-based columns need local weights: --clip DIR (a HF CLIP folder) adds CLIP-T of the video and the
+prompt; --arcface FILE (an insightface IResNet backbone) adds ArcFace identity similarity to the
+reference, read inside --face-box.
 """
 
 from __future__ import annotations
@@ -240,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
         from sample.metrics import score_video, to_json
 
         clip_scorer, face_scorer = load_scorers(args, pick_device(args))
+        toy = base_cfg.name == "tiny"  # the object instruments assume the toy world's flat scenes
         scores = score_video(video, None if reference is None else reference[:, :frames], prompt=args.prompt,
-                             clip_scorer=clip_scorer, face_scorer=face_scorer)
+                             clip_scorer=clip_scorer, face_scorer=face_scorer, toy_world=toy)
         metrics_path = out.with_suffix(".metrics.json")
         metrics_path.write_text(to_json(scores) + "\n")
         written.append(metrics_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
@@ -221,8 +222,22 @@ def test_cli_with_reference_puts_it_first_and_writes_metrics(files, tmp_path):
     assert rc == 0
     scores = json.loads(out.with_suffix(".metrics.json").read_text())
     assert isinstance(scores["mse"], float) and scores["clip_t"] == "not available"
+    assert scores["motion_fidelity"] == "not available"  # not the tiny base: no toy-world instruments
     sheet = iio.imread(out.with_suffix(".png"))
     assert sheet.shape[0] == media.SHEET_PAD + 2 * (media.LABEL_HEIGHT + 32 + media.SHEET_PAD)
+
+
+def test_cli_on_the_tiny_base_adds_the_toy_world_instruments(tmp_path):
+    base = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+    ref = tmp_path / "ref.mp4"
+    write_video(ref, torch.rand(3, 17, 64, 64) * 2 - 1, fps=8)
+    out = tmp_path / "toy.mp4"
+    prompt = "a red square moves left on a blue background"
+    rc = cli_main(["generate", "--base", str(base), "--prompt", prompt, "--steps", "2",
+                   "--reference", str(ref), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    scores = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert all(isinstance(scores[k], float) for k in ("mse", "id", "id_crop", "motion_fidelity"))
 
 
 def test_cli_with_clip_adds_clip_t_of_the_video_and_prompt(files, clip_folder, tmp_path):

@@ -77,6 +77,15 @@ def test_different_length_reference_leaves_frame_metrics_not_available(clip):
     assert isinstance(s["id"], float)
 
 
+def test_real_footage_gets_no_object_instruments(clip):
+    s = M.score_video(clip.video, clip.video, toy_world=False)
+    assert s["mse"] == 0.0 and isinstance(s["temporal_coherence"], float)
+    assert all(s[k] == M.NOT_AVAILABLE for k in ("id", "id_crop", *M.MOTION_KEYS))
+    with pytest.raises(ValueError, match="toy world"):
+        M.score_video(clip.video, clip.video, edit={"background": "blue"}, backgrounds=BACKGROUNDS,
+                      colours=COLOURS, toy_world=False)
+
+
 def test_table_and_json_are_readable(clip):
     s = {"a": 1.0, "b": float("nan"), "c": M.NOT_AVAILABLE}
     assert json.loads(M.to_json(s)) == {"a": 1.0, "b": None, "c": "not available"}
