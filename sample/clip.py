@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sample.clip_tokenizer import ClipTokenizer
+from sample.generate import TOKEN_LIKE
 from weights.io import find_weights_file, read_state_dict
 from weights.load import load_into
 
@@ -36,8 +37,9 @@ from weights.load import load_into
 # preprocessor_config.json.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# Concept placeholders such as "[v]" or "[u2]" mean nothing to CLIP: the prompt is scored without them.
-PLACEHOLDER = re.compile(r"\s*\[[A-Za-z]\w*\]")
+# Concept tokens such as "[v]" or "[u2]" (generate's TOKEN_LIKE) mean nothing to CLIP: the prompt is
+# scored without them and the space before each.
+PLACEHOLDER = re.compile(r"\s*" + TOKEN_LIKE.pattern)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from model.tokenizer import Tokenizer
 from sample.sampler import euler_sample
 
 # A word in square brackets, the shape of a concept token ([v], [u], [v2], ...).
-_TOKEN_LIKE = re.compile(r"\[[^\[\]\s]+\]")
+TOKEN_LIKE = re.compile(r"\[[^\[\]\s]+\]")
 
 
 def make_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
@@ -125,7 +125,7 @@ def set_concept_scales(pipe: Pipeline, adapter: str, identity: float, motion: fl
 def check_prompt_tokens(pipe: Pipeline, prompt: str) -> None:
     """A bracketed word in the prompt must be a token some applied concept (or the base) defines."""
     known = set(pipe.tokenizer.added_tokens)
-    unknown = [t for t in dict.fromkeys(_TOKEN_LIKE.findall(prompt)) if t not in known]
+    unknown = [t for t in dict.fromkeys(TOKEN_LIKE.findall(prompt)) if t not in known]
     if unknown:
         have = ", ".join(sorted(known)) or "none (no --concept given)"
         raise ValueError(f"prompt uses token(s) {', '.join(unknown)} that no applied concept defines; "
