@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             rows, labels = [reference, video], ["reference", *labels]
         written.append(media.write_contact_sheet(out.with_suffix(".png"), rows, labels))
     if reference is not None or args.clip is not None:
-        from sample.metrics import score_video, to_json
+        from sample.metrics import NOT_AVAILABLE, score_video, to_json
 
         clip_scorer, face_scorer = load_scorers(args, pick_device(args))
         toy = base_cfg.name == "tiny"  # the object instruments assume the toy world's flat scenes
@@ -248,8 +248,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_path = out.with_suffix(".metrics.json")
         metrics_path.write_text(to_json(scores) + "\n")
         written.append(metrics_path)
-        print(json.dumps({k: v for k, v in scores.items() if k in ("mse", "id", "motion_fidelity",
-                                                                    "temporal_coherence", "clip_t", "arcface")
-                          and v != "not available"}))
+        shown = ("mse", "id", "motion_fidelity", "temporal_coherence", "clip_t", "arcface")
+        print(json.dumps({k: v for k, v in scores.items() if k in shown and v != NOT_AVAILABLE}))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

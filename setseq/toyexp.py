@@ -63,13 +63,11 @@ class ToyBudget:
     samples: int = 4  # generations (seeds) per prompt
     sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
     # Sampling guidance of a personalized concept (None = the base's own, ModelConfig.guidance: 3 for
-    # tiny, chosen for the bare base's motion). On the 24k-step base, 3 concepts x 2 seeds, guidance 1
-    # beat 3 on every column of `ours` but edit adherence (5/6 at both): MSE 0.026 vs 0.028,
-    # reconstruction motion 0.93 vs 0.91, edit motion 0.46 vs 0.40, edit crop ID 0.36 vs 0.32; and it
-    # lifted every LoRA row's reconstruction (rerun after fused AdamW, runs/bench-v7: MSE 0.026 vs 0.028,
-    # reconstruction motion 0.93 vs 0.91, edit crop 0.36 vs 0.33, edit motion equal at 0.45). It costs
-    # the added-object edit: on the demo concept the red object appears in 0/4 seeds at 1 and 3/4 at 3
-    # (right in 1/4).
+    # tiny, chosen for the bare base's motion). On the 24k-step base, 3 concepts x 2 seeds (runs/bench-v7),
+    # guidance 1 beat 3 for `ours` on MSE (0.026 vs 0.028), reconstruction motion (0.93 vs 0.91) and edit
+    # crop ID (0.36 vs 0.33), tied on edit adherence (5/6) and motion (0.45), and lifted every LoRA row's
+    # reconstruction. It costs the added-object edit: on the demo concept the red object appears in 0/4
+    # seeds at 1 and 3/4 at 3 (right in 1/4).
     guidance: float | None = 1.0
     prior_steps: int | None = None
 
