@@ -167,8 +167,8 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
             trained: tuple[Path, float] | None = None, clip_scorer=None) -> dict:
     """Personalize, generate reconstruction and background edit, score: one record. `trained`: a concept
     file already trained under this budget's training fields, and its training seconds (sampling only).
-    `clip_scorer` (sample/clip.ClipTextScorer): adds CLIP-T of the edits, its floor (the unedited
-    reference) and the world's own rendering of the edit."""
+    `clip_scorer` (EditClip): adds CLIP-T of the edits, its floor (the unedited reference) and the
+    world's own rendering of the edit."""
     from sample.report import summarize
 
     ref = X.reference_clip(spec, world)
@@ -197,8 +197,7 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
         text = edit.prompt
         for scores, video in zip(edit_scores, edit_videos, strict=True):
             scores["clip_t"] = clip_scorer(to_uint8(video), text)
-        clip_values = {"clip_t_floor": clip_scorer(ref.video, text),
-                       "clip_t_target": clip_scorer(targets["edit_background"], text)}
+        clip_values = clip_scorer.points(spec.name, text, ref.video, targets["edit_background"])
     ed = summarize(edit_scores)
     values = {
         "mse": rec["mse"]["mean"],
@@ -237,6 +236,25 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
         "edit": ed,
         "prompts": {"recon": recon.prompt, "edit": edit.prompt},
     }
+
+
+class EditClip:
+    """CLIP-T for the bench: a ClipTextScorer, plus each concept's floor (the unedited reference) and
+    target (the world's rendering of the edit) scored once, not once per variant and seed."""
+
+    def __init__(self, folder: str):
+        from sample.clip import ClipTextScorer
+
+        self.scorer, self.cache = ClipTextScorer(folder), {}
+
+    def __call__(self, frames, text: str) -> float:
+        return self.scorer(frames, text)
+
+    def points(self, concept: str, text: str, reference, target) -> dict[str, float]:
+        key = (concept, text)
+        if key not in self.cache:
+            self.cache[key] = {"clip_t_floor": self(reference, text), "clip_t_target": self(target, text)}
+        return self.cache[key]
 
 
 def reusable(saved: dict | None, record: Path, concept: Path, budget, base_arg: str
@@ -412,9 +430,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         trained = reusable(saved, path, folder / f"{variant.key}.safetensors", budget, base_arg)
         if clip_scorer is None and args.clip is not None:
-            from sample.clip import ClipTextScorer
-
-            clip_scorer = ClipTextScorer(args.clip)
+            clip_scorer = EditClip(args.clip)
         rec = one_run(base, spec, variant, budget, world, folder, seed, args.progress, trained=trained,
                       clip_scorer=clip_scorer)
         rec.update(budget=X.describe_budget(budget), base=base_arg,
