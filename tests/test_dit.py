@@ -122,6 +122,26 @@ def test_windowed_dit_limits_receptive_field():
     assert diff[:4].min() > 0 and diff[4:].max() == 0  # tokens 0, 1 change; 2.. do not
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_autocast_matches_fp32_cpu():
+    """The GPU path (bf16 autocast, the windowed attention's CUDA backend, gradient checkpointing) computes
+    the CPU fp32 model's function and gradients within bf16 rounding."""
+    cfg = dataclasses.replace(CFG, window=600)
+    x, t, ctx = inputs(b=1, grid=(8, 32, 32))  # 2048 tokens: FlexAttention on CUDA; the window excludes keys
+    results = []
+    for device in ("cpu", "cuda"):
+        model = randomize(DiT(cfg)).train().to(device)
+        model.gradient_checkpointing = device == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = model(x.to(device), t.to(device), ctx.to(device))
+        out.float().square().mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((out.float().cpu(), grad.cpu()))
+    (out32, grad32), (out16, grad16) = results
+    assert (out16 - out32).norm() / out32.norm() < 2e-2
+    assert (grad16 - grad32).norm() / grad32.norm() < 3e-2
+
+
 def test_tiny_dit_overfits_one_batch():
     torch.manual_seed(0)
     cfg = dataclasses.replace(CFG, self_cond=False)
