@@ -21,6 +21,11 @@ cross-attention k, v read):
 
     forward = N * block + once;   train step = 3 * forward (forward + backward, backward ~ 2x).
 
+A LoRA step through a frozen base (dit_frozen_step_flops) differs: a product with a frozen weight needs
+only its input gradient (1x its forward), attention's products (both operands activations) need both
+(2x). So it is 2 * forward + the attention part (an upper bound: products on the text side, whose inputs
+need no gradient, are counted too; they are under 1% at real sizes).
+
 The train figure leaves out self-conditioning's extra no-grad forward (taken in a fraction of
 steps during pretraining) and activation recomputation (gradient checkpointing adds ~1 forward).
 """
@@ -37,14 +42,11 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
     if tokens < 1 or text_len < 0:
         raise ValueError(f"need tokens >= 1 and text_len >= 0, got tokens={tokens}, text_len={text_len}")
     d, f, n_layers, L, S = cfg.dim, cfg.ffn_dim, cfg.layers, tokens, text_len
-    w = L if cfg.window is None else min(L, 2 * (cfg.window // 2) + 1)
     k = d if cfg.text_proj else cfg.text_dim
-    block = (
+    block = (  # the products with a weight; attention's scores and values: dit_attention_flops
         2 * 4 * d * d * L  # self-attention projections
-        + 4 * L * w * d  # q k^T and attn @ v
         + 2 * 2 * d * d * L  # cross-attention q, o
         + 2 * 2 * k * d * S  # cross-attention k, v over the text tokens
-        + 4 * L * S * d  # cross-attention scores and values
         + 2 * 2 * d * f * L  # FFN up and down
     )
     p = math.prod(cfg.patch)
@@ -56,7 +58,20 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
         + 2 * (cfg.freq_dim * d + d * d)  # time embedding MLP
         + (n_layers if cfg.modulation == "per_block" else 1) * 2 * 6 * d * d  # modulation projection(s)
     )
-    return n_layers * block + once
+    return n_layers * block + dit_attention_flops(cfg, tokens, text_len) + once
+
+
+def dit_attention_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
+    """The attention part of dit_forward_flops: scores and values of self- and cross-attention, all blocks."""
+    d, L, S = cfg.dim, tokens, text_len
+    w = L if cfg.window is None else min(L, 2 * (cfg.window // 2) + 1)
+    return cfg.layers * (4 * L * w * d + 4 * L * S * d)
+
+
+def dit_frozen_step_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
+    """FLOPs of forward + backward through a frozen DiT for ONE sample (a LoRA step; the LoRA's own small
+    products left out): see the module docstring."""
+    return 2 * dit_forward_flops(cfg, tokens, text_len) + dit_attention_flops(cfg, tokens, text_len)
 
 
 def dit_train_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import PRESETS
-from model.flops import dit_forward_flops, dit_train_flops
+from model.flops import dit_forward_flops, dit_frozen_step_flops, dit_train_flops
 
 TINY = PRESETS["tiny"].dit
 
@@ -36,6 +36,22 @@ def test_forward_flops_equal_flop_counter(monkeypatch, variant):
         model(x, torch.rand(1), text)
     tokens = 3 * 4 * 4
     assert counter.get_total_flops() == dit_forward_flops(cfg, tokens, 7)
+
+
+def test_frozen_step_flops_bound_the_flop_counter(monkeypatch):
+    """A LoRA-style step: every weight frozen, gradients flow to the input only. The estimate counts
+    the input gradient of every product and both gradients of attention's: an upper bound that the
+    counted FLOPs reach within the text side's share."""
+    dit_module = pytest.importorskip("model.dit")
+    monkeypatch.setattr(dit_module, "attention", _plain_attention)
+    cfg = dataclasses.replace(TINY, self_cond=False)
+    model = dit_module.DiT(cfg).requires_grad_(False)
+    torch.nn.init.normal_(model.head.head.weight)
+    x = torch.randn(1, cfg.in_channels, 5, 16, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.rand(1), torch.randn(1, 7, cfg.text_dim)).square().sum().backward()
+    estimate = dit_frozen_step_flops(cfg, 5 * 8 * 8, 7)
+    assert 0.95 * estimate < counter.get_total_flops() <= estimate
 
 
 def test_window_removes_exactly_the_masked_scores():
