@@ -21,7 +21,8 @@ from torch import nn
 
 from benchmarks.specs import DIT_SIZES, diffusers_dit_kwargs, dit_config, dit_inputs
 from benchmarks.timing import Row, add_common, goal_row, interleaved, main_of, median, ratio, spread
-from model.attention import attention
+from model.attention import HAS_FLASH_ATTN, attention
+from model.config import PRESETS
 from model.dit import DiT
 from weights.wan_dit import convert_wan_dit
 
@@ -65,38 +66,48 @@ def fwd(call: Callable[[], torch.Tensor], autocast) -> Callable[[], None]:
     return run
 
 
-def attention_rows(args, device: torch.device, size, dtype: torch.dtype) -> list[Row]:
-    """Windowed self-attention backends at this size's token count: whatever `attention()` picks
-    (flash-attn on CUDA with bf16 when installed) vs the exact masked SDPA vs full attention."""
-    heads, hd, L = size.heads, size.dim // size.heads, size.tokens
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(size.batch, heads, L, hd, generator=g).to(device, dtype) for _ in range(3))
-    window = L // 2
-    band = torch.ones(L, L, dtype=torch.bool, device=device).triu(-(window // 2)).tril(window // 2)
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The windowed path attention() takes here (model/attention.py)."""
+    if device.type != "cuda":
+        return "masked SDPA"
+    if dtype in (torch.float16, torch.bfloat16) and HAS_FLASH_ATTN:
+        return "flash-attn"
+    return "FlexAttention"
 
-    def ten(fn):  # ten calls per sample: a single call is too short to time on a busy machine
-        return lambda: [fn() for _ in range(10)]
+
+def attention_rows(args, device: torch.device, label: str, shape: tuple[int, int, int, int], window: int,
+                   dtype: torch.dtype) -> list[Row]:
+    """Windowed self-attention, forward + backward, at (batch, heads, tokens, head dim): whatever
+    `attention()` picks vs the exact masked SDPA vs full attention (the cost the window should cut)."""
+    b, heads, L, hd = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, heads, L, hd, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    band = torch.ones(L, L, dtype=torch.bool, device=device).triu(-(window // 2)).tril(window // 2)
+    calls = 10 if b * heads * L * L < 2**30 else 1  # short calls are repeated to be timeable
+
+    def timed(fn):
+        def run():
+            for _ in range(calls):
+                torch.autograd.grad(fn().sum(), (q, k, v))
+
+        return run
 
     fns = {
-        "window (attention())": ten(lambda: attention(q, k, v, window=window)),
-        "window (masked SDPA)": ten(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band)),
-        "full (SDPA)": ten(lambda: attention(q, k, v)),
+        "attention()": timed(lambda: attention(q, k, v, window=window)),
+        "masked SDPA": timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band)),
+        "full SDPA": timed(lambda: attention(q, k, v)),
     }
-    s = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    s = interleaved(fns, repeats=args.repeats, warmup=max(args.warmup, 1), device=device)
     name = str(dtype).replace("torch.", "")
+    what = f"{label}: window {window}/{L} tokens, {heads} heads x {hd}, {name}, fwd+bwd"
+    backend = attention_backend(device, dtype)
     return [
-        Row(
-            "dit",
-            f"attention window {window}/{L} tokens {name}: attention() / masked SDPA",
-            ratio(s["window (attention())"], s["window (masked SDPA)"]),
-            note=f"10 calls: {spread(s['window (attention())'])} vs {spread(s['window (masked SDPA)'])}",
-        ),
-        Row(
-            "dit",
-            f"attention window {window}/{L} tokens {name}: attention() / full SDPA",
-            ratio(s["window (attention())"], s["full (SDPA)"]),
-            note=f"10 calls: {spread(s['full (SDPA)'])}",
-        ),
+        Row("dit", f"attention {what}: attention() [{backend}] / masked SDPA",
+            ratio(s["attention()"], s["masked SDPA"]),
+            note=f"{calls} call(s): {spread(s['attention()'])} vs {spread(s['masked SDPA'])}"),
+        Row("dit", f"attention {what}: attention() [{backend}] / full SDPA",
+            ratio(s["attention()"], s["full SDPA"]),
+            note=f"full {spread(s['full SDPA'])}; the band holds {band.float().mean().item():.0%} of pairs"),
     ]
 
 
@@ -168,7 +179,13 @@ def run(args: argparse.Namespace) -> list[Row]:
         )
     if device.type == "cuda":
         rows += cuda_rows(args, device, size, ours, ref, call_ours, call_ref, s)
-    rows += attention_rows(args, device, size, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows += attention_rows(args, device, f"{args.size} size", (size.batch, size.heads, size.tokens,
+                           size.dim // size.heads), size.tokens // 2, dtype)
+    if device.type == "cuda":  # the paper's window at its real token count (121 frames 576x1024)
+        paper = PRESETS["paper"].dit
+        shape = (1, paper.heads, 9216, paper.head_dim)
+        rows += attention_rows(args, device, "paper", shape, paper.window, dtype)
     return rows
 
 

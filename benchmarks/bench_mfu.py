@@ -22,6 +22,23 @@ from model.dit import DiT
 from model.flops import dit_train_flops
 
 GOAL = 0.60
+SDPA_FIRST = ("cudnn", "flash", "efficient")  # CUDA: which SDPA kernel serves attention best
+
+
+def sdpa_first(name: str, fn):
+    """fn with SDPA trying the named kernel first (falling back in torch's order where it cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    first = {"cudnn": order[0], "flash": order[1], "efficient": order[2]}[name]
+    order = [first] + [b for b in order if b != first]
+
+    def run() -> None:
+        with sdpa_kernel(order, set_priority=True):
+            fn()
+
+    return run
 
 
 def matmul_fn(device: torch.device, dtype: torch.dtype, n: int, calls: int):
@@ -65,6 +82,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     fns = {"step": step, "fwd+bwd": fwd_bwd, "matmul": mm}
     if cuda:
         fns["matmul fp32"], mm32_flops = matmul_fn(device, torch.float32, n, calls)
+        for name in SDPA_FIRST:
+            fns[f"fwd+bwd {name} first"] = sdpa_first(name, fwd_bwd)
     s = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
     peak = mm_flops / median(s["matmul"])
     flops = dit_train_flops(cfg, size.tokens, size.text_len) * size.batch
@@ -95,6 +114,12 @@ def run(args: argparse.Namespace) -> list[Row]:
         ),
     ]
     if cuda:
+        rows += [
+            Row("mfu", f"MFU forward + backward, SDPA {name} kernel first", flops / median(s[k]) / peak,
+                unit="", note=f"{1e3 * median(s[k]):.1f} ms")
+            for name in SDPA_FIRST
+            for k in [f"fwd+bwd {name} first"]
+        ]
         rows.append(
             Row(
                 "mfu",

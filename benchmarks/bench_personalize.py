@@ -43,6 +43,7 @@ from benchmarks.timing import (
 from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
 from model.config import PRESETS, ModelConfig, T5Config, VAEConfig
 from model.dit import DiT
+from model.flops import dit_forward_flops, dit_frozen_step_flops
 from model.flow import add_noise, flow_loss_per_sample, velocity_target
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer, train_tokenizer
@@ -334,8 +335,20 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
         opt.step()
 
     peak, base_mem, exact = peak_of(step, device, calls=1)
-    s = interleaved({"step": step}, repeats=args.repeats, warmup=0, device=device)
+    mm_dtype = torch.bfloat16 if cuda else torch.float32
+    mm_n = 8192 if cuda else 512
+    a, b = (torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype) for _ in range(2))
+    mm_calls = 20  # one product is too short to time beside a seconds-long step (clock ramp, launch)
+    s = interleaved({"step": step, "matmul": lambda: [torch.mm(a, b) for _ in range(mm_calls)]},
+                    repeats=args.repeats, warmup=1, device=device)
     tokens = latent[0] * (latent[1] // cfg.patch[1]) * (latent[2] // cfg.patch[2])
+    # Frozen base: products with a weight get their input gradient only, attention's get both
+    # (model/flops.py); checkpointing recomputes one forward (hardware, not model, FLOPs).
+    model_flops = dit_frozen_step_flops(cfg, tokens, text_len) * args.batch
+    recompute = 0 if args.no_checkpointing else dit_forward_flops(cfg, tokens, text_len) * args.batch
+    done_flops = model_flops + recompute
+    peak_flops = 2 * mm_n**3 * mm_calls / median(s["matmul"])
+    mfu = model_flops / median(s["step"]) / peak_flops
     what = f"{args.real_size}, {frames}x{h}x{w} -> {tokens} tokens, batch {args.batch}"
     ckpt = "off" if args.no_checkpointing else "per block"
     return [
@@ -345,6 +358,15 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
             median(s["step"]),
             unit="s",
             note=f"{dtype} weights, {'bf16 autocast' if cuda else 'fp32'}, checkpointing {ckpt}; T5 not run",
+        ),
+        Row(
+            "personalize-real",
+            "MFU of the LoRA step (model FLOPs / step time / dense matmul)",
+            mfu,
+            unit="",
+            note=f"{model_flops / 1e12:.1f} TFLOP model, {done_flops / 1e12:.1f} done (with recompute: "
+            f"{done_flops / median(s['step']) / peak_flops:.2f}); {mm_dtype} {mm_n}^3 matmul "
+            f"{peak_flops / 1e12:.0f} TFLOP/s",
         ),
         Row(
             "personalize-real",

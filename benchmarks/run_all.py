@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--sizes", nargs="+", choices=["small", "large"], default=["small", "large"])
+    parser.add_argument("--sizes", nargs="+", choices=["small", "large", "gpu"],
+                        default=["small", "large"])
     parser.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
     parser.add_argument("--real-size", default=None, help="also bench_personalize --real-size PRESET (GPU)")

@@ -32,6 +32,8 @@ class DiTSize:
 DIT_SIZES = {
     "small": DiTSize(layers=4, dim=128, heads=2, latent=(5, 16, 16)),  # 320 tokens
     "large": DiTSize(layers=6, dim=256, heads=4, latent=(5, 32, 32)),  # 1280 tokens
+    # GPU: two blocks of Wan 2.1 1.3B at its real shape (81 frames 480x832: 32,760 tokens, 512 text tokens)
+    "gpu": DiTSize(layers=2, dim=1536, heads=12, latent=(21, 60, 104), text_len=512, text_dim=4096),
 }
 
 
@@ -94,6 +96,7 @@ class VAESize:
 VAE_SIZES = {
     "small": VAESize(base=16, mult=(1, 2, 4, 4), res_blocks=1, video=(9, 64, 64)),
     "large": VAESize(base=32, mult=(1, 2, 4, 4), res_blocks=2, video=(17, 128, 128)),
+    "gpu": VAESize(base=96, mult=(1, 2, 4, 4), res_blocks=2, video=(17, 480, 832)),  # Wan 2.1's, real size
 }
 
 

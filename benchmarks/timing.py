@@ -197,7 +197,8 @@ def add_common(parser: argparse.ArgumentParser, *, sizes: bool = True, compile_f
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate first")
     if sizes:
-        parser.add_argument("--size", choices=["small", "large"], default="small")
+        parser.add_argument("--size", choices=["small", "large", "gpu"], default="small",
+                            help="benchmarks/specs.py; gpu = real Wan 2.1 shapes (a GPU's job)")
     if compile_flag:
         parser.add_argument("--compile", action="store_true", help="also time torch.compile'd ours")
     parser.add_argument(

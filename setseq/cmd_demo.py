@@ -63,6 +63,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: personalization then trains under "
+                   "bf16 autocast (train/personalize.py), sampling stays fp32")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     # -- 1. base and reference ----------------------------------------------------------------------
     print(f"[1/4] base {base_arg}; concept {spec.name}: {spec.description or spec.pattern}")
-    base = X.ToyBase(base_arg, work, seed=args.seed)
+    base = X.ToyBase(base_arg, work, seed=args.seed, device=args.device)
     if base.random:
         print("      (a random base: the numbers below measure nothing but the machinery)")
     ref = X.reference_clip(spec, world)

@@ -156,10 +156,11 @@ def toy_captions(pairs: int = 500) -> list[str]:
 class ToyBase:
     """Loads fresh copies of the base model's parts (a run's LoRA and tokens change them in place)."""
 
-    def __init__(self, base: str | Path, work: Path, seed: int = 0):
+    def __init__(self, base: str | Path, work: Path, seed: int = 0, device: str = "cpu"):
         from weights.checkpoint import resolve_base
 
         self.arg = str(base)
+        self.device = device  # fp32 weights there; personalization on CUDA trains under bf16 autocast
         self.cfg, self._loader = resolve_base(base, seed=seed)
         self.work = work
         self.random = not Path(base).is_dir()
@@ -172,12 +173,12 @@ class ToyBase:
         self._sp_path: Path | None = None
 
     def _models(self):
-        models = self._loader(dtype=torch.float32, device="cpu", parts=("dit", "vae", "t5"))
+        models = self._loader(dtype=torch.float32, device=self.device, parts=("dit", "vae", "t5"))
         if self.random:  # a random DiT's zero head passes no gradient to the LoRA: randomize it as trained
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 models.dit.head.head.weight.copy_(
-                    torch.randn(models.dit.head.head.weight.shape, generator=g) * 0.05
+                    torch.randn(models.dit.head.head.weight.shape, generator=g) * 0.05  # same on any device
                 )
         return models
 
@@ -372,7 +373,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         log_every=25,
         force=True,
         progress=progress,
-        device="cpu",
+        device=base.device,
         **extra,
     )
     values.update(variant.overrides)
@@ -425,6 +426,7 @@ def generate_videos(
     check_prompt_tokens(pipe, job.prompt)
     shape = latent_shape(pipe.config, world.frames, (world.size, world.size))
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in job.seeds])
+    noise = noise.to(next(pipe.dit.parameters()).device)  # drawn on the CPU: the same videos on any device
     context, mask = encode_prompts(pipe, [job.prompt] * len(job.seeds))
     uncond, uncond_mask = encode_prompts(pipe, [""])
     z = euler_sample(
@@ -440,7 +442,7 @@ def generate_videos(
         self_cond=gen.self_cond,
         progress=False,
     )
-    return [v.float() for v in pipe.vae.decode(z)]
+    return [v.float().cpu() for v in pipe.vae.decode(z)]
 
 
 def concept_pipeline(base: ToyBase, concept_file: Path):
@@ -462,7 +464,8 @@ def vae_roundtrip(pipe, frames: np.ndarray) -> Tensor:
     space can look (the ceiling beside the floors)."""
     from train.toyworld import to_model_video
 
-    return pipe.vae.decode(pipe.vae.encode(to_model_video(frames)))[0].float()
+    video = to_model_video(frames).to(next(pipe.vae.parameters()).device)
+    return pipe.vae.decode(pipe.vae.encode(video))[0].float().cpu()
 
 
 def score_job(

@@ -139,7 +139,7 @@ def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypa
     budget = X.ToyBudget(**budget_overrides(args))
     seen = {}
     monkeypatch.setattr(P, "main", lambda cfg, base, sample_fn: seen.setdefault("cfg", cfg))
-    base = type("Base", (), {"for_training": lambda self: None})()
+    base = type("Base", (), {"for_training": lambda self: None, "device": "cpu"})()
     concept = ConceptSpec(video="clip.mp4", prompt="a [v] square", motion_prompt="moves [u]")
     X.train_concepts(base, [concept], X.variants(budget)["ours"], budget, tmp_path / "c.safetensors",
                      tmp_path / "w", name="c", seed=0, progress=False)
