@@ -62,6 +62,10 @@ def register(subparsers) -> None:
                    help="keep the [v]/[u] embeddings at zero (the paper: works without training them)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block in the backward: less memory (real sizes need it), +1 forward")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each DiT block: faster steps after a compile of about a minute")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
     p.add_argument("--force", action="store_true", default=None, help="overwrite an existing --out")
     p.set_defaults(func=run)
@@ -86,7 +90,8 @@ def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict]:
     if unknown:
         raise ValueError(f"{args.config}: unknown keys {unknown}; known keys are base, tokenizer, dtype, "
                          f"{', '.join(sorted(known))}")
-    for dest in (*_FLAGS, "train_tokens", "device", "resume", "force", "out"):
+    switches = ("train_tokens", "device", "resume", "force", "out", "grad_checkpointing", "compile")
+    for dest in (*_FLAGS, *switches):
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
     for key in ("base", "tokenizer", "dtype"):

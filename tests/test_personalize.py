@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from lora.concept import apply_concept, load_concept
 from lora.inject import inject_lora, set_stage
+from lora.layers import LoRALinear
 from model.config import PRESETS
 from model.dit import DiT
 from model.t5 import T5Encoder
@@ -378,6 +379,24 @@ motion_prompt = "{MOTION}"
     assert "loss.tsv" in capsys.readouterr().out
     log = (tmp_path / "cli.work" / "loss.tsv").read_text().splitlines()
     assert log[0].startswith("stage\tstep\tloss") and len(log) == 3  # header + one row per stage
+
+
+def test_compile_flag_compiles_the_blocks_after_the_lora_is_in(sp_model_path, tmp_path, video, monkeypatch):
+    """--compile / compile = true reaches DiT.compile_blocks once, with the LoRA already injected (compiled
+    blocks must hold it); --grad-checkpointing reaches the model. (Compiling for real takes minutes on the
+    CPU; the H100 run measured it: benchmarks/results/.)"""
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append((any(isinstance(m, LoRALinear) for m in self.modules()), self.gradient_checkpointing))
+
+    monkeypatch.setattr(DiT, "compile_blocks", record)
+    monkeypatch.setattr("setseq.cmd_personalize.load_base", lambda extra, cfg: make_base(sp_model_path))
+    argv = ["personalize", str(video), "--prompt", PROMPT, "--motion-prompt", MOTION, "--base", "tiny",
+            "--out", str(tmp_path / "c.safetensors"), "--steps1", "1", "--steps2", "1", "--prior-count", "0",
+            "--batch-size", "2", "--device", "cpu", "--compile", "--grad-checkpointing"]
+    assert cli_main(argv) == 0
+    assert seen == [(True, True)]
 
 
 def test_cli_bad_prompt_exits_2_with_one_clear_line(sp_model_path, tmp_path, video, capsys):

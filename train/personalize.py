@@ -147,6 +147,7 @@ class PersonalizeConfig:
     loss_bins: int = 5
     device: str = "cpu"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each DiT block (H100, Wan 1.3B real size: step 2.83 -> 2.38 s)
     resume: bool = False
     force: bool = False  # overwrite an existing `out`
     progress: bool = True
@@ -199,7 +200,7 @@ class PersonalizeConfig:
 # Fields that may change between an interrupted run and its resume without changing the result.
 _RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",
                 "checkpoint_every", "keep_checkpoints", "device", "out", "work_dir", "stages",
-                "steps1", "steps2"}
+                "steps1", "steps2", "compile", "grad_checkpointing"}
 
 
 def _check(cond: bool, message: str) -> None:
@@ -714,6 +715,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         torch.manual_seed(cfg.seed)
         inject_lora(base.dit, cfg.targets, cfg.rank, name=cfg.name)
         base.dit.gradient_checkpointing = cfg.grad_checkpointing
+        if cfg.compile:  # after the LoRA is in place, so the compiled blocks hold it
+            base.dit.compile_blocks()
         base.dit.train()
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc)
         if ckpt is not None:
