@@ -282,6 +282,26 @@ def memory_rows(size, device: torch.device, folder: Path) -> list[Row]:
     return rows
 
 
+def frozen_dit(cfg, device: torch.device, dtype: torch.dtype, *, lora: bool, checkpointing: bool) -> DiT:
+    """A random base DiT built directly in its storage dtype on the device, frozen, in train mode; with
+    `lora`, a rank-32 adapter in stage 2 (the trained part of a real personalization step)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = DiT(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    torch.nn.init.normal_(dit.head.head.weight, std=0.02)  # a zero head passes no gradient
+    dit.requires_grad_(False)
+    if lora:
+        inject_lora(dit, DEFAULT_TARGETS, 32, name="concept")
+        set_stage(dit, 2, concepts=["concept"], dropout=0.5)
+    dit.gradient_checkpointing = checkpointing
+    return dit.train()
+
+
 def run_real_size(args: argparse.Namespace) -> list[Row]:
     """One LoRA training step of a real-size base with cached text: time and peak memory."""
     device = torch.device(args.device)
@@ -298,22 +318,9 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
         w // vae.space_compression,
     )
     dtype = torch.bfloat16 if cuda else torch.float32
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build the frozen base directly in its storage dtype
-    try:
-        with torch.device(device):
-            dit = DiT(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    torch.nn.init.normal_(dit.head.head.weight, std=0.02)
-    dit.requires_grad_(False)
-    inject_lora(dit, DEFAULT_TARGETS, 32, name="concept")
-    set_stage(dit, 2, concepts=["concept"], dropout=0.5)
-    dit.gradient_checkpointing = not args.no_checkpointing
+    dit = frozen_dit(cfg, device, dtype, lora=True, checkpointing=not args.no_checkpointing)
     if args.compile:
         dit.compile_blocks()
-    dit.train()
     params = [p for p in dit.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(0)

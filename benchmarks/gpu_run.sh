@@ -33,7 +33,7 @@ for p in $parts; do
         ;;
     tests) part tests 150 python3 -m pytest -q -rs tests/test_attention.py tests/test_dit.py -k "cuda" ;;
     bench)
-        part bench 380 python3 -m benchmarks.run_all --device cuda --sizes small gpu --repeats 5 \
+        part bench 600 python3 -m benchmarks.run_all --device cuda --sizes small gpu --repeats 5 \
             --out "$out/bench"
         ;;
     real)

@@ -11,30 +11,11 @@ import argparse
 
 import torch
 
-from benchmarks.bench_personalize import REAL_VIDEO
+from benchmarks.bench_personalize import REAL_VIDEO, frozen_dit
 from benchmarks.timing import interleaved, median
-from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
 from model.config import PRESETS
 from model.dit import DiT
 from model.flow import add_noise, flow_loss_per_sample, velocity_target
-
-
-def build(cfg, lora: bool) -> DiT:
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            dit = DiT(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    torch.nn.init.normal_(dit.head.head.weight, std=0.02)
-    dit.requires_grad_(False)
-    if lora:
-        inject_lora(dit, DEFAULT_TARGETS, 32, name="concept")
-        set_stage(dit, 2, concepts=["concept"], dropout=0.5)
-    dit.gradient_checkpointing = True
-    return dit.train()
 
 
 def main() -> None:
@@ -64,7 +45,8 @@ def main() -> None:
 
         return step
 
-    lora_dit, base_dit = build(cfg, True), build(cfg, False)
+    lora_dit, base_dit = (frozen_dit(cfg, torch.device("cuda"), torch.bfloat16, lora=lora, checkpointing=True)
+                          for lora in (True, False))
     fns = {"LoRA step": step_of(lora_dit, True), "frozen base fwd+bwd": step_of(base_dit, False)}
     s = interleaved(fns, repeats=args.repeats, warmup=1, device="cuda")
     for name, xs in s.items():
