@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from train.toyworld import ToyWorldConfig
     from train.toyworld_concepts import load_concept
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     budget = budget_of(args)

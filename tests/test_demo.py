@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sample import report as R
 from setseq import toyexp as X
@@ -98,6 +99,13 @@ def test_demo_without_a_committed_base_names_the_fix(tmp_path, monkeypatch, caps
     monkeypatch.setattr(X, "DEFAULT_BASE", tmp_path / "missing")
     assert cli_main(["demo", "--out", str(tmp_path / "o")]) == 2
     assert "setseq pretrain --preset tiny" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_demo_on_cuda_without_a_gpu_says_so(tmp_path, capsys):
+    assert cli_main(["demo", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
 
 
 # ----------------------------------------------------------------------------------------- prompts
