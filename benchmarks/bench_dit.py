@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmarks.specs import DIT_SIZES, diffusers_dit_kwargs, dit_config, dit_inputs
 from benchmarks.timing import Row, add_common, goal_row, interleaved, main_of, median, ratio, spread
-from model.attention import HAS_FLASH_ATTN, attention
+from model.attention import attention, window_backend
 from model.config import PRESETS
 from model.dit import DiT
 from weights.wan_dit import convert_wan_dit
@@ -66,15 +66,6 @@ def fwd(call: Callable[[], torch.Tensor], autocast) -> Callable[[], None]:
     return run
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The windowed path attention() takes here (model/attention.py)."""
-    if device.type != "cuda":
-        return "masked SDPA"
-    if dtype in (torch.float16, torch.bfloat16) and HAS_FLASH_ATTN:
-        return "flash-attn"
-    return "FlexAttention"
-
-
 def attention_rows(args, device: torch.device, label: str, shape: tuple[int, int, int, int], window: int,
                    dtype: torch.dtype) -> list[Row]:
     """Windowed self-attention, forward + backward, at (batch, heads, tokens, head dim): whatever
@@ -100,7 +91,7 @@ def attention_rows(args, device: torch.device, label: str, shape: tuple[int, int
     s = interleaved(fns, repeats=args.repeats, warmup=max(args.warmup, 1), device=device)
     name = str(dtype).replace("torch.", "")
     what = f"{label}: window {window}/{L} tokens, {heads} heads x {hd}, {name}, fwd+bwd"
-    backend = attention_backend(device, dtype)
+    backend = window_backend(q)
     return [
         Row("dit", f"attention {what}: attention() [{backend}] / masked SDPA",
             ratio(s["attention()"], s["masked SDPA"]),

@@ -84,6 +84,17 @@ def _flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     return out.transpose(1, 2)  # (B, heads, L, hd)
 
 
+def window_backend(q: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    """The path a window takes for these queries (module doc): "flash-attn", "FlexAttention" or
+    "masked SDPA"."""
+    if q.is_cuda and mask is None:
+        if q.dtype in (torch.float16, torch.bfloat16) and HAS_FLASH_ATTN:
+            return "flash-attn"
+        if q.shape[2] >= FLEX_MIN_TOKENS:
+            return "FlexAttention"
+    return "masked SDPA"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,13 +125,14 @@ def attention(
             window = None
     if window is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16) and HAS_FLASH_ATTN:
+    backend = window_backend(q, mask)
+    if backend == "flash-attn":
         return _flash_window(q, k, v, window)
-    if q.is_cuda and mask is None and lq >= FLEX_MIN_TOKENS:
+    if backend == "FlexAttention":
         return _flex_window(q, k, v, window)
     band = _cached_band(lq, window, q.device)  # (L, L)
     mask = band if mask is None else mask & band
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-__all__ = ["attention", "band_mask"]
+__all__ = ["attention", "band_mask", "window_backend"]
