@@ -302,6 +302,23 @@ def frozen_dit(cfg, device: torch.device, dtype: torch.dtype, *, lora: bool, che
     return dit.train()
 
 
+def real_inputs(preset: str, batch: int, device: torch.device, dtype: torch.dtype):
+    """(x0, eps, t, context, mask) of a real-size step: REAL_VIDEO[preset]'s latent, cached text of the
+    T5 length (at most 512) in `dtype`, a typical prompt's mask (40 real tokens, the rest padding)."""
+    mc = PRESETS[preset]
+    frames, h, w = REAL_VIDEO[preset]
+    tc, sc = mc.vae.time_compression, mc.vae.space_compression
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, mc.dit.in_channels, 1 + (frames - 1) // tc, h // sc, w // sc, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.rand(batch, generator=g)
+    text_len = min(512, mc.t5.max_length)
+    context = torch.randn(batch, text_len, mc.dit.text_dim, generator=g).to(device, dtype)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    mask[:, 40:] = False
+    return x0.to(device), eps.to(device), t.to(device), context, mask
+
+
 def run_real_size(args: argparse.Namespace) -> list[Row]:
     """One LoRA training step of a real-size base with cached text: time and peak memory."""
     device = torch.device(args.device)
@@ -311,26 +328,14 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
     frames, h, w = REAL_VIDEO[args.real_size]
     if not cuda and args.real_size != "tiny":
         raise SystemExit(f"--real-size {args.real_size} is a GPU benchmark; on the CPU only --real-size tiny")
-    vae = mc.vae
-    latent = (
-        1 + (frames - 1) // vae.time_compression,
-        h // vae.space_compression,
-        w // vae.space_compression,
-    )
     dtype = torch.bfloat16 if cuda else torch.float32
     dit = frozen_dit(cfg, device, dtype, lora=True, checkpointing=not args.no_checkpointing)
     if args.compile:
         dit.compile_blocks()
     params = [p for p in dit.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(args.batch, cfg.in_channels, *latent, generator=g).to(device)
-    eps = torch.randn(x0.shape, generator=g).to(device)
-    t = torch.rand(args.batch, generator=g).to(device)
-    text_len = min(512, mc.t5.max_length)
-    context = torch.randn(args.batch, text_len, cfg.text_dim, generator=g).to(device, dtype)
-    mask = torch.ones(args.batch, text_len, dtype=torch.bool, device=device)
-    mask[:, 40:] = False  # a typical prompt: tens of real tokens, the rest padding
+    x0, eps, t, context, mask = real_inputs(args.real_size, args.batch, device, dtype)
+    latent, text_len = x0.shape[2:], context.shape[1]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step() -> None:

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_personalize import REAL_VIDEO, frozen_dit
+from benchmarks.bench_personalize import REAL_VIDEO, frozen_dit, real_inputs
 from benchmarks.timing import interleaved, median
 from model.config import PRESETS
 from model.dit import DiT
@@ -23,18 +23,8 @@ def main() -> None:
     parser.add_argument("--preset", default="wan2.1-1.3b", choices=sorted(REAL_VIDEO))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    mc = PRESETS[args.preset]
-    cfg, vae = mc.dit, mc.vae
-    frames, h, w = REAL_VIDEO[args.preset]
-    sc = vae.space_compression
-    latent = (1 + (frames - 1) // vae.time_compression, h // sc, w // sc)
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, cfg.in_channels, *latent, generator=g).cuda()
-    eps, t = torch.randn(x0.shape, generator=g).cuda(), torch.rand(1, generator=g).cuda()
-    text_len = min(512, mc.t5.max_length)
-    context = torch.randn(1, text_len, cfg.text_dim, generator=g).cuda().bfloat16()
-    mask = torch.ones(1, text_len, dtype=torch.bool, device="cuda")
-    mask[:, 40:] = False
+    cfg = PRESETS[args.preset].dit
+    x0, eps, t, context, mask = real_inputs(args.preset, 1, torch.device("cuda"), torch.bfloat16)
 
     def step_of(dit: DiT, lora: bool):
         def step() -> None:
