@@ -426,7 +426,7 @@ def generate_videos(
     check_prompt_tokens(pipe, job.prompt)
     shape = latent_shape(pipe.config, world.frames, (world.size, world.size))
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in job.seeds])
-    noise = noise.to(next(pipe.dit.parameters()).device)  # drawn on the CPU: the same videos on any device
+    noise = noise.to(pipe.device)  # drawn on the CPU: the same videos on any device
     context, mask = encode_prompts(pipe, [job.prompt] * len(job.seeds))
     uncond, uncond_mask = encode_prompts(pipe, [""])
     z = euler_sample(
@@ -464,7 +464,7 @@ def vae_roundtrip(pipe, frames: np.ndarray) -> Tensor:
     space can look (the ceiling beside the floors)."""
     from train.toyworld import to_model_video
 
-    video = to_model_video(frames).to(next(pipe.vae.parameters()).device)
+    video = to_model_video(frames).to(pipe.device)
     return pipe.vae.decode(pipe.vae.encode(video))[0].float().cpu()
 
 
