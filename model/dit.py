@@ -183,13 +183,19 @@ class Head(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch))
+        out = cfg.out_channels * math.prod(cfg.patch)
+        self.head = nn.Linear(cfg.dim, out)
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        if cfg.head_hidden is not None:  # nonlinear: reaches outside the Linear's dim-wide span
+            self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.head_hidden), nn.GELU(approximate="tanh"),
+                                     nn.Linear(cfg.head_hidden, out))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x (B, L, D), e (B, D) time embedding -> (B, L, C_out * pt * ph * pw)."""
         shift, scale = (self.modulation.float() + e.float()[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        return self.head(modulate(self.norm(x), shift, scale))
+        x = modulate(self.norm(x), shift, scale)
+        out = self.head(x)
+        return out + self.mlp(x) if hasattr(self, "mlp") else out
 
 
 # ------------------------------------------------------------------------------------------ DiT
@@ -220,8 +226,10 @@ class DiT(nn.Module):
 
     def init_weights(self) -> None:
         """All initialization lives here (Wan's scheme, plus our extra inputs)."""
+        mlp = getattr(self.head, "mlp", None)
+        late = set(mlp.modules()) if mlp is not None else set()
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in late:
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         for conv in (self.patch_embedding,):
@@ -253,6 +261,13 @@ class DiT(nn.Module):
         if self.cfg.abs_pos is not None:
             # Zero absolute positions: the model starts as pure RoPE and learns what it needs.
             nn.init.zeros_(self.pos_embedding)
+        if mlp is not None:
+            # Last, so every other tensor draws the same random numbers as in a DiT without it; a zero
+            # output layer makes the head start as its Linear alone.
+            nn.init.xavier_uniform_(mlp[0].weight)
+            nn.init.zeros_(mlp[0].bias)
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block in place (regional compilation: one graph serves every layer, so it

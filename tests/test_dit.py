@@ -50,6 +50,26 @@ def test_zero_init_self_cond_is_a_no_op():
         assert (model(x, t, ctx, self_cond=prev) - model(x, t, ctx)).abs().max() > 1e-4
 
 
+def test_head_mlp_starts_as_the_linear_head_and_reaches_beyond_its_span():
+    cfg = dataclasses.replace(CFG, dim=12, heads=2, rope_split=(2, 2, 2), head_hidden=32)
+    linear = randomize(DiT(dataclasses.replace(cfg, head_hidden=None)))
+    model = DiT(cfg).eval()
+    missing, unexpected = model.load_state_dict(linear.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["head.mlp.0.bias", "head.mlp.0.weight", "head.mlp.2.bias",
+                                                  "head.mlp.2.weight"]
+    x, t, ctx = inputs(grid=(3, 4, 4), cfg=cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx), linear(x, t, ctx))  # zero output layer: a no-op until trained
+        # A token's 16 outputs (4 channels x 2x2 patch) from 12 features: the Linear head's centred
+        # outputs have rank <= 12, the MLP's do not.
+        feats = torch.randn(512, cfg.dim)
+        lin = linear.head.head(feats)
+        randomize(model)
+        mlp = model.head.head(feats) + model.head.mlp(feats)
+    rank = lambda y: int(torch.linalg.matrix_rank(y - y.mean(0), rtol=1e-5))  # noqa: E731
+    assert rank(lin) == 12 and rank(mlp) == 16
+
+
 def test_padding_mask_hides_padded_context():
     model = randomize(DiT(CFG))
     x, t, ctx = inputs()

@@ -25,6 +25,7 @@ from train.pretrain import (
     latent_stats,
     psnr,
     train_dit,
+    train_head,
     train_vae,
 )
 from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
@@ -41,7 +42,7 @@ SMALL_DIT = dataclasses.replace(TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128
 def _cfg(tmp_path, **kw) -> PretrainConfig:
     base = dict(work_dir=str(tmp_path), threads=1, world=SMALL, vae_steps=4, vae_full_steps=2, vae_batch=2,
                 vae_full_batch=2, vae_crop=(5, 16), stats_clips=8, bank_size=16, dit_steps=40, batch=8,
-                lr=2e-3, warmup=5, checkpoint_every=10, log_every=10, self_cond_prob=0.5)
+                lr=2e-3, warmup=5, checkpoint_every=10, log_every=10, self_cond_prob=0.5, head_steps=4)
     return PretrainConfig(**{**base, **kw})
 
 
@@ -59,8 +60,8 @@ def _model_cfg():
     return dataclasses.replace(TINY, dit=SMALL_DIT)
 
 
-def _losses(folder) -> list[float]:
-    return [r["loss"] for r in map(json.loads, open(folder / "pretrain.jsonl")) if r["stage"] == "dit"]
+def _losses(folder, stage: str = "dit") -> list[float]:
+    return [r["loss"] for r in map(json.loads, open(folder / "pretrain.jsonl")) if r["stage"] == stage]
 
 
 def test_x0_dit_returns_the_velocity_its_x0_implies():
@@ -101,6 +102,25 @@ def test_dit_stage_resumes_to_the_same_weights(tmp_path):
     resumed, _, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), f"{name} differs after resuming (atol 1e-6)"
+
+
+def test_head_mlp_waits_for_stage_3_which_trains_it_alone(tmp_path):
+    mc = _model_cfg()
+    assert mc.dit.head_hidden is not None, "the tiny preset's head has an MLP"
+    cfg = _cfg(tmp_path, dit_steps=20, head_steps=60, head_lr=2e-3, time_shift=1.0)
+    dit, t5, _ = train_dit(cfg, mc, _bank(), Log(tmp_path))
+    assert dit.head.mlp[2].weight.abs().max() == 0, "stage 2 must leave the head's MLP at its zero init"
+    def weights():
+        return {**{f"dit.{k}": v.clone() for k, v in dit.state_dict().items()},
+                **{f"t5.{k}": v.clone() for k, v in t5.state_dict().items()}}
+
+    before = weights()
+    dit = train_head(cfg, dit, t5, _bank(), Log(tmp_path))
+    after = weights()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith("dit.head.mlp.") for k in changed), f"stage 3 changed {changed}"
+    losses = _losses(tmp_path, "head")
+    assert losses[-1] < 0.9 * losses[0], f"head loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 10%"
 
 
 def test_frozen_text_encoder_stays_at_its_init(tmp_path):
