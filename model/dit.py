@@ -187,8 +187,10 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, out)
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
         if cfg.head_hidden is not None:  # nonlinear: reaches outside the Linear's dim-wide span
-            self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.head_hidden), nn.GELU(approximate="tanh"),
-                                     nn.Linear(cfg.head_hidden, out))
+            # fork_rng: nn.Linear's own init would shift the draws of every tensor DiT.init_weights sets
+            with torch.random.fork_rng(devices=[]):
+                self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.head_hidden), nn.GELU(approximate="tanh"),
+                                         nn.Linear(cfg.head_hidden, out))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x (B, L, D), e (B, D) time embedding -> (B, L, C_out * pt * ph * pw)."""
@@ -262,9 +264,11 @@ class DiT(nn.Module):
             # Zero absolute positions: the model starts as pure RoPE and learns what it needs.
             nn.init.zeros_(self.pos_embedding)
         if mlp is not None:
-            # Last, so every other tensor draws the same random numbers as in a DiT without it; a zero
-            # output layer makes the head start as its Linear alone.
-            nn.init.xavier_uniform_(mlp[0].weight)
+            # On a forked RNG, so every other tensor, here and in modules built after this one, draws
+            # what it would in a DiT without the MLP; a zero output layer makes the head start as its
+            # Linear alone.
+            with torch.random.fork_rng(devices=[]):
+                nn.init.xavier_uniform_(mlp[0].weight)
             nn.init.zeros_(mlp[0].bias)
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)

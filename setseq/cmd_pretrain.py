@@ -41,6 +41,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "time_dist": (str, "training time distribution: logit_normal or uniform"),
     "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none; "
                          "default: the preset's sampling shift)"),
+    "head_steps": (int, "steps of stage 3, the head's MLP trained alone (0 = leave it at its zero init)"),
+    "head_lr": (float, "stage 3's peak learning rate (cosine)"),
     "checkpoint_every": (int, "steps between checkpoints"),
 }
 

@@ -123,6 +123,19 @@ def test_head_mlp_waits_for_stage_3_which_trains_it_alone(tmp_path):
     assert losses[-1] < 0.9 * losses[0], f"head loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 10%"
 
 
+def test_a_head_mlp_leaves_stage_2_unchanged(tmp_path):
+    # Its init draws come last and its zero output adds exact zeros, so a base trained before the MLP
+    # existed is what stage 2 still trains (assets/tiny's stage 3 was run on such a base).
+    cfg = _cfg(tmp_path, dit_steps=10)
+    with_mlp, t5a, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path / "a"))
+    plain = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=None))
+    without, t5b, _ = train_dit(_cfg(tmp_path / "b", dit_steps=10), plain, _bank(), Log(tmp_path / "b"))
+    a = {**with_mlp.state_dict(), **{f"t5.{k}": v for k, v in t5a.state_dict().items()}}
+    b = {**without.state_dict(), **{f"t5.{k}": v for k, v in t5b.state_dict().items()}}
+    assert set(a) - set(b) == {f"head.mlp.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    assert all(torch.equal(a[k], b[k]) for k in b), "the head MLP changed what stage 2 trains"
+
+
 def test_frozen_text_encoder_stays_at_its_init(tmp_path):
     cfg = _cfg(tmp_path, dit_steps=10, train_text=False)
     torch.manual_seed(cfg.seed + 1)

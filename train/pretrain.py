@@ -413,7 +413,8 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     head_mlp = getattr(dit.head, "mlp", None)
     if head_mlp is not None:
         head_mlp.requires_grad_(False)  # stage 3 trains it, on the finished model
-    params = [p for p in dit.parameters() if p.requires_grad] + (list(t5.parameters()) if cfg.train_text else [])
+    params = [p for p in dit.parameters() if p.requires_grad]
+    params += list(t5.parameters()) if cfg.train_text else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     start = _resume(cfg, STAGE_DIT, {"dit": dit, "ema": ema, "t5": t5}, opt, g)
@@ -566,5 +567,5 @@ def resume_step(work_dir: str | Path) -> tuple[int, int] | None:
     return ck.stage, ck.step
 
 
-__all__ = ["PretrainConfig", "Pretrained", "main", "train_vae", "train_dit", "train_head", "dit_loss", "latent_stats",
-           "build_tokenizer", "build_bank", "all_captions", "psnr", "cosine_lr"]
+__all__ = ["PretrainConfig", "Pretrained", "main", "train_vae", "train_dit", "train_head", "dit_loss",
+           "latent_stats", "build_tokenizer", "build_bank", "all_captions", "psnr", "cosine_lr"]
