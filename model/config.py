@@ -51,9 +51,10 @@ class DiTConfig:
     # its near-deterministic latents gave pure noise). forward() returns a velocity either way,
     # v = (x_t - x0_hat) / t, so samplers and adapters see one interface; the loss uses this space.
     prediction: str = "velocity"
-    # Hidden width of a GELU MLP added beside the head's Linear (toy world only; None for Wan/paper). A
-    # Linear head's outputs span at most `dim` of a token's out_channels * prod(patch) values: the tiny
-    # preset's 128 of 640, which leaves a moving latent frame's detail out of reach of any x0 estimate.
+    # Hidden width of a GELU MLP added beside the head's Linear (None: Linear only, as in Wan and every
+    # preset). A Linear head's outputs span at most `dim` of a token's out_channels * prod(patch) values:
+    # the tiny preset's 128 of 640, which leaves a moving latent frame's detail out of reach of any x0
+    # estimate (`setseq pretrain --head-hidden`; measured in the README).
     head_hidden: int | None = None
 
     def __post_init__(self) -> None:
@@ -251,7 +252,7 @@ PRESETS: dict[str, ModelConfig] = {
         # near-deterministic latents need (design.md, "The toy world"); `setseq pretrain` measures them.
         dit=DiTConfig(in_channels=160, out_channels=160, dim=128, heads=4, layers=4, ffn_dim=512, text_dim=64,
                       text_proj=True, modulation="shared", qk_norm="rms_per_head", rope_split=(16, 8, 8),
-                      self_cond=True, prediction="x0", abs_pos=(8, 8, 8), head_hidden=256),
+                      self_cond=True, prediction="x0", abs_pos=(8, 8, 8)),
         # A linear VAE on 4-frame x 8x8 patches (768 values -> 160 channels, 4.8x), fitted as a PCA by
         # `setseq pretrain`: 31 dB on held-out clips in 16 s. The conv VAE this preset had before (16 latent
         # channels, 14 min of CPU training) reached 19.9 dB, below this PCA's first 16 channels (24.8 dB).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,12 +105,11 @@ def test_dit_stage_resumes_to_the_same_weights(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), f"{name} differs after resuming (atol 1e-6)"
 
 
-def test_head_mlp_waits_for_stage_3_which_trains_it_alone(tmp_path):
-    mc = _model_cfg()
-    assert mc.dit.head_hidden is not None, "the tiny preset's head has an MLP"
+def test_head_mlp_waits_for_train_head_which_trains_it_alone(tmp_path):
+    mc = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
     cfg = _cfg(tmp_path, dit_steps=20, head_steps=60, head_lr=2e-3, time_shift=1.0)
     dit, t5, _ = train_dit(cfg, mc, _bank(), Log(tmp_path))
-    assert dit.head.mlp[2].weight.abs().max() == 0, "stage 2 must leave the head's MLP at its zero init"
+    assert dit.head.mlp[2].weight.abs().max() == 0, "train_dit must leave the head's MLP at its zero init"
     def weights():
         return {**{f"dit.{k}": v.clone() for k, v in dit.state_dict().items()},
                 **{f"t5.{k}": v.clone() for k, v in t5.state_dict().items()}}
@@ -118,22 +118,23 @@ def test_head_mlp_waits_for_stage_3_which_trains_it_alone(tmp_path):
     dit = train_head(cfg, dit, t5, _bank(), Log(tmp_path))
     after = weights()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
-    assert changed and all(k.startswith("dit.head.mlp.") for k in changed), f"stage 3 changed {changed}"
+    assert changed and all(k.startswith("dit.head.mlp.") for k in changed), f"train_head changed {changed}"
     losses = _losses(tmp_path, "head")
     assert losses[-1] < 0.9 * losses[0], f"head loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 10%"
 
 
-def test_a_head_mlp_leaves_stage_2_unchanged(tmp_path):
+def test_a_head_mlp_leaves_the_dit_stage_unchanged(tmp_path):
     # Its init draws come last and its zero output adds exact zeros, so a base trained before the MLP
-    # existed is what stage 2 still trains (assets/tiny's stage 3 was run on such a base).
+    # existed is what train_dit still trains (assets/tiny's head MLP was trained on such a base).
     cfg = _cfg(tmp_path, dit_steps=10)
-    with_mlp, t5a, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path / "a"))
-    plain = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=None))
-    without, t5b, _ = train_dit(_cfg(tmp_path / "b", dit_steps=10), plain, _bank(), Log(tmp_path / "b"))
+    mlp = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
+    with_mlp, t5a, _ = train_dit(cfg, mlp, _bank(), Log(tmp_path / "a"))
+    cfg_b = _cfg(tmp_path / "b", dit_steps=10)
+    without, t5b, _ = train_dit(cfg_b, _model_cfg(), _bank(), Log(tmp_path / "b"))
     a = {**with_mlp.state_dict(), **{f"t5.{k}": v for k, v in t5a.state_dict().items()}}
     b = {**without.state_dict(), **{f"t5.{k}": v for k, v in t5b.state_dict().items()}}
     assert set(a) - set(b) == {f"head.mlp.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias")}
-    assert all(torch.equal(a[k], b[k]) for k in b), "the head MLP changed what stage 2 trains"
+    assert all(torch.equal(a[k], b[k]) for k in b), "the head MLP changed what train_dit trains"
 
 
 def test_frozen_text_encoder_stays_at_its_init(tmp_path):
@@ -255,3 +256,20 @@ def test_pretrain_command_writes_a_loadable_checkpoint_and_report(tmp_path, monk
     assert base.cfg.vae.latents_std is not None and base.tokenizer_path is not None
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["guidance"]) == {"1.0", "3.0"} and (out / "samples.png").is_file()
+
+
+def test_head_mlp_on_the_committed_base_trains_only_the_mlp(tmp_path):
+    from benchmarks.head_mlp_on_base import seed_work_dir
+    from train.pretrain import main
+    from weights.checkpoint import load_checkpoint
+
+    cfg = PretrainConfig(work_dir=str(tmp_path / "work"), head_hidden=16, head_steps=3, bank_size=8, batch=2,
+                         log_every=1)
+    tiny = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+    seed_work_dir(tiny, tmp_path / "work", cfg)
+    result = main(cfg)  # finds the VAE, tokenizer and DiT done; trains the head MLP only
+    base = load_checkpoint(tiny)
+    new = result.dit.state_dict()
+    assert all(torch.equal(v, new[k]) for k, v in base.dit.state_dict().items()), "the base's DiT changed"
+    assert all(torch.equal(v, result.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
+    assert result.dit.head.mlp[2].weight.abs().max() > 0 and len(_losses(tmp_path / "work", "head")) == 3

@@ -14,7 +14,9 @@ encoder, DiT. `main(cfg)` runs the stages in order; each is resumable from atomi
                   cost as much as a DiT step); captions as token ids.
     4. DiT        flow matching with the DiT's prediction space as loss (x0 for `tiny`), caption
                   dropout for guidance, self-conditioning, EMA; the T5 encoder frozen at its seeded
-                  random init or trained jointly (`train_text`).
+                  random init or trained jointly (`train_text`). The head's MLP (DiTConfig.head_hidden)
+                  stays at its zero-output init here.
+    5. head MLP   the head's MLP alone, everything else frozen (`train_head`; checkpoints "stage3-*").
 
 The toy world is infinite and seeded: the VAE's step s draws clips with seed (cfg.seed, s), so a
 resumed run sees the same data. `main` returns the trained parts (EMA weights for the DiT); the
@@ -111,9 +113,11 @@ class PretrainConfig:
     # never learned to lay out motion from the caption (motion at chance), while its x0 estimate at
     # t = 0.8 placed the object within 0.7 px. Shift 5 (the tiny preset's) puts 28% of the times above 0.9.
     time_shift: float | None = None  # None = the preset's sample_shift, so training and sampling agree
-    # -- the head's MLP (DiTConfig.head_hidden), trained alone on the frozen stage-2 model: its Linear head
-    # spans 128 of a token's 640 latent values, and 2% of a clip's energy (5% of a striped sprite's, most
-    # in moving latent frames) lies outside that span, out of reach of any x0 estimate.
+    # -- an MLP beside the head's Linear (DiTConfig.head_hidden; None = the preset's head), trained alone
+    # after the DiT. The tiny head's Linear spans 128 of a token's 640 latent values; 2% of a clip's
+    # energy (5% of a striped sprite's, most in moving latent frames) lies outside that span. Measured on
+    # the committed base and not adopted: the README says why.
+    head_hidden: int | None = None
     head_steps: int = 3000
     head_lr: float = 1e-3
     self_cond_prob: float = 0.5  # paper: 0.9 in pretraining
@@ -412,7 +416,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     t5.requires_grad_(cfg.train_text)
     head_mlp = getattr(dit.head, "mlp", None)
     if head_mlp is not None:
-        head_mlp.requires_grad_(False)  # stage 3 trains it, on the finished model
+        head_mlp.requires_grad_(False)  # train_head trains it, on the finished model
     params = [p for p in dit.parameters() if p.requires_grad]
     params += list(t5.parameters()) if cfg.train_text else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -453,7 +457,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
 
 
 def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Log) -> DiT:
-    """Stage 3: the head's MLP alone, everything else frozen; returns `dit` with the MLP's EMA weights."""
+    """Step 5: the head's MLP alone, everything else frozen; returns `dit` with the MLP's EMA weights."""
     mlp = getattr(dit.head, "mlp", None)
     if mlp is None or cfg.head_steps == 0:
         return dit
@@ -522,6 +526,8 @@ def main(cfg: PretrainConfig) -> Pretrained:
     log = Log(work)
     log("setup", config=json.dumps(asdict(cfg)))
     mc = get_preset(cfg.preset)
+    if cfg.head_hidden is not None:
+        mc = dataclasses.replace(mc, dit=dataclasses.replace(mc.dit, head_hidden=cfg.head_hidden))
     wall = time.time()
 
     # -- 1. VAE, then its latent statistics (they become config data)
