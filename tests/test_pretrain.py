@@ -101,6 +101,7 @@ def test_dit_stage_resumes_to_the_same_weights(tmp_path):
     straight, _, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
     (tmp_path / "stage2-step000020.safetensors").unlink()  # as if killed after step 10's checkpoint
     resumed, _, _ = train_dit(cfg, _model_cfg(), _bank(), Log(tmp_path))
+    assert len(_losses(tmp_path)) == 3, "the rerun must resume at step 10 (logs 10, 20, 20)"
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), f"{name} differs after resuming (atol 1e-6)"
 
@@ -121,6 +122,22 @@ def test_head_mlp_waits_for_train_head_which_trains_it_alone(tmp_path):
     assert changed and all(k.startswith("dit.head.mlp.") for k in changed), f"train_head changed {changed}"
     losses = _losses(tmp_path, "head")
     assert losses[-1] < 0.9 * losses[0], f"head loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 10%"
+
+
+def test_head_mlp_resumes_to_the_same_weights(tmp_path):
+    mc = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
+    cfg = _cfg(tmp_path, dit_steps=10, head_steps=20)
+
+    def run():  # the DiT stage is done after the first call: later calls load its final checkpoint
+        dit, t5, _ = train_dit(cfg, mc, _bank(), Log(tmp_path))
+        return train_head(cfg, dit, t5, _bank(), Log(tmp_path)).head.mlp.state_dict()
+
+    straight = run()
+    (tmp_path / "stage3-step000020.safetensors").unlink()  # as if killed after step 10's checkpoint
+    resumed = run()
+    assert len(_losses(tmp_path, "head")) == 3, "the rerun must resume at step 10 (logs 10, 20, 20)"
+    for name, a in straight.items():
+        assert torch.allclose(a, resumed[name], atol=1e-6), f"head.mlp.{name} differs after resuming"
 
 
 def test_a_head_mlp_leaves_the_dit_stage_unchanged(tmp_path):

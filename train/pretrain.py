@@ -402,6 +402,17 @@ def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.
     return per_sample.mean(), per_sample.detach(), t
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor, what: str,
+                   lr_name: str, lr: float) -> None:
+    """Backward and a clipped step; a non-finite loss stops the run, saying what to change."""
+    if not torch.isfinite(loss):
+        raise ValueError(f"{what} became {loss.item()}; lower {lr_name} (now {lr}) and resume")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -431,13 +442,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.dit_steps, cfg.warmup, cfg.lr)
         loss, per_sample, t = dit_loss(cfg, dit, t5, bank, g)
-        if not torch.isfinite(loss):
-            raise ValueError(f"DiT loss became {loss.item()} at step {step}; "
-                             f"lower lr (now {cfg.lr}) and resume")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, f"DiT loss at step {step}", "lr", cfg.lr)
         ema_update(ema, dit, min(cfg.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         mean, count = loss_by_t_bins(per_sample, t, 4)
@@ -474,10 +479,7 @@ def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Lo
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.head_steps, cfg.warmup, cfg.head_lr)
         loss, _, _ = dit_loss(cfg, dit, t5, bank, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, f"head MLP loss at step {step}", "head_lr", cfg.head_lr)
         ema_update(ema, mlp, min(cfg.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.head_steps:
