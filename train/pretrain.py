@@ -178,6 +178,20 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor, lr: float, what: str,
+                   hint: str) -> None:
+    """Backward and a gradient-clipped step at learning rate `lr` (every loop of this file); a non-finite loss
+    stops the run with `what` happened and `hint` (what to change) instead."""
+    if not torch.isfinite(loss):
+        raise ValueError(f"{what} became {loss.item()}; {hint} and resume")
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _clip_seed(seed: int, stage: int, step: int) -> int:
     return (seed * 1_000_003 + stage * 100_019 + step) % 2**63
 
@@ -254,7 +268,8 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     torch.manual_seed(cfg.seed)
     vae = VAE(mc.vae)
     total = cfg.vae_steps + cfg.vae_full_steps
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     start = _resume(cfg, STAGE_VAE, {"vae": vae}, opt, g)
     if start >= total:
@@ -263,16 +278,12 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     t0, window = time.time(), []
     for step in bar:
         x = vae_batch(cfg, step)
-        for group in opt.param_groups:
-            crop = step < cfg.vae_steps
-            group["lr"] = cosine_lr(step, cfg.vae_schedule_steps or total, 50, cfg.vae_lr) if crop \
-                else cfg.vae_full_lr
+        crop = step < cfg.vae_steps
+        lr = cosine_lr(step, cfg.vae_schedule_steps or total, 50, cfg.vae_lr) if crop else cfg.vae_full_lr
         rec, _, _ = vae(x)
         loss = F.mse_loss(rec, x) + cfg.vae_l1 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        hint = f"lower vae_lr (now {cfg.vae_lr})" if crop else f"lower vae_full_lr (now {cfg.vae_full_lr})"
+        optimizer_step(opt, params, loss, lr, f"VAE loss at step {step}", hint)
         window.append(psnr(rec.detach(), x))
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{window[-1]:.1f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
@@ -402,17 +413,6 @@ def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.
     return per_sample.mean(), per_sample.detach(), t
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor, what: str,
-                   lr_name: str, lr: float) -> None:
-    """Backward and a clipped step; a non-finite loss stops the run, saying what to change."""
-    if not torch.isfinite(loss):
-        raise ValueError(f"{what} became {loss.item()}; lower {lr_name} (now {lr}) and resume")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-
-
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -439,10 +439,9 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     bar = tqdm(range(start, cfg.dit_steps), desc="DiT", initial=start, total=cfg.dit_steps)
     t0, losses, bins, counts = time.time(), [], torch.zeros(4), torch.zeros(4)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg.dit_steps, cfg.warmup, cfg.lr)
         loss, per_sample, t = dit_loss(cfg, dit, t5, bank, g)
-        optimizer_step(opt, params, loss, f"DiT loss at step {step}", "lr", cfg.lr)
+        optimizer_step(opt, params, loss, cosine_lr(step, cfg.dit_steps, cfg.warmup, cfg.lr),
+                       f"DiT loss at step {step}", f"lower lr (now {cfg.lr})")
         ema_update(ema, dit, min(cfg.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         mean, count = loss_by_t_bins(per_sample, t, 4)
@@ -476,10 +475,9 @@ def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Lo
     start = _resume(cfg, STAGE_HEAD, {"mlp": mlp, "ema": ema}, opt, g)
     t0, losses = time.time(), []
     for step in tqdm(range(start, cfg.head_steps), desc="head MLP", initial=start, total=cfg.head_steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg.head_steps, cfg.warmup, cfg.head_lr)
         loss, _, _ = dit_loss(cfg, dit, t5, bank, g)
-        optimizer_step(opt, params, loss, f"head MLP loss at step {step}", "head_lr", cfg.head_lr)
+        optimizer_step(opt, params, loss, cosine_lr(step, cfg.head_steps, cfg.warmup, cfg.head_lr),
+                       f"head MLP loss at step {step}", f"lower head_lr (now {cfg.head_lr})")
         ema_update(ema, mlp, min(cfg.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.head_steps:
