@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="assets/tiny", help="checkpoint folder to write")
     p.add_argument("--work-dir", help="checkpoints and logs (default: runs/pretrain-<preset>)")
     p.add_argument("--frozen-text", action="store_true", help="keep the T5 at its seeded random init")
+    p.add_argument("--head-joint", action="store_true",
+                   help="train the --head-hidden MLP with the DiT from step 0 instead of alone after it")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out prompts to evaluate (0 = none)")
     p.add_argument("--eval-steps", type=int, default=25, help="Euler steps per evaluation sample")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0], help="guidance scales")
@@ -68,6 +70,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     values = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     if args.frozen_text:
         values["train_text"] = False
+    if args.head_joint:
+        values["head_joint"] = True
     work_dir = args.work_dir or f"runs/pretrain-{args.preset}"
     return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
 

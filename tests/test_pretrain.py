@@ -124,6 +124,17 @@ def test_head_mlp_waits_for_train_head_which_trains_it_alone(tmp_path):
     assert losses[-1] < 0.9 * losses[0], f"head loss {losses[0]:.4f} -> {losses[-1]:.4f}: should fall by 10%"
 
 
+def test_a_joint_head_mlp_trains_with_the_dit_and_skips_train_head(tmp_path):
+    mc = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
+    cfg = _cfg(tmp_path, dit_steps=20, head_steps=60, head_joint=True)
+    dit, t5, _ = train_dit(cfg, mc, _bank(), Log(tmp_path))
+    assert dit.head.mlp[2].weight.abs().max() > 0, "head_joint: train_dit must train the head's MLP"
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    dit = train_head(cfg, dit, t5, _bank(), Log(tmp_path))
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in before.items()), "train_head must skip"
+    assert not list(tmp_path.glob("stage3-*")), "head_joint: no head-stage checkpoints"
+
+
 def test_head_mlp_resumes_to_the_same_weights(tmp_path):
     mc = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
     cfg = _cfg(tmp_path, dit_steps=10, head_steps=20)
@@ -142,7 +153,7 @@ def test_head_mlp_resumes_to_the_same_weights(tmp_path):
 
 def test_a_head_mlp_leaves_the_dit_stage_unchanged(tmp_path):
     # Its init draws come last and its zero output adds exact zeros, so a base trained before the MLP
-    # existed is what train_dit still trains (assets/tiny's head MLP was trained on such a base).
+    # existed is what train_dit still trains (benchmarks/head_mlp_on_base trains its MLP on such a base).
     cfg = _cfg(tmp_path, dit_steps=10)
     mlp = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
     with_mlp, t5a, _ = train_dit(cfg, mlp, _bank(), Log(tmp_path / "a"))

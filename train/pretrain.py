@@ -15,7 +15,7 @@ encoder, DiT. `main(cfg)` runs the stages in order; each is resumable from atomi
     4. DiT        flow matching with the DiT's prediction space as loss (x0 for `tiny`), caption
                   dropout for guidance, self-conditioning, EMA; the T5 encoder frozen at its seeded
                   random init or trained jointly (`train_text`). The head's MLP (DiTConfig.head_hidden)
-                  stays at its zero-output init here.
+                  stays at its zero-output init here, unless `head_joint` trains it here instead of in 5.
     5. head MLP   the head's MLP alone, everything else frozen (`train_head`; checkpoints "stage3-*").
 
 The toy world is infinite and seeded: the VAE's step s draws clips with seed (cfg.seed, s), so a
@@ -118,6 +118,7 @@ class PretrainConfig:
     # energy (5% of a striped sprite's, most in moving latent frames) lies outside that span. Measured on
     # the committed base and not adopted: the README says why.
     head_hidden: int | None = None
+    head_joint: bool = False  # True: the MLP trains with the DiT from step 0, and step 5 is skipped
     head_steps: int = 3000
     head_lr: float = 1e-3
     self_cond_prob: float = 0.5  # paper: 0.9 in pretraining
@@ -426,7 +427,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     ema = copy.deepcopy(dit).requires_grad_(False)
     t5.requires_grad_(cfg.train_text)
     head_mlp = getattr(dit.head, "mlp", None)
-    if head_mlp is not None:
+    if head_mlp is not None and not cfg.head_joint:
         head_mlp.requires_grad_(False)  # train_head trains it, on the finished model
     params = [p for p in dit.parameters() if p.requires_grad]
     params += list(t5.parameters()) if cfg.train_text else []
@@ -463,7 +464,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
 def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Log) -> DiT:
     """Step 5: the head's MLP alone, everything else frozen; returns `dit` with the MLP's EMA weights."""
     mlp = getattr(dit.head, "mlp", None)
-    if mlp is None or cfg.head_steps == 0:
+    if mlp is None or cfg.head_joint or cfg.head_steps == 0:
         return dit
     dit.requires_grad_(False)
     t5.requires_grad_(False)
