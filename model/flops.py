@@ -14,7 +14,8 @@ cross-attention k, v read):
                 cross-attn scores + values     4 * L * S * D
                 FFN                            2 * 2 D F * L
     once        patch embedding (x2 with self-conditioning's twin input)  2 * C p D * L
-                head                           2 * D * C_out p * L
+                head                           2 * D * C_out p * L  (+ 2 * (D H + H C_out p) * L with
+                                               a head MLP of width H, head_hidden)
                 text projection (text_proj)    2 * (text_dim D + D^2) * S
                 time embedding                 2 * (freq_dim D + D^2)
                 modulation (per sample)        2 * 6 D^2 ("shared") or N * 2 * 6 D^2 ("per_block")
@@ -54,6 +55,7 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_len: int) -> int:
     once = (
         n_inputs * 2 * cfg.in_channels * p * d * L  # patch embedding(s)
         + 2 * d * cfg.out_channels * p * L  # head
+        + (2 * (d + cfg.out_channels * p) * cfg.head_hidden * L if cfg.head_hidden else 0)  # head MLP
         + (2 * (cfg.text_dim * d + d * d) * S if cfg.text_proj else 0)
         + 2 * (cfg.freq_dim * d + d * d)  # time embedding MLP
         + (n_layers if cfg.modulation == "per_block" else 1) * 2 * 6 * d * d  # modulation projection(s)

@@ -25,6 +25,7 @@ def _plain_attention(q, k, v, *, mask=None, window=None):
 @pytest.mark.parametrize("variant", [
     {},  # tiny preset: shared modulation, text projection, self-conditioning
     {"modulation": "per_block", "text_proj": False, "self_cond": False, "text_dim": 48},
+    {"head_hidden": 48},
 ])
 def test_forward_flops_equal_flop_counter(monkeypatch, variant):
     dit_module = pytest.importorskip("model.dit")
