@@ -114,9 +114,9 @@ class PretrainConfig:
     # t = 0.8 placed the object within 0.7 px. Shift 5 (the tiny preset's) puts 28% of the times above 0.9.
     time_shift: float | None = None  # None = the preset's sample_shift, so training and sampling agree
     # -- an MLP beside the head's Linear (DiTConfig.head_hidden; None = the preset's head), trained alone
-    # after the DiT. The tiny head's Linear spans 128 of a token's 640 latent values; 2% of a clip's
-    # energy (5% of a striped sprite's, most in moving latent frames) lies outside that span. Measured on
-    # the committed base and not adopted: the README says why.
+    # after the DiT or with it (head_joint). The tiny head's Linear spans 128 of a token's 640 latent
+    # values; 2% of a clip's energy (5% of a striped sprite's, most in moving latent frames) lies outside
+    # that span. Both ways measured and not adopted: the README says why.
     head_hidden: int | None = None
     head_joint: bool = False  # True: the MLP trains with the DiT from step 0, and step 5 is skipped
     head_steps: int = 3000
