@@ -156,10 +156,12 @@ def report_markdown(report: Mapping) -> str:
     """A table per the report: accuracy per attribute and motion quality, floors and ceilings beside."""
     rows = [("reference (real clips)", report["reference"]), ("VAE reconstruction", report["reconstruction"])]
     rows += [(f"generated, guidance {g}", r) for g, r in report["guidance"].items()]
-    attrs = ("background", "colour", "shape", "motion")
+    attrs = ("background", "colour", "pair_colour", "shape", "motion")
+    names = {"pair_colour": "colour, two-object scenes"}
     lines = [f"# Base model on held-out captions ({report['n']} prompts, {report['steps']} Euler steps)", "",
              f"VAE reconstruction PSNR on these clips: {report['vae_psnr_db']:.2f} dB", "",
-             "| videos | " + " | ".join(attrs) + " | smooth | one object | mean max jump (px) |",
+             "| videos | " + " | ".join(names.get(a, a) for a in attrs)
+             + " | smooth | one object | mean max jump (px) |",
              "|---" * (len(attrs) + 4) + "|"]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(_fmt(r[a]["accuracy"]) for a in attrs)
@@ -168,7 +170,9 @@ def report_markdown(report: Mapping) -> str:
     lines.append("| chance (uniform / majority) | " + " | ".join(
         f"{ref[a]['uniform']:.2f} / {ref[a]['majority']:.2f}" for a in attrs) + " | 0 | 0 | - |")
     lines += ["", f"smooth: every object found in every frame, no step over {JUMP_PX:g} px; one object: one "
-              "connected blob per object slot in every frame. The reference row is the instruments' ceiling."]
+              "connected blob per object slot in every frame; colour, two-object scenes: colour of the "
+              "objects of two-object prompts alone (the caption's first object is the left one, so a scene "
+              "drawn with its sides swapped gets both wrong). The reference row is the instruments' ceiling."]
     return "\n".join(lines) + "\n"
 
 

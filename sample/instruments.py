@@ -332,11 +332,13 @@ def attribute_accuracy(videos: Sequence, intended: Sequence[Mapping], background
 
     intended[i] = {"background": name, "objects": [{"colour", "shape", "motion"}, ...]} (one or two
     objects, first = left). Returns {attribute: {"accuracy", "uniform", "majority", "n"}}, where
-    uniform/majority are the chance floors for that attribute over this batch.
+    uniform/majority are the chance floors for that attribute over this batch. "pair_colour" is colour
+    over the objects of two-object clips alone: a scene drawn with its objects' sides swapped (the
+    caption's binding of colour to position lost) gets both wrong there, while one-object colour holds.
     """
     if len(videos) != len(intended):
         raise ValueError(f"{len(videos)} videos but {len(intended)} intended attribute sets")
-    hits: dict[str, list[bool]] = {k: [] for k in ("background", "colour", "shape", "motion")}
+    hits: dict[str, list[bool]] = {k: [] for k in ("background", "colour", "shape", "motion", "pair_colour")}
     truth: dict[str, list[str]] = {k: [] for k in hits}
     for video, want in zip(videos, intended, strict=True):
         got = measure(video, len(want["objects"]), backgrounds, colours)
@@ -346,10 +348,13 @@ def attribute_accuracy(videos: Sequence, intended: Sequence[Mapping], background
             for key in ("colour", "shape", "motion"):
                 hits[key].append(obj_got[key] == obj_want[key])
                 truth[key].append(obj_want[key])
+            if len(want["objects"]) == 2:
+                hits["pair_colour"].append(obj_got["colour"] == obj_want["colour"])
+                truth["pair_colour"].append(obj_want["colour"])
     sizes = {"background": len(backgrounds), "colour": len(colours), "shape": len(SHAPE_FILL),
-             "motion": len(motions)}
-    return {k: {"accuracy": float(np.mean(hits[k])), **chance_rates(truth[k], sizes[k]), "n": len(hits[k])}
-            for k in hits}
+             "motion": len(motions), "pair_colour": len(colours)}
+    return {k: {"accuracy": float(np.mean(hits[k])) if hits[k] else float("nan"),
+                **chance_rates(truth[k], sizes[k]), "n": len(hits[k])} for k in hits}
 
 
 def compare_to_reference(video, reference, backgrounds: Mapping[str, RGB] | None = None) -> dict:

@@ -44,6 +44,18 @@ def test_noisy_and_blurred_clips_still_read_back(clips):
         assert all(row["accuracy"] >= 0.95 for row in acc.values()), acc
 
 
+def test_swapped_sides_fail_pair_colour_only(clips):
+    # Mirrored left-right, a two-object scene has each colour on the other side: pair colour is right only
+    # where both objects share a colour; one-object clips keep theirs.
+    acc = _accuracy([c.video[:, :, ::-1].copy() for c in clips], clips)
+    pairs = [c for c in clips if len(c.objects) == 2]
+    same = sum(2 * (c.objects[0].colour == c.objects[1].colour) for c in pairs) / (2 * len(pairs))
+    assert pairs and acc["pair_colour"]["accuracy"] == same < 0.5, acc["pair_colour"]
+    singles = _accuracy([c.video[:, :, ::-1].copy() for c in clips if len(c.objects) == 1],
+                        [c for c in clips if len(c.objects) == 1])
+    assert singles["colour"]["accuracy"] == 1.0 and singles["pair_colour"]["n"] == 0
+
+
 def test_model_tensor_input_reads_the_same(clips):
     clip = clips[0]
     got = ins.measure(to_model_video(clip.video)[0], len(clip.objects), BACKGROUNDS, COLOURS)
