@@ -41,7 +41,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "time_dist": (str, "training time distribution: logit_normal or uniform"),
     "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none; "
                          "default: the preset's sampling shift)"),
-    "head_hidden": (int, "width of an MLP beside the DiT's Linear head, trained alone after the DiT"),
+    "head_hidden": (int, "width of an MLP beside the DiT's Linear head (trained alone after the DiT; "
+                           "with it: --head-joint)"),
     "head_steps": (int, "steps of that head MLP (0 = leave it at its zero init)"),
     "head_lr": (float, "the head MLP's peak learning rate (cosine)"),
     "checkpoint_every": (int, "steps between checkpoints"),

@@ -262,9 +262,9 @@ def test_report_markdown_and_contact_sheet_shapes():
     clip = generate_batch(2, seed=0, cfg=SMALL).video
     sheet = contact_sheet([clip[0], clip[1]], frames=(0, 4, 8), gap=2)
     assert sheet.shape == (2 * 34, 3 * 34, 3) and sheet.dtype == np.uint8
-    row = {a: {"accuracy": 0.5, "uniform": 0.2, "majority": 0.3, "n": 2} for a in
-           ("background", "colour", "pair_colour", "shape", "motion")} | {"smooth": 1.0, "one_object": 1.0,
-                                                            "mean_max_jump_px": 1.5}
+    attrs = ("background", "colour", "pair_colour", "shape", "motion")
+    row = {a: {"accuracy": 0.5, "uniform": 0.2, "majority": 0.3, "n": 2} for a in attrs}
+    row |= {"smooth": 1.0, "one_object": 1.0, "mean_max_jump_px": 1.5}
     md = report_markdown({"n": 2, "steps": 5, "vae_psnr_db": 31.0, "reference": row, "reconstruction": row,
                           "guidance": {"1.0": row, "3.0": row}})
     assert "guidance 3.0" in md and "31.00 dB" in md and "0.20 / 0.30" in md
