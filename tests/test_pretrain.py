@@ -301,3 +301,16 @@ def test_head_mlp_on_the_committed_base_trains_only_the_mlp(tmp_path):
     assert all(torch.equal(v, new[k]) for k, v in base.dit.state_dict().items()), "the base's DiT changed"
     assert all(torch.equal(v, result.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
     assert result.dit.head.mlp[2].weight.abs().max() > 0 and len(_losses(tmp_path / "work", "head")) == 3
+
+
+def test_colour_binding_script_reads_both_kinds_of_clip(monkeypatch, capsys):
+    from benchmarks import colour_binding
+
+    tiny = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+    argv = ["colour_binding", "--base", str(tiny), "--prompts", "6", "--world-seed", "3",
+            "--two-object-prob", "0.5"]
+    monkeypatch.setattr("sys.argv", argv)
+    colour_binding.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| one", "| two"))]
+    counts = [int(r.split("|")[2]) for r in rows]
+    assert len(rows) == 2 and counts[0] + counts[1] // 2 == 6 and counts[1] > 0, rows  # objects of 6 prompts
