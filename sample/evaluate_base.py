@@ -171,8 +171,10 @@ def report_markdown(report: Mapping) -> str:
         f"{ref[a]['uniform']:.2f} / {ref[a]['majority']:.2f}" for a in attrs) + " | 0 | 0 | - |")
     lines += ["", f"smooth: every object found in every frame, no step over {JUMP_PX:g} px; one object: one "
               "connected blob per object slot in every frame; colour, two-object scenes: colour of the "
-              "objects of two-object prompts alone (the caption's first object is the left one, so a scene "
-              "drawn with its sides swapped gets both wrong). The reference row is the instruments' ceiling."]
+              f"{ref['pair_colour']['n']} objects of two-object prompts alone (the caption's first object is "
+              "the left one, so a scene drawn with its sides swapped gets both wrong; sides at random score "
+              "0.50, and a few pairs say little: benchmarks/colour_binding.py samples more). The reference "
+              "row is the instruments' ceiling."]
     return "\n".join(lines) + "\n"
 
 
