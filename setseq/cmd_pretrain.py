@@ -77,21 +77,29 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
 
 
-def evaluate(out: Path, result, cfg: PretrainConfig, n: int, steps: int, guidance: list[float]) -> dict:
-    """Held-out captions of the toy world -> metrics.json, report.md, samples.png in `out`."""
-    batch = generate_batch(n, seed=cfg.seed + 12345, split="heldout", cfg=cfg.world)
-    tokenizer = Tokenizer(result.tokenizer_path)
-    length = caption_length(tokenizer, result.cfg.t5.max_length)
+def heldout_report(models, world, world_seed: int, seed: int, n: int, steps: int,
+                   guidance: list[float]) -> tuple[dict, dict, object]:
+    """Sample `n` held-out captions of `world` (drawn with `world_seed`; noise seeded with `seed`) with a
+    base's parts (`models`: .cfg, .dit, .vae, .t5, .tokenizer_path) -> (report, videos, the caption batch)."""
+    batch = generate_batch(n, seed=world_seed, split="heldout", cfg=world)
+    tokenizer = Tokenizer(models.tokenizer_path)
+    length = caption_length(tokenizer, models.cfg.t5.max_length)
 
     def encode_text(texts: list[str]):
         ids, mask = tokenizer.encode(texts, length)
-        return result.t5(ids, mask.bool()), mask.bool()
+        return models.t5(ids, mask.bool()), mask.bool()
 
     palettes = {"backgrounds": BACKGROUNDS, "colours": COLOURS, "motions": MOTIONS}
     intended = [c.attributes() for c in batch.clips()]
-    report, videos = evaluate_base(result.dit, result.vae, encode_text, batch.captions, intended, batch.video,
-                                   palettes, guidances=guidance, steps=steps, shift=result.cfg.sample_shift,
-                                   seed=cfg.seed)
+    report, videos = evaluate_base(models.dit, models.vae, encode_text, batch.captions, intended, batch.video,
+                                   palettes, guidances=guidance, steps=steps, shift=models.cfg.sample_shift,
+                                   seed=seed)
+    return report, videos, batch
+
+
+def evaluate(out: Path, result, cfg: PretrainConfig, n: int, steps: int, guidance: list[float]) -> dict:
+    """Held-out captions of the toy world -> metrics.json, report.md, samples.png in `out`."""
+    report, videos, batch = heldout_report(result, cfg.world, cfg.seed + 12345, cfg.seed, n, steps, guidance)
     write_report(out, report, videos, batch.video, batch.captions)
     return report
 
