@@ -168,7 +168,12 @@ class T5Config:
     ffn: str = "gated-gelu"  # "gated-gelu" (T5 v1.1 / umT5) or "relu" (original T5)
     rel_buckets: int = 32
     rel_max_distance: int = 128
-    per_layer_position_bias: bool = False  # umT5: every layer owns its relative bias; T5: layer 0 only
+    # umT5: every layer owns its relative bias table; T5: one table (layer 0's) shared by every layer.
+    per_layer_position_bias: bool = False
+    # A learned absolute position embedding added to the token embeddings (zero init), which neither
+    # T5 nor umT5 has: relative bias alone left the tiny preset's outputs for a two-object caption and
+    # its object-swapped twin nearly a permutation of each other (`setseq pretrain --text-abs-pos`).
+    abs_pos: bool = False
     eps: float = 1e-6
     max_length: int = 512  # prompts are padded or truncated to this many tokens
 

@@ -171,6 +171,8 @@ class T5Encoder(nn.Module):
         )
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.dim, cfg.eps)
+        # zero init: a fresh encoder computes what it would without it, and positions never trained stay 0
+        self.abs_pos = nn.Parameter(torch.zeros(cfg.max_length, cfg.dim)) if cfg.abs_pos else None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L = ids.shape
@@ -180,6 +182,11 @@ class T5Encoder(nn.Module):
             raise ValueError(f"T5 mask shape {tuple(mask.shape)} must equal ids shape {tuple(ids.shape)}")
         mask = mask.bool()
         x = self.token_embedding(ids)  # (B, L, D)
+        if self.abs_pos is not None:
+            if L > self.cfg.max_length:
+                raise ValueError(f"{L} tokens exceed the T5's {self.cfg.max_length} absolute positions; "
+                                 f"truncate prompts to T5Config.max_length")
+            x = x + self.abs_pos[:L].to(x.dtype)
         shared_bias = self.pos_embedding(L) if self.pos_embedding is not None else None  # (1, N, L, L)
         for block in self.blocks:
             x = block(x, shared_bias, mask)

@@ -24,6 +24,7 @@ from train.pretrain import (
     build_tokenizer,
     caption_length,
     latent_stats,
+    model_config,
     psnr,
     train_dit,
     train_head,
@@ -133,6 +134,15 @@ def test_a_joint_head_mlp_trains_with_the_dit_and_skips_train_head(tmp_path):
     dit = train_head(cfg, dit, t5, _bank(), Log(tmp_path))
     assert all(torch.equal(v, dit.state_dict()[k]) for k, v in before.items()), "train_head must skip"
     assert not list(tmp_path.glob("stage3-*")), "head_joint: no head-stage checkpoints"
+
+
+def test_text_abs_pos_reaches_the_t5_which_trains_it(tmp_path):
+    cfg = _cfg(tmp_path, dit_steps=10, text_abs_pos=True)
+    mc = model_config(cfg)
+    assert mc.t5.abs_pos and not model_config(_cfg(tmp_path)).t5.abs_pos
+    _, t5, _ = train_dit(cfg, dataclasses.replace(mc, dit=SMALL_DIT), _bank(), Log(tmp_path))
+    rows = t5.abs_pos.abs().sum(-1)
+    assert (rows[:2] > 0).all() and (rows[2:] == 0).all(), "real caption positions train; the rest stay 0"
 
 
 def test_head_mlp_resumes_to_the_same_weights(tmp_path):

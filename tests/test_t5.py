@@ -93,6 +93,36 @@ def test_position_bias_changes_output():
     assert not torch.allclose(out[0, 0], out[0, 1], atol=1e-4)
 
 
+def test_abs_pos_starts_silent_and_trains_only_real_positions():
+    plain, with_abs = _model(), _model(abs_pos=True)
+    ids = torch.randint(0, CFG.vocab_size, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 6:] = False
+    with torch.no_grad():  # zero init: the same seed builds the same function
+        assert torch.equal(plain(ids, mask), with_abs(ids, mask))
+    with_abs(ids, mask).square().sum().backward()
+    grad = with_abs.abs_pos.grad.abs().sum(-1)
+    assert (grad[:6] > 0).all()  # every real position learns ...
+    assert (grad[6:] == 0).all()  # ... and padded or unused positions stay at zero
+
+
+def test_abs_pos_tells_repeated_words_apart_where_relative_bias_cannot():
+    # In a run of one word every value vector is the same, and a position bias only reweights values:
+    # each position gets the same output. Only an absolute position separates them.
+    plain, with_abs = _model(), _model(abs_pos=True)
+    with torch.no_grad():
+        with_abs.abs_pos.normal_()
+        ids = torch.full((1, CFG.max_length), 7)
+        a, b = plain(ids)[0], with_abs(ids)[0]
+    assert torch.allclose(a[6], a[9], atol=1e-5)
+    assert not torch.allclose(b[6], b[9], atol=1e-3)
+
+
+def test_abs_pos_rejects_prompts_longer_than_its_table():
+    with pytest.raises(ValueError, match="absolute positions"):
+        _model(abs_pos=True)(torch.zeros(1, CFG.max_length + 1, dtype=torch.long))
+
+
 def test_resize_adds_zero_rows_and_keeps_old():
     model = _model()
     old = model.token_embedding.weight.detach().clone()

@@ -98,6 +98,7 @@ class PretrainConfig:
     # -- text
     tokenizer_vocab: int = 128  # soft limit; the captions hold 26 distinct words
     train_text: bool = True  # train the T5 jointly with the DiT; False = frozen seeded random encoder
+    text_abs_pos: bool = False  # T5Config.abs_pos: the T5 also learns absolute positions (word order)
     # -- DiT
     bank_size: int = 4096
     dit_steps: int = 24000  # assets/tiny: 91 min at 2 threads; held-out motion 0.63 at 16k, 0.80 (g3) at 24k
@@ -518,6 +519,16 @@ def _resume(cfg: PretrainConfig, stage: int, modules: dict[str, nn.Module], opt,
 # ----------------------------------------------------------------------------------------------- main
 
 
+def model_config(cfg: PretrainConfig) -> ModelConfig:
+    """The preset with this run's architecture options applied (latent statistics come later)."""
+    mc = get_preset(cfg.preset)
+    if cfg.head_hidden is not None:
+        mc = dataclasses.replace(mc, dit=dataclasses.replace(mc.dit, head_hidden=cfg.head_hidden))
+    if cfg.text_abs_pos:
+        mc = dataclasses.replace(mc, t5=dataclasses.replace(mc.t5, abs_pos=True))
+    return mc
+
+
 def main(cfg: PretrainConfig) -> Pretrained:
     # -- setup: threads, folder, log, the config the weights will carry
     torch.set_num_threads(cfg.threads)
@@ -526,9 +537,7 @@ def main(cfg: PretrainConfig) -> Pretrained:
     work.mkdir(parents=True, exist_ok=True)
     log = Log(work)
     log("setup", config=json.dumps(asdict(cfg)))
-    mc = get_preset(cfg.preset)
-    if cfg.head_hidden is not None:
-        mc = dataclasses.replace(mc, dit=dataclasses.replace(mc.dit, head_hidden=cfg.head_hidden))
+    mc = model_config(cfg)
     wall = time.time()
 
     # -- 1. VAE, then its latent statistics (they become config data)
