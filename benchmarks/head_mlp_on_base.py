@@ -1,6 +1,7 @@
-"""The head-MLP experiment of the README on an existing base: a pretraining work dir whose finished VAE,
-tokenizer, text encoder and DiT are the base's own, then `setseq pretrain --head-hidden N` on it, which
-skips to training the head's MLP alone and writes a base folder with its held-out report.
+"""The head-MLP experiment (benchmarks/results/toyworld-base-experiments.md, entry 1) on an existing
+base: a pretraining work dir whose finished VAE, tokenizer, text encoder and DiT are the base's own, then
+`setseq pretrain --head-hidden N` on it, which skips to training the head's MLP alone and writes a base
+folder with its held-out report.
 
     python -m benchmarks.head_mlp_on_base --out runs/tiny-mlp     # assets/tiny + a 256-wide head MLP, ~9 min
 

@@ -54,7 +54,7 @@ class DiTConfig:
     # Hidden width of a GELU MLP added beside the head's Linear (None: Linear only, as in Wan and every
     # preset). A Linear head's outputs span at most `dim` of a token's out_channels * prod(patch) values:
     # the tiny preset's 128 of 640, which leaves a moving latent frame's detail out of reach of any x0
-    # estimate (`setseq pretrain --head-hidden`; measured in the README).
+    # estimate (`setseq pretrain --head-hidden`; benchmarks/results/toyworld-base-experiments.md).
     head_hidden: int | None = None
 
     def __post_init__(self) -> None:

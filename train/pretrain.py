@@ -117,7 +117,7 @@ class PretrainConfig:
     # -- an MLP beside the head's Linear (DiTConfig.head_hidden; None = the preset's head), trained alone
     # after the DiT or with it (head_joint). The tiny head's Linear spans 128 of a token's 640 latent
     # values; 2% of a clip's energy (5% of a striped sprite's, most in moving latent frames) lies outside
-    # that span. Both ways measured and not adopted: the README says why.
+    # that span. Both ways measured and not adopted: benchmarks/results/toyworld-base-experiments.md.
     head_hidden: int | None = None
     head_joint: bool = False  # True: the MLP trains with the DiT from step 0, and step 5 is skipped
     head_steps: int = 3000
