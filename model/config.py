@@ -170,9 +170,9 @@ class T5Config:
     rel_max_distance: int = 128
     # umT5: every layer owns its relative bias table; T5: one table (layer 0's) shared by every layer.
     per_layer_position_bias: bool = False
-    # A learned absolute position embedding added to the token embeddings (zero init), which neither
-    # T5 nor umT5 has: relative bias alone left the tiny preset's outputs for a two-object caption and
-    # its object-swapped twin nearly a permutation of each other (`setseq pretrain --text-abs-pos`).
+    # A learned absolute position embedding added to the token embeddings, which neither T5 nor umT5 has.
+    # The tiny base gains it in `setseq pretrain`'s layout stage, which taught it word order: which object
+    # of a two-object caption goes left.
     abs_pos: bool = False
     eps: float = 1e-6
     max_length: int = 512  # prompts are padded or truncated to this many tokens

@@ -45,6 +45,12 @@ _FLAGS: dict[str, tuple[type, str]] = {
                            "with it: --head-joint)"),
     "head_steps": (int, "steps of that head MLP (0 = leave it at its zero init)"),
     "head_lr": (float, "the head MLP's peak learning rate (cosine)"),
+    "layout_steps": (int, "steps of the layout stage after the DiT (0 = none): the T5 gains an absolute "
+                          "position and half of each batch trains near pure noise, where only the caption "
+                          "places the objects"),
+    "layout_share": (float, "share of each layout-stage batch at times in (layout_t, 1)"),
+    "layout_t": (float, "lower end of those times"),
+    "layout_lr": (float, "the layout stage's peak learning rate (cosine)"),
     "checkpoint_every": (int, "steps between checkpoints"),
 }
 
@@ -57,8 +63,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="assets/tiny", help="checkpoint folder to write")
     p.add_argument("--work-dir", help="checkpoints and logs (default: runs/pretrain-<preset>)")
     p.add_argument("--frozen-text", action="store_true", help="keep the T5 at its seeded random init")
-    p.add_argument("--text-abs-pos", action="store_true",
-                   help="give the T5 a learned absolute position embedding (word order beside relative bias)")
     p.add_argument("--head-joint", action="store_true",
                    help="train the --head-hidden MLP with the DiT from step 0 instead of alone after it")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out prompts to evaluate (0 = none)")
@@ -75,8 +79,6 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         values["train_text"] = False
     if args.head_joint:
         values["head_joint"] = True
-    if args.text_abs_pos:
-        values["text_abs_pos"] = True
     work_dir = args.work_dir or f"runs/pretrain-{args.preset}"
     return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
 

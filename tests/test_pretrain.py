@@ -13,6 +13,7 @@ import torch
 from model.config import PRESETS
 from model.dit import DiT
 from model.flow import add_noise, prediction_loss_per_sample
+from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer
 from model.vae import VAE, patchify, unpatchify
 from sample.evaluate_base import contact_sheet, motion_quality, report_markdown
@@ -23,11 +24,13 @@ from train.pretrain import (
     all_captions,
     build_tokenizer,
     caption_length,
+    dit_loss,
     latent_stats,
     model_config,
     psnr,
     train_dit,
     train_head,
+    train_layout,
     train_vae,
 )
 from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
@@ -44,7 +47,8 @@ SMALL_DIT = dataclasses.replace(TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128
 def _cfg(tmp_path, **kw) -> PretrainConfig:
     base = dict(work_dir=str(tmp_path), threads=1, world=SMALL, vae_steps=4, vae_full_steps=2, vae_batch=2,
                 vae_full_batch=2, vae_crop=(5, 16), stats_clips=8, bank_size=16, dit_steps=40, batch=8,
-                lr=2e-3, warmup=5, checkpoint_every=10, log_every=10, self_cond_prob=0.5, head_steps=4)
+                lr=2e-3, warmup=5, checkpoint_every=10, log_every=10, self_cond_prob=0.5, head_steps=4,
+                layout_steps=4)
     return PretrainConfig(**{**base, **kw})
 
 
@@ -136,13 +140,38 @@ def test_a_joint_head_mlp_trains_with_the_dit_and_skips_train_head(tmp_path):
     assert not list(tmp_path.glob("stage3-*")), "head_joint: no head-stage checkpoints"
 
 
-def test_text_abs_pos_reaches_the_t5_which_trains_it(tmp_path):
-    cfg = _cfg(tmp_path, dit_steps=10, text_abs_pos=True)
-    mc = model_config(cfg)
-    assert mc.t5.abs_pos and not model_config(_cfg(tmp_path)).t5.abs_pos
-    _, t5, _ = train_dit(cfg, dataclasses.replace(mc, dit=SMALL_DIT), _bank(), Log(tmp_path))
-    rows = t5.abs_pos.abs().sum(-1)
-    assert (rows[:2] > 0).all() and (rows[2:] == 0).all(), "real caption positions train; the rest stay 0"
+def test_layout_share_draws_its_times_near_pure_noise(tmp_path):
+    cfg = _cfg(tmp_path, layout_t=0.97)
+    dit, t5 = DiT(SMALL_DIT), T5Encoder(model_config(cfg).t5)
+    g = torch.Generator().manual_seed(0)
+    _, _, t_all = dit_loss(cfg, dit, t5, _bank(), g, layout_share=1.0)
+    _, _, t_none = dit_loss(cfg, dit, t5, _bank(), g)
+    assert (t_all > 0.97).all() and (t_all < 1).all(), t_all
+    assert (t_none <= 0.97).any(), "without a layout share the times come from the DiT stage's distribution"
+
+
+def test_layout_stage_trains_dit_and_text_and_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg(tmp_path, dit_steps=10, layout_steps=20)
+    mc = _model_cfg()
+
+    def run():  # the DiT stage is done after the first call: later calls load its final checkpoint
+        dit, t5, _ = train_dit(cfg, mc, _bank(), Log(tmp_path))
+        before = {**dit.state_dict(), **{f"t5.{k}": v for k, v in t5.state_dict().items()}}
+        before = {k: v.clone() for k, v in before.items()}
+        dit, t5, _ = train_layout(cfg, dit, t5, _bank(), Log(tmp_path))
+        after = {**dit.state_dict(), **{f"t5.{k}": v for k, v in t5.state_dict().items()}}
+        return before, after
+
+    before, straight = run()
+    changed = {k.split(".")[0] for k in before if k in straight and not torch.equal(before[k], straight[k])}
+    assert {"blocks", "t5"} <= changed, f"the layout stage must train the DiT and the T5, changed {changed}"
+    rows = straight["t5.abs_pos"].abs().sum(-1)  # _bank's captions fill 3 positions
+    assert "t5.abs_pos" not in before and (rows[:3] > 0).all() and (rows[3:] == 0).all(), rows
+    (tmp_path / "stage4-step000020.safetensors").unlink()  # as if killed after step 10's checkpoint
+    _, resumed = run()
+    assert len(_losses(tmp_path, "layout")) == 3, "the rerun must resume at step 10 (logs 10, 20, 20)"
+    for name, a in straight.items():
+        assert torch.allclose(a, resumed[name], atol=1e-6), f"{name} differs after resuming (atol 1e-6)"
 
 
 def test_head_mlp_resumes_to_the_same_weights(tmp_path):
@@ -163,7 +192,7 @@ def test_head_mlp_resumes_to_the_same_weights(tmp_path):
 
 def test_a_head_mlp_leaves_the_dit_stage_unchanged(tmp_path):
     # Its init draws come last and its zero output adds exact zeros, so a base trained before the MLP
-    # existed is what train_dit still trains (benchmarks/head_mlp_on_base trains its MLP on such a base).
+    # existed is what train_dit still trains.
     cfg = _cfg(tmp_path, dit_steps=10)
     mlp = dataclasses.replace(_model_cfg(), dit=dataclasses.replace(SMALL_DIT, head_hidden=32))
     with_mlp, t5a, _ = train_dit(cfg, mlp, _bank(), Log(tmp_path / "a"))
@@ -294,23 +323,6 @@ def test_pretrain_command_writes_a_loadable_checkpoint_and_report(tmp_path, monk
     assert base.cfg.vae.latents_std is not None and base.tokenizer_path is not None
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["guidance"]) == {"1.0", "3.0"} and (out / "samples.png").is_file()
-
-
-def test_head_mlp_on_the_committed_base_trains_only_the_mlp(tmp_path):
-    from benchmarks.head_mlp_on_base import seed_work_dir
-    from train.pretrain import main
-    from weights.checkpoint import load_checkpoint
-
-    cfg = PretrainConfig(work_dir=str(tmp_path / "work"), head_hidden=16, head_steps=3, bank_size=8, batch=2,
-                         log_every=1)
-    tiny = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-    seed_work_dir(tiny, tmp_path / "work", cfg)
-    result = main(cfg)  # finds the VAE, tokenizer and DiT done; trains the head MLP only
-    base = load_checkpoint(tiny)
-    new = result.dit.state_dict()
-    assert all(torch.equal(v, new[k]) for k, v in base.dit.state_dict().items()), "the base's DiT changed"
-    assert all(torch.equal(v, result.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
-    assert result.dit.head.mlp[2].weight.abs().max() > 0 and len(_losses(tmp_path / "work", "head")) == 3
 
 
 def test_colour_binding_script_reads_both_kinds_of_clip(monkeypatch, capsys):

@@ -17,6 +17,9 @@ encoder, DiT. `main(cfg)` runs the stages in order; each is resumable from atomi
                   random init or trained jointly (`train_text`). The head's MLP (DiTConfig.head_hidden)
                   stays at its zero-output init here, unless `head_joint` trains it here instead of in 5.
     5. head MLP   the head's MLP alone, everything else frozen (`train_head`; checkpoints "stage3-*").
+    6. layout     DiT + T5 further, the T5 with an absolute position, half of each batch at times in
+                  (0.97, 1), where only the caption can say which object goes where (`train_layout`;
+                  checkpoints "stage4-*").
 
 The toy world is infinite and seeded: the VAE's step s draws clips with seed (cfg.seed, s), so a
 resumed run sees the same data. `main` returns the trained parts (EMA weights for the DiT); the
@@ -43,7 +46,14 @@ from tqdm.auto import tqdm
 
 from model.config import ModelConfig, get_preset
 from model.dit import DiT
-from model.flow import add_noise, loss_by_t_bins, prediction_loss_per_sample, sample_time, x0_from_velocity
+from model.flow import (
+    T_MIN,
+    add_noise,
+    loss_by_t_bins,
+    prediction_loss_per_sample,
+    sample_time,
+    x0_from_velocity,
+)
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.vae import VAE, patchify
@@ -68,7 +78,7 @@ from .toyworld import (
     to_model_video,
 )
 
-STAGE_VAE, STAGE_DIT, STAGE_HEAD = 1, 2, 3
+STAGE_VAE, STAGE_DIT, STAGE_HEAD, STAGE_LAYOUT = 1, 2, 3, 4
 _EPS = 1e-4  # floor on a latent channel's std (a dead channel must not blow up when normalized)
 
 
@@ -98,10 +108,9 @@ class PretrainConfig:
     # -- text
     tokenizer_vocab: int = 128  # soft limit; the captions hold 26 distinct words
     train_text: bool = True  # train the T5 jointly with the DiT; False = frozen seeded random encoder
-    text_abs_pos: bool = False  # T5Config.abs_pos: the T5 also learns absolute positions (word order)
     # -- DiT
     bank_size: int = 4096
-    dit_steps: int = 24000  # assets/tiny: 91 min at 2 threads; held-out motion 0.63 at 16k, 0.80 (g3) at 24k
+    dit_steps: int = 24000  # 91 min on 2 threads; motion before the layout stage: 0.63 at 16k, 0.80 at 24k
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 200
@@ -122,6 +131,16 @@ class PretrainConfig:
     head_joint: bool = False  # True: the MLP trains with the DiT from step 0, and step 5 is skipped
     head_steps: int = 3000
     head_lr: float = 1e-3
+    # -- layout: DiT + T5 trained further, with a learned absolute position added to the T5 and a share of
+    # every batch at times in (layout_t, 1), where x_t no longer shows where the objects are and only the
+    # caption can. Without it the base put a two-object caption's objects on random sides: it read the
+    # layout from x_t and the caption as a bag of words (swapping the objects left its loss at t = 1
+    # unchanged). Either half alone did not help in 2000 steps; both did (benchmarks/results/
+    # toyworld-base-experiments.md, entry 3). 0 steps = no layout stage.
+    layout_steps: int = 2000
+    layout_share: float = 0.5
+    layout_t: float = 0.97
+    layout_lr: float = 1e-3
     self_cond_prob: float = 0.5  # paper: 0.9 in pretraining
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
@@ -391,9 +410,10 @@ def text_context(t5: T5Encoder, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tens
     return t5(ids, mask), mask
 
 
-def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.Generator
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """One flow-matching loss on a random bank batch: (scalar loss, per-sample (B,), t (B,))."""
+def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.Generator,
+             layout_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """One flow-matching loss on a random bank batch: (scalar loss, per-sample (B,), t (B,)); a share
+    `layout_share` of the batch takes times in (cfg.layout_t, 1) instead (the layout stage)."""
     b = cfg.batch
     idx = torch.randint(0, len(bank.latents), (b,), generator=g)
     x0, ids, mask = bank.latents[idx], bank.ids[idx].clone(), bank.mask[idx].clone()
@@ -401,6 +421,9 @@ def dit_loss(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, g: torch.
     ids[drop], mask[drop] = bank.empty_ids, bank.empty_mask
     context = t5(ids, mask)  # (B, L, D); no grad flows when the T5 is frozen
     t = sample_time(b, kind=cfg.time_dist, shift=cfg.time_shift, generator=g)
+    if layout_share > 0:
+        high = cfg.layout_t + (1 - cfg.layout_t) * torch.rand(b, generator=g)
+        t = torch.where(torch.rand(b, generator=g) < layout_share, high, t).clamp(max=1 - T_MIN)
     eps = torch.randn(x0.shape, generator=g)
     x_t = add_noise(x0, eps, t)
     self_cond = None
@@ -491,6 +514,55 @@ def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Lo
     return dit.requires_grad_(False).eval()
 
 
+def with_abs_pos(t5: T5Encoder, seed: int, length: int) -> T5Encoder:
+    """A copy of `t5` with T5Config.abs_pos, its first `length` rows (the positions training captions
+    fill) drawn N(0, 1) like the token embeddings, so that positions are in the DiT's cross-attention keys
+    from the first step; later rows stay zero (never trained: a longer prompt's tail gets no position)."""
+    out = T5Encoder(dataclasses.replace(t5.cfg, abs_pos=True))
+    missing = out.load_state_dict(t5.state_dict(), strict=False).missing_keys
+    assert missing == ["abs_pos"], missing
+    with torch.no_grad():
+        draw = torch.randn(out.abs_pos.shape, generator=torch.Generator().manual_seed(seed))
+        out.abs_pos.copy_(draw)
+        out.abs_pos[length:] = 0
+    return out
+
+
+def train_layout(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Log
+                 ) -> tuple[DiT, T5Encoder, dict]:
+    """Stage 6: the finished DiT and T5 trained further, the T5 with an absolute position, `layout_share`
+    of each batch at times in (layout_t, 1) (checkpoints "stage4-*"); returns the EMA DiT, the T5 and the
+    last logged metrics. No-op if layout_steps is 0."""
+    if cfg.layout_steps == 0:
+        return dit, t5, {}
+    if t5.abs_pos is None:
+        t5 = with_abs_pos(t5, seed=cfg.seed + 4, length=bank.ids.shape[1])
+    dit.requires_grad_(True).train()
+    t5.requires_grad_(cfg.train_text).train()
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    params = [p for p in dit.parameters() if p.requires_grad]
+    params += list(t5.parameters()) if cfg.train_text else []
+    opt = torch.optim.AdamW(params, lr=cfg.layout_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed + 4)
+    modules = {"dit": dit, "ema": ema, "t5": t5}
+    start = _resume(cfg, STAGE_LAYOUT, modules, opt, g)
+    t0, losses, metrics = time.time(), [], {}
+    for step in tqdm(range(start, cfg.layout_steps), desc="layout", initial=start, total=cfg.layout_steps):
+        loss, _, _ = dit_loss(cfg, dit, t5, bank, g, layout_share=cfg.layout_share)
+        optimizer_step(opt, params, loss, cosine_lr(step, cfg.layout_steps, cfg.warmup, cfg.layout_lr),
+                       f"layout loss at step {step}", f"lower layout_lr (now {cfg.layout_lr})")
+        ema_update(ema, dit, min(cfg.ema, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.layout_steps:
+            metrics = {"step": step + 1, "loss": float(np.mean(losses)),
+                       "seconds": round(time.time() - t0, 1)}
+            log("layout", **metrics)
+            losses = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.layout_steps:
+            _save(cfg, STAGE_LAYOUT, step + 1, modules, opt, g)
+    return ema.eval(), t5.requires_grad_(False).eval(), metrics
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 
@@ -524,8 +596,6 @@ def model_config(cfg: PretrainConfig) -> ModelConfig:
     mc = get_preset(cfg.preset)
     if cfg.head_hidden is not None:
         mc = dataclasses.replace(mc, dit=dataclasses.replace(mc.dit, head_hidden=cfg.head_hidden))
-    if cfg.text_abs_pos:
-        mc = dataclasses.replace(mc, t5=dataclasses.replace(mc.t5, abs_pos=True))
     return mc
 
 
@@ -569,7 +639,12 @@ def main(cfg: PretrainConfig) -> Pretrained:
 
     # -- 5. the head's MLP, if the preset has one
     dit = train_head(cfg, dit, t5, bank, log)
-    metrics = {**metrics, "wall_seconds_this_run": round(time.time() - wall, 1)}
+
+    # -- 6. layout: more training where only the caption can place the objects
+    dit, t5, layout_metrics = train_layout(cfg, dit, t5, bank, log)
+    mc = dataclasses.replace(mc, t5=t5.cfg)  # the layout stage adds the T5's absolute position
+    metrics = {**metrics, **{f"layout_{k}": v for k, v in layout_metrics.items()},
+               "wall_seconds_this_run": round(time.time() - wall, 1)}
     log("done", **metrics)
     return Pretrained(mc, vae, t5, dit, tok_path, metrics)
 
@@ -583,5 +658,5 @@ def resume_step(work_dir: str | Path) -> tuple[int, int] | None:
     return ck.stage, ck.step
 
 
-__all__ = ["PretrainConfig", "Pretrained", "main", "train_vae", "train_dit", "train_head", "dit_loss",
-           "latent_stats", "build_tokenizer", "build_bank", "all_captions", "psnr", "cosine_lr"]
+__all__ = ["PretrainConfig", "Pretrained", "main", "train_vae", "train_dit", "train_head", "train_layout",
+           "dit_loss", "latent_stats", "build_tokenizer", "build_bank", "all_captions", "psnr", "cosine_lr"]
