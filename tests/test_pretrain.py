@@ -336,3 +336,15 @@ def test_colour_binding_script_reads_both_kinds_of_clip(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| one", "| two"))]
     counts = [int(r.split("|")[2]) for r in rows]
     assert len(rows) == 2 and counts[0] + counts[1] // 2 == 6 and counts[1] > 0, rows  # objects of 6 prompts
+
+
+def test_the_committed_base_reads_word_order():
+    # The layout stage's point: near pure noise, swapping a two-object caption's objects must cost loss.
+    from benchmarks.caption_order import order_losses, swap_objects
+    from weights.checkpoint import load_checkpoint
+
+    assert swap_objects("a red square moves up and a white circle stays still on a blue background") == \
+        "a white circle stays still and a red square moves up on a blue background"
+    base = load_checkpoint(Path(__file__).resolve().parents[1] / "assets" / "tiny")
+    [(_, right, swapped, hurt)] = order_losses(base, clips=4, seed=99, times=[1.0])
+    assert swapped > 2 * right and hurt == 1.0, (right, swapped, hurt)
