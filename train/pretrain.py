@@ -485,6 +485,33 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     return ema.eval(), t5.eval(), metrics
 
 
+def finetune(cfg: PretrainConfig, stage: int, name: str, label: str, dit: DiT, t5: T5Encoder, bank: Bank,
+             log: Log, *,
+             params: list[nn.Parameter], model: nn.Module, ema: nn.Module, modules: dict[str, nn.Module],
+             steps: int, lr: float, lr_name: str, seed: int, layout_share: float = 0.0) -> dict:
+    """The loop of the stages after the DiT's (head MLP, layout): AdamW on `params` with a cosine schedule
+    from `lr`, `ema` following `model`, logs as `name`, checkpoints `modules` as `stage` and resumes from
+    them (`label` names it on the progress bar and in errors); returns the last logged metrics."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    start = _resume(cfg, stage, modules, opt, g)
+    t0, losses, metrics = time.time(), [], {}
+    for step in tqdm(range(start, steps), desc=label, initial=start, total=steps):
+        loss, _, _ = dit_loss(cfg, dit, t5, bank, g, layout_share=layout_share)
+        optimizer_step(opt, params, loss, cosine_lr(step, steps, cfg.warmup, lr),
+                       f"{label} loss at step {step}", f"lower {lr_name} (now {lr})")
+        ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            metrics = {"step": step + 1, "loss": float(np.mean(losses)),
+                       "seconds": round(time.time() - t0, 1)}
+            log(name, **metrics)
+            losses = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            _save(cfg, stage, step + 1, modules, opt, g)
+    return metrics
+
+
 def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Log) -> DiT:
     """Step 5: the head's MLP alone, everything else frozen; returns `dit` with the MLP's EMA weights."""
     mlp = getattr(dit.head, "mlp", None)
@@ -494,22 +521,9 @@ def train_head(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: Lo
     t5.requires_grad_(False)
     mlp.requires_grad_(True)
     ema = copy.deepcopy(mlp).requires_grad_(False)
-    params = list(mlp.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.head_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    start = _resume(cfg, STAGE_HEAD, {"mlp": mlp, "ema": ema}, opt, g)
-    t0, losses = time.time(), []
-    for step in tqdm(range(start, cfg.head_steps), desc="head MLP", initial=start, total=cfg.head_steps):
-        loss, _, _ = dit_loss(cfg, dit, t5, bank, g)
-        optimizer_step(opt, params, loss, cosine_lr(step, cfg.head_steps, cfg.warmup, cfg.head_lr),
-                       f"head MLP loss at step {step}", f"lower head_lr (now {cfg.head_lr})")
-        ema_update(ema, mlp, min(cfg.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.head_steps:
-            log("head", step=step + 1, loss=float(np.mean(losses)), seconds=round(time.time() - t0, 1))
-            losses = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.head_steps:
-            _save(cfg, STAGE_HEAD, step + 1, {"mlp": mlp, "ema": ema}, opt, g)
+    finetune(cfg, STAGE_HEAD, "head", "head MLP", dit, t5, bank, log, params=list(mlp.parameters()),
+             model=mlp, ema=ema, modules={"mlp": mlp, "ema": ema}, steps=cfg.head_steps, lr=cfg.head_lr,
+             lr_name="head_lr", seed=cfg.seed + 3)
     mlp.load_state_dict(ema.state_dict())
     return dit.requires_grad_(False).eval()
 
@@ -542,24 +556,10 @@ def train_layout(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: 
     ema = copy.deepcopy(dit).requires_grad_(False)
     params = [p for p in dit.parameters() if p.requires_grad]
     params += list(t5.parameters()) if cfg.train_text else []
-    opt = torch.optim.AdamW(params, lr=cfg.layout_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed + 4)
-    modules = {"dit": dit, "ema": ema, "t5": t5}
-    start = _resume(cfg, STAGE_LAYOUT, modules, opt, g)
-    t0, losses, metrics = time.time(), [], {}
-    for step in tqdm(range(start, cfg.layout_steps), desc="layout", initial=start, total=cfg.layout_steps):
-        loss, _, _ = dit_loss(cfg, dit, t5, bank, g, layout_share=cfg.layout_share)
-        optimizer_step(opt, params, loss, cosine_lr(step, cfg.layout_steps, cfg.warmup, cfg.layout_lr),
-                       f"layout loss at step {step}", f"lower layout_lr (now {cfg.layout_lr})")
-        ema_update(ema, dit, min(cfg.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.layout_steps:
-            metrics = {"step": step + 1, "loss": float(np.mean(losses)),
-                       "seconds": round(time.time() - t0, 1)}
-            log("layout", **metrics)
-            losses = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.layout_steps:
-            _save(cfg, STAGE_LAYOUT, step + 1, modules, opt, g)
+    metrics = finetune(cfg, STAGE_LAYOUT, "layout", "layout", dit, t5, bank, log, params=params, model=dit,
+                       ema=ema, modules={"dit": dit, "ema": ema, "t5": t5}, steps=cfg.layout_steps,
+                       lr=cfg.layout_lr, lr_name="layout_lr", seed=cfg.seed + 4,
+                       layout_share=cfg.layout_share)
     return ema.eval(), t5.requires_grad_(False).eval(), metrics
 
 
