@@ -10,21 +10,21 @@ stage (git show d733a8a:assets/tiny) 0.462 / 0.462.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
 from model.flow import add_noise, prediction_loss_per_sample
 from model.tokenizer import Tokenizer
 from train.pretrain import caption_length
-from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
+from train.toyworld import Scenes, ToyWorldConfig, generate_batch, scene_captions, to_model_video
 from weights.checkpoint import load_checkpoint
 
 
-def swap_objects(caption: str) -> str:
-    """'A and B on a X background' -> 'B and A on a X background' (the world's two-object captions)."""
-    objects, background = caption.split(" on a ")
-    first, second = objects.split(" and ")
-    return f"{second} and {first} on a {background}"
+def swapped_captions(scenes: Scenes) -> list[str]:
+    """The world's captions of two-object `scenes` with the two objects named in the other order."""
+    flip = {k: getattr(scenes, k)[:, ::-1] for k in ("colour", "shape", "motion")}
+    return scene_captions(dataclasses.replace(scenes, **flip))
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def order_losses(base, clips: int, seed: int, times: list[float]) -> list[tuple[
     tok = Tokenizer(base.tokenizer_path)
     length = caption_length(tok, base.cfg.t5.max_length)
     contexts = []
-    for captions in (batch.captions, [swap_objects(c) for c in batch.captions]):
+    for captions in (batch.captions, swapped_captions(batch.scenes)):
         ids, mask = tok.encode(captions, length)
         contexts.append((base.t5(ids, mask.bool()), mask.bool()))
     x0 = base.vae.encode(to_model_video(batch.video))
