@@ -331,7 +331,8 @@ def render_markdown(data: dict) -> str:
         f"{b['sample_steps'] or 'base default'} steps); mean ± spread (std) over concept x seed runs",
         f"- every row: {b['steps1']} + {b['steps2']} steps (single-stage rows: "
         f"{b['steps1'] + b['steps2']} steps on clips), batch {b['batch_size']}, LoRA lr {b['lr']:g} "
-        f"(AdamW 0.9/0.99, wd 0.01, clip 0.05), token lr {b['token_lr']:g}; rank {b['rank']} (LoRA-1: 1); "
+        f"(AdamW 0.9/0.99, wd 0.01, clip 0.05), token lr {b['token_lr']:g}; rank {b['rank']} (LoRA-1: 1) "
+        f"on {X.describe_targets(b['targets'])}; "
         f"textual inversion: tokens only at lr {b['ti_token_lr']:g}",
         "- ours: B-dropout 0.8 / 0.5, prior preservation "
         f"({b['prior_count']} base generations of world captions, {b['prior_per_batch']} per batch, "

@@ -313,7 +313,8 @@ def render_markdown(data: dict) -> str:
         f"- base: `{data['base']}`; concept: {c['description'] or c['pattern']} "
         f"(pattern {c['pattern']}, motion {c['motion']}, {c['background']} background)",
         f"- prompts: stage 1 `{data['prompts']['stage1']}`, stage 2 `{data['prompts']['stage2']}`",
-        f"- personalization: {b['steps1']} + {b['steps2']} steps, rank {b['rank']}, lr {b['lr']:g}, token lr "
+        f"- personalization: {b['steps1']} + {b['steps2']} steps, rank {b['rank']} on "
+        f"{X.describe_targets(b['targets'])}, lr {b['lr']:g}, token lr "
         f"{b['token_lr']:g}, batch {b['batch_size']}, prior {b['prior_count']} generations "
         f"({b['prior_per_batch']} per batch, weight {b['prior_weight']:g}); "
         "B-dropout 0.8 / 0.5, token masking 0.1, caption dropout 0.1",

@@ -58,8 +58,7 @@ def register(subparsers) -> None:
                    help="Euler steps (default: the base model's own, ModelConfig.sample_steps)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale (default: the base model's own, "
-                        "ModelConfig.guidance, e.g. 5 for Wan 2.1, 3 for tiny; the paper samples at 8; "
-                        "1 = off; tiny-base concepts measured better at 1, see the README)")
+                        "ModelConfig.guidance, e.g. 5 for Wan 2.1, 1 (off) for tiny; the paper samples at 8)")
     p.add_argument("--shift", type=float, help="timestep shift (default: the base model's own)")
     p.add_argument("--no-self-cond", dest="self_cond", action="store_false", default=None,
                    help="do not feed back the x0 estimate (default: on when the base has self-conditioning)")

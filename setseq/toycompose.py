@@ -476,7 +476,8 @@ def render_markdown(data: dict) -> str:
         f"{b['guidance'] or 'base default'}); mean ± spread "
         "(std) over every video, pooled over seeds x generations",
         f"- every method: the `ours` variant, per concept {b['steps1']} + {b['steps2']} steps, batch "
-        f"{b['batch_size']}, rank {b['rank']}, LoRA lr {b['lr']:g}, token lr {b['token_lr']:g}, prior "
+        f"{b['batch_size']}, rank {b['rank']} on {X.describe_targets(b['targets'])}, LoRA lr {b['lr']:g}, "
+        f"token lr {b['token_lr']:g}, prior "
         f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
         f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
         f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "

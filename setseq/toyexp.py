@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lora.inject import DEFAULT_TARGETS
 from train.toyworld import BACKGROUNDS, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, ToyWorldConfig, caption_of
 from train.toyworld_concepts import ConceptSpec as ToyConcept
 from train.toyworld_concepts import render_concept
@@ -37,6 +38,17 @@ FPS = 8.0
 
 
 # ------------------------------------------------------------------------------------------ budget
+
+# The DiT's output head: a (dim -> out_channels x patch) linear whose 128 inputs on the tiny base span
+# every output a token can take (640 values). The paper's targets (every block's attention and FFN)
+# never widen that span, and frames whose pattern lies outside it came out washed out. On the committed
+# base, 3 concepts x 2 seeds (runs/bench-v11), adding the head lifted `ours` on every column but TC
+# (reconstruction MSE 0.026 -> 0.019, the demo concept's worst frame 0.33 -> 0.44 / 0.49, edit crop
+# 0.21 -> 0.25, edit motion 0.28 -> 0.33); toy runs adapt it in every LoRA row. At Wan's sizes the head
+# (1536 inputs, 64 outputs) is no bottleneck, and `setseq personalize` keeps the paper's targets.
+HEAD_TARGET = r"head\.head"
+TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
+
 
 
 @dataclass
@@ -62,14 +74,13 @@ class ToyBudget:
     prior_weight: float = 0.25
     samples: int = 4  # generations (seeds) per prompt
     sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
-    # Sampling guidance of a personalized concept (None = the base's own, ModelConfig.guidance: 3 for
-    # tiny, chosen for the bare base's motion). On the 24k-step base, 3 concepts x 2 seeds (runs/bench-v7),
-    # guidance 1 beat 3 for `ours` on MSE (0.026 vs 0.028), reconstruction motion (0.93 vs 0.91) and edit
-    # crop ID (0.36 vs 0.33), tied on edit adherence (5/6) and motion (0.45), and lifted every LoRA row's
-    # reconstruction. It costs the added-object edit: on the demo concept the red object appears in 0/4
-    # seeds at 1 and 3/4 at 3 (right in 1/4).
+    # Sampling guidance of a personalized concept (None = the base's own, ModelConfig.guidance, now 1 for
+    # tiny too). On the DiT-stage base, 3 concepts x 2 seeds (runs/bench-v7), guidance 1 beat 3 for `ours`
+    # on MSE (0.026 vs 0.028), reconstruction motion (0.93 vs 0.91) and edit crop ID (0.36 vs 0.33), tied
+    # on edit adherence (5/6) and motion (0.45), and lifted every LoRA row's reconstruction.
     guidance: float | None = 1.0
     prior_steps: int | None = None
+    targets: tuple[str, ...] = TOY_TARGETS  # LoRA targets of every LoRA row (HEAD_TARGET: why the head)
 
     def __post_init__(self) -> None:
         for name in ("steps1", "steps2", "rank", "batch_size", "samples"):
@@ -258,18 +269,10 @@ def variants(budget: ToyBudget) -> dict[str, Variant]:
     return {v.key: v for v in rows}
 
 
-# The DiT's output head: a (dim -> out_channels x patch) linear whose inputs span every output a token
-# can take. The paper's targets (every block's attention and FFN) never widen that span; on the tiny base
-# adding it lifts the worst frame's appearance and costs motion under an edit (README, bench).
-HEAD_TARGET = r"head\.head"
-
-
 def extra_variants(budget: ToyBudget) -> dict[str, Variant]:
     """Rows a bench runs only when named (--variants): ablations of ours, not the paper's table."""
-    from lora.inject import DEFAULT_TARGETS
-
-    head = {"targets": (*DEFAULT_TARGETS, HEAD_TARGET)}
-    rows = [Variant("ours_head", "ours + LoRA on the DiT's output head", head)]
+    paper_targets = {"targets": DEFAULT_TARGETS}
+    rows = [Variant("ours_nohead", "ours on the paper's targets only (no head LoRA)", paper_targets)]
     return {v.key: v for v in rows}
 
 
@@ -360,6 +363,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         steps1=n * budget.steps1,
         steps2=n * budget.steps2,
         rank=budget.rank,
+        targets=budget.targets,
         lr=budget.lr,
         token_lr=budget.token_lr,
         batch_size=budget.batch_size,
@@ -501,23 +505,34 @@ def score_job(
     return out
 
 
+def describe_targets(targets) -> str:
+    """A LoRA target list in a report's words."""
+    named = {DEFAULT_TARGETS[0]: "attention", DEFAULT_TARGETS[1]: "FFN", HEAD_TARGET: "output head"}
+    return " + ".join(named.get(t, f"`{t}`") for t in targets)
+
+
 def seeds(n: int, offset: int = 0) -> tuple[int, ...]:
     return tuple(range(offset, offset + n))
 
 
 def describe_budget(budget: ToyBudget) -> dict:
-    return dataclasses.asdict(budget)
+    """The budget as JSON keeps it (lists, not tuples), so a saved record compares equal."""
+    return {**dataclasses.asdict(budget), "targets": list(budget.targets)}
 
 
 # Budget fields that only change generation: a concept trained under one value serves every other.
 SAMPLING_FIELDS = ("samples", "sample_steps", "guidance")
 
 
+# What a field's absence from a saved record means, where that is not the field's default: records
+# written before `targets` existed trained the paper's targets, without the head.
+ABSENT_MEANS = {"targets": list(DEFAULT_TARGETS)}
+
+
 def saved_budget(values: dict) -> dict:
-    """A budget as a record saved it, with fields added since at their defaults: a new ToyBudget field's
-    default must keep the behaviour the code had before the field existed."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ToyBudget)}
-    return {**defaults, **values}
+    """A budget as a record saved it, with fields added since at their defaults (or ABSENT_MEANS): a
+    new ToyBudget field's default must keep the behaviour the code had before the field existed."""
+    return {**describe_budget(ToyBudget()), **ABSENT_MEANS, **values}
 
 
 def training_budget(budget: ToyBudget | dict) -> dict:

@@ -173,13 +173,26 @@ def test_records_saved_before_a_budget_field_existed_still_count(smoke, tmp_path
     assert code == 0 and "training)" not in printed and "reused" not in printed
 
 
-def test_an_extra_row_runs_only_when_named_and_adapts_the_output_head(smoke, tmp_path):
-    assert "ours_head" not in json.loads((smoke[0] / "bench.json").read_text())["table"]["rows"]
-    code, _ = bench(tmp_path, "--variants", "ours_head")
+def test_records_saved_before_the_head_target_existed_train_again(smoke, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(smoke[0], out)
+    for path in (out / "runs").glob("*-ours.json"):
+        rec = json.loads(path.read_text())
+        del rec["budget"]["targets"]  # as written before the field existed: the paper's targets, no head
+        path.write_text(json.dumps(rec))
+    code, printed = bench(out)
+    assert code == 0 and printed.count("s training)") == 1
+
+
+def test_lora_rows_adapt_the_output_head_and_the_extra_row_does_not(smoke, tmp_path):
+    ours = concept_file(smoke[0], "ours")
+    head_b = [ours.lora[k] for k in ours.lora if k.startswith("head.head.") and "lora_B" in k]
+    assert head_b and max(b.abs().max() for b in head_b) > 0
+    assert "ours_nohead" not in json.loads((smoke[0] / "bench.json").read_text())["table"]["rows"]
+    code, _ = bench(tmp_path, "--variants", "ours_nohead")
     assert code == 0
-    c = concept_file(tmp_path, "ours_head")
-    assert any(k.startswith("head.head.") for k in c.lora)
-    assert max(c.lora[k].abs().max() for k in c.lora if k.startswith("head.head.") and "lora_B" in k) > 0
+    nohead = concept_file(tmp_path, "ours_nohead")
+    assert nohead.lora and not any(k.startswith("head.") for k in nohead.lora)
 
 
 def test_clip_t_column_is_not_available_without_weights_and_measured_with_them(smoke, clip_folder, tmp_path):
