@@ -92,6 +92,8 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
+    p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
+                   help="how many of the 8 prior-preservation prompts have two objects (default 0)")
     p.add_argument("--guidance", type=float,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at "
                    "the base's own 3); a toyworld rerun that changes only --guidance, --sample-steps or "
@@ -130,7 +132,7 @@ def pick_variants(text: str | None, budget) -> list[X.Variant]:
 
 def budget_overrides(args: argparse.Namespace) -> dict:
     """The budget fields given on the command line."""
-    names = ("samples", "steps1", "steps2", "lr", "prior_weight", "guidance", "sample_steps")
+    names = ("samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "guidance", "sample_steps")
     given = {k: getattr(args, k) for k in names}
     return {k: v for k, v in given.items() if v is not None}
 
@@ -335,7 +337,8 @@ def render_markdown(data: dict) -> str:
         f"on {X.describe_targets(b['targets'])}; "
         f"textual inversion: tokens only at lr {b['ti_token_lr']:g}",
         "- ours: B-dropout 0.8 / 0.5, prior preservation "
-        f"({b['prior_count']} base generations of world captions, {b['prior_per_batch']} per batch, "
+        f"({b['prior_count']} base generations of world captions, {b['prior_pairs']} with two objects, "
+        f"{b['prior_per_batch']} per batch, "
         f"weight {b['prior_weight']:g}), "
         "token masking 0.1, caption dropout 0.1, self-conditioning 0.5; the other rows: none of these "
         "(self-conditioning kept)",

@@ -60,6 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps1", type=int, help="stage-1 steps (default 300)")
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 600)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
+                   help="how many of the 8 prior-preservation prompts have two objects (default 0)")
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )
@@ -86,7 +88,8 @@ def budget_of(args: argparse.Namespace):
     import dataclasses
 
     budget = X.QUICK if args.quick else X.ToyBudget()
-    changes = {k: getattr(args, k) for k in ("samples", "steps1", "steps2") if getattr(args, k) is not None}
+    names = ("samples", "steps1", "steps2", "prior_pairs")
+    changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     return dataclasses.replace(budget, **changes)
 
 
@@ -316,7 +319,8 @@ def render_markdown(data: dict) -> str:
         f"- personalization: {b['steps1']} + {b['steps2']} steps, rank {b['rank']} on "
         f"{X.describe_targets(b['targets'])}, lr {b['lr']:g}, token lr "
         f"{b['token_lr']:g}, batch {b['batch_size']}, prior {b['prior_count']} generations "
-        f"({b['prior_per_batch']} per batch, weight {b['prior_weight']:g}); "
+        f"({b['prior_per_batch']} per batch, weight {b['prior_weight']:g}, "
+        f"{b['prior_pairs']} with two objects); "
         "B-dropout 0.8 / 0.5, token masking 0.1, caption dropout 0.1",
         f"- sampling: {b['samples']} seeds per prompt; steps {b['sample_steps'] or 'base default'}, "
         f"guidance {b['guidance'] or 'base default'}",

@@ -125,6 +125,8 @@ def test_budget_flags_reach_the_budget_and_unset_ones_keep_defaults():
     assert budget_overrides(args) == {"lr": 3e-4, "steps2": 50}
     args = parser.parse_args(["bench", "toyworld", "--guidance", "1", "--sample-steps", "30"])
     assert budget_overrides(args) == {"guidance": 1.0, "sample_steps": 30}
+    args = parser.parse_args(["bench", "toyworld", "--prior-pairs", "4"])
+    assert budget_overrides(args) == {"prior_pairs": 4}
 
 
 def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypatch):

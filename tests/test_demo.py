@@ -131,6 +131,17 @@ def test_prior_pairs_are_two_object_world_captions_of_two_colours():
     assert all(" and " not in p for p in one)
 
 
+def test_demo_flags_reach_its_budget():
+    import argparse
+
+    from setseq.cmd_demo import budget_of, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    budget = budget_of(parser.parse_args(["demo", "--prior-pairs", "4", "--steps2", "50"]))
+    assert (budget.prior_pairs, budget.steps2, budget.steps1) == (4, 50, X.ToyBudget().steps1)
+
+
 # ------------------------------------------------------------------------------------------ scores
 
 
