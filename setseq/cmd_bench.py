@@ -95,9 +95,9 @@ def register(subparsers) -> None:
     p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")
     p.add_argument("--guidance", type=float,
-                   help="sampling guidance (default 1: personalized tiny concepts measured better than at "
-                   "the base's own 3); a toyworld rerun that changes only --guidance, --sample-steps or "
-                   "--samples reuses the trained concepts")
+                   help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
+                   "the tiny base's default before); a toyworld rerun that changes only --guidance, "
+                   "--sample-steps or --samples reuses the trained concepts")
     p.add_argument("--sample-steps", dest="sample_steps", type=int,
                    help="Euler steps per generation (default: the base model's own)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")

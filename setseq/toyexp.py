@@ -51,7 +51,6 @@ HEAD_TARGET = r"head\.head"
 TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
 
 
-
 @dataclass
 class ToyBudget:
     """Personalization and sampling settings of a toy run (the paper's 600 + 900 steps at lr 1e-4 are
