@@ -453,8 +453,7 @@ def train_dit(cfg: PretrainConfig, mc: ModelConfig, bank: Bank, log: Log) -> tup
     head_mlp = getattr(dit.head, "mlp", None)
     if head_mlp is not None and not cfg.head_joint:
         head_mlp.requires_grad_(False)  # train_head trains it, on the finished model
-    params = [p for p in dit.parameters() if p.requires_grad]
-    params += list(t5.parameters()) if cfg.train_text else []
+    params = list(dit.parameters()) + (list(t5.parameters()) if cfg.train_text else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     start = _resume(cfg, STAGE_DIT, {"dit": dit, "ema": ema, "t5": t5}, opt, g)
@@ -554,8 +553,7 @@ def train_layout(cfg: PretrainConfig, dit: DiT, t5: T5Encoder, bank: Bank, log: 
     dit.requires_grad_(True).train()
     t5.requires_grad_(cfg.train_text).train()
     ema = copy.deepcopy(dit).requires_grad_(False)
-    params = [p for p in dit.parameters() if p.requires_grad]
-    params += list(t5.parameters()) if cfg.train_text else []
+    params = list(dit.parameters()) + (list(t5.parameters()) if cfg.train_text else [])
     metrics = finetune(cfg, STAGE_LAYOUT, "layout", "layout", dit, t5, bank, log, params=params, model=dit,
                        ema=ema, modules={"dit": dit, "ema": ema, "t5": t5}, steps=cfg.layout_steps,
                        lr=cfg.layout_lr, lr_name="layout_lr", seed=cfg.seed + 4,
