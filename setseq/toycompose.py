@@ -58,7 +58,7 @@ from train.toyworld import (
     draw_layers,
 )
 from train.toyworld_concepts import ConceptSpec as ToyConcept
-from train.toyworld_concepts import concept_path, list_concepts
+from train.toyworld_concepts import concept_path, list_concepts, slot_path
 
 TOKENS = (("[v1]", "[u1]"), ("[v2]", "[u2]"))  # (appearance, motion) tokens of concept A, concept B
 STITCH_PROB = 0.25  # PersonalizeConfig's default: a stitched pair is one step in four
@@ -148,15 +148,8 @@ def render_pair(a: ToyConcept, b: ToyConcept, world: ToyWorldConfig) -> np.ndarr
     right (x = 3W/4), each on its own path with the x offsets shrunk to keep the sprite in its half."""
     layers = []
     for spec, slot in ((a, world.size / 4), (b, 3 * world.size / 4)):
-        centres, angles = concept_path(spec, world)
-        off = centres - world.size / 2  # (T, 2)
-        reach = spec.radius * (np.sqrt(2) if spec.shape == "square" and np.ptp(angles) > 0 else 1.0)
-        room = max(world.size / 4 - reach, 0.0)
-        widest = float(np.abs(off[:, 0]).max())
-        if widest > room:
-            off[:, 0] *= room / widest
-        layers.append(Layer(centres=(off + [slot, world.size / 2])[None],
-                            shapes=np.array([SHAPES.index(spec.shape)]),
+        centres, angles = slot_path(spec, world, slot)
+        layers.append(Layer(centres=centres[None], shapes=np.array([SHAPES.index(spec.shape)]),
                             colours=np.array(spec.colours, np.uint8)[None], radius=spec.radius,
                             pattern=spec.pattern, cell=spec.cell, angles=angles[None]))
     bg = np.array(BACKGROUNDS[a.background], np.uint8)[None]

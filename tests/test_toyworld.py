@@ -207,6 +207,16 @@ def test_concept_with_an_extra_object_adds_it_in_the_right_half():
         render_concept(spec, extra=("plaid", "circle", "up"))
 
 
+def test_concept_with_an_extra_object_moves_in_the_left_half_as_the_world_lays_out_pairs():
+    spec = load_concept("stripes_stutter")  # alone it travels 24 px right across the frame centre
+    alone = render_concept(spec, seed=0)[0].objects[0].positions
+    sprite = render_concept(spec, seed=0, extra=("red", "circle", "up"))[0].objects[0]
+    assert not sprite.masks[..., 32:].any() and sprite.masks.any(axis=(1, 2)).all()
+    steps, alone_steps = np.diff(sprite.positions[:, 0]), np.diff(alone[:, 0])
+    assert 0 < np.ptp(sprite.positions[:, 0]) < np.ptp(alone[:, 0])  # the path shrinks to fit the slot
+    assert np.allclose(steps * (alone_steps.sum() / steps.sum()), alone_steps)  # same rhythm, scaled
+
+
 def test_concept_that_leaves_the_frame_raises():
     spec = ConceptSpec(name="big", pattern="checker", colours=((0, 0, 0), (9, 9, 9)), amplitude=30.0)
     with pytest.raises(ValueError, match="amplitude"):

@@ -10,8 +10,8 @@ examples/concepts/ and load by name:
     clip = render_concept(spec, seed=0)                                   # the training video
     edit = render_concept(spec, background="blue", extra=("red", "square", "up"))  # an edit target
 
-Rendering with `extra` places an ordinary object in the right half (the two-object slot) under
-the sprite; the sprite keeps its full path, so the two may overlap (masks are the visible parts).
+Rendering with `extra` draws a two-object scene as the world's captions lay one out: the sprite (named
+first) in the left half on its path shrunk to fit there (`slot_path`), the ordinary object in the right.
 """
 
 from __future__ import annotations
@@ -149,6 +149,20 @@ def concept_path(spec: ConceptSpec, cfg: ToyWorldConfig, motion: str | None = No
     return off + cfg.size / 2, angles
 
 
+def slot_path(spec: ConceptSpec, cfg: ToyWorldConfig, slot_x: float, motion: str | None = None):
+    """The sprite's path in one slot of a two-object scene (centre x = slot_x, e.g. W/4 for the
+    caption's first object): the world's two-object grammar keeps each object in its own half, so the
+    x offsets shrink until the sprite fits there. Returns centres (T, 2) and angles (T,)."""
+    centres, angles = concept_path(spec, cfg, motion)
+    off = centres - cfg.size / 2
+    reach = spec.radius * (np.sqrt(2) if spec.shape == "square" and np.ptp(angles) > 0 else 1.0)
+    room = max(cfg.size / 4 - reach, 0.0)
+    widest = float(np.abs(off[:, 0]).max())
+    if widest > room:
+        off[:, 0] *= room / widest
+    return off + np.array([slot_x, cfg.size / 2]), angles
+
+
 def render_concept(spec: ConceptSpec, *, seed: int = 0, n: int = 1, cfg: ToyWorldConfig | None = None,
                    background: str | None = None, motion: str | None = None,
                    extra: tuple[str, str, str] | None = None) -> list[Clip]:
@@ -166,6 +180,8 @@ def render_concept(spec: ConceptSpec, *, seed: int = 0, n: int = 1, cfg: ToyWorl
         raise ValueError(f"concept {spec.name!r} leaves the {cfg.size}px frame (path spans "
                          f"{centres.min():.1f}..{centres.max():.1f} px, sprite reach {reach:.1f}); "
                          "lower its amplitude or radius")
+    if extra is not None:  # the caption names the sprite first: the left slot, as the world draws pairs
+        centres, angles = slot_path(spec, cfg, cfg.size / 4, motion)
     jit = rng.uniform(-cfg.jitter, cfg.jitter, (n, 2, 1, 2))
     sprite = Layer(centres=centres[None] + jit[:, 0], shapes=np.full(n, SHAPES.index(spec.shape)),
                    colours=np.broadcast_to(np.array(spec.colours, np.uint8), (n, 2, 3)), radius=spec.radius,
