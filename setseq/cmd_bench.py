@@ -24,8 +24,9 @@ single runs mixed at generation; the composition prompt puts A in the left half 
 other (leakage) and their difference, motion (per-axis velocity correlation), beside floors.
 Default budget: `ours` at 200 + 400 steps per concept (joint runs 400 + 800), 2 generations per
 prompt: 3600 training steps per seed, about 9 minutes on 2 cores (a 150 + 300 single run took 60 s on
-a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step); toyexp's full 300 + 600
-(--steps1 300 --steps2 600) takes about 13-18 minutes. --quick takes about 15 s.
+a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step); toyexp's 300 + 600 (--steps1 300
+--steps2 600) took about 13-18 minutes, and its full 600 + 1200 should take twice that. --quick takes
+about 15 s.
 OUT: compose.md, compose.json, compose.png, runs/ (cached per method and seed; --fresh redoes them).
 """
 
@@ -85,10 +86,10 @@ def register(subparsers) -> None:
                    f"also {','.join(X.extra_variants(X.ToyBudget()))})")
     p.add_argument("--samples", type=int, help="generations per prompt (default 4, compose 2; quick 1)")
     p.add_argument(
-        "--steps1", type=int, help="stage-1 steps (default 300, compose 200 per concept; single-stage rows "
+        "--steps1", type=int, help="stage-1 steps (default 600, compose 200 per concept; single-stage rows "
         "get steps1 + steps2)"
     )
-    p.add_argument("--steps2", type=int, help="stage-2 steps (default 600, compose 400 per concept)")
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 400 per concept)")
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")

@@ -57,8 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="results folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one seed (seconds)")
     p.add_argument("--samples", type=int, help="seeds per prompt (default 4; quick 1)")
-    p.add_argument("--steps1", type=int, help="stage-1 steps (default 300)")
-    p.add_argument("--steps2", type=int, help="stage-2 steps (default 600)")
+    p.add_argument("--steps1", type=int, help="stage-1 steps (default 600)")
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")

@@ -66,7 +66,7 @@ MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens o
 MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 
 # The default: `ours` at 200 + 400 steps per concept (the budget of the committed runs/bench table;
-# toyexp's 300 + 600 is --steps1 300 --steps2 600), so that the six single-run equivalents of a seed
+# toyexp's 600 + 1200 is --steps1 600 --steps2 1200), so that the six single-run equivalents of a seed
 # (2 post-hoc + 2 x 2 joint) fit in about 10 minutes on 2 cores (see cmd_bench's docstring).
 COMPOSE = X.ToyBudget(steps1=200, steps2=400, samples=2)
 # The smoke run: toyexp's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps) draws a
