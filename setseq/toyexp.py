@@ -40,13 +40,14 @@ FPS = 8.0
 # ------------------------------------------------------------------------------------------ budget
 
 # The DiT's output head: a (dim -> out_channels x patch) linear whose 128 inputs on the tiny base span
-# every output a token can take (640 values). The paper's targets (every block's attention and FFN)
-# never widen that span, and frames whose pattern lies outside it came out washed out. On the committed
-# base, 3 concepts x 2 seeds (runs/bench-v12, against the row ours_nohead), adding the head lifted `ours`
-# on every column but edit TC (0.85 -> 0.83): reconstruction MSE 0.026 -> 0.019, crop 0.66 -> 0.73, the
-# demo concept's worst frame 0.32 / 0.34 -> 0.36 / 0.50, edit motion 0.28 -> 0.35. Toy runs adapt it in
-# every LoRA row. At Wan's sizes the head (1536 inputs, 64 outputs) is no bottleneck, and `setseq
-# personalize` keeps the paper's targets.
+# every output a token can take (a 128-dim span of its 640 values). The paper's targets (every block's
+# attention and FFN) cannot move that span, and frames whose pattern lies outside it came out washed out;
+# a LoRA on the head turns the span toward the concept. On the committed
+# base at 600 + 1200 steps, 3 concepts x 2 seeds (runs/bench-s12-2x, against the row ours_nohead), adding
+# the head lifted `ours` on every column but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015,
+# crop 0.70 -> 0.78, edit crop 0.26 -> 0.28, edit motion 0.36 -> 0.39 (at 300 + 600, runs/bench-v12: the
+# same signs). Toy runs adapt it in every LoRA row. At Wan's sizes the head (1536 inputs, 64 outputs) is
+# no bottleneck, and `setseq personalize` keeps the paper's targets.
 HEAD_TARGET = r"head\.head"
 TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
 
