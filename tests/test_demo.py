@@ -180,3 +180,16 @@ def test_summaries_count_nans_instead_of_averaging_them():
     s = R.summarize([{"a": 1.0}, {"a": 3.0}, {"a": float("nan")}])
     assert s["a"] == {"mean": 2.0, "std": 1.0, "n": 3, "nan": 1}
     assert json.loads(json.dumps(R.clean_json({"x": float("nan")}))) == {"x": None}
+
+
+def test_background_shift_reads_each_pattern_colour_of_a_rendered_sprite():
+    from benchmarks.background_shift import sprite_colours
+
+    spec = load_concept("stripes_stutter")
+    for bg in ("black", "blue"):
+        frames = render_concept(spec, background=bg)[0].video.astype(np.float64)
+        _, parts = sprite_colours(frames, spec.colours)
+        assert np.allclose(parts, spec.colours), (bg, parts)  # hard-edged stripes: exact colours
+    flat = np.full((17, 64, 64, 3), 20.0)
+    mean, parts = sprite_colours(flat, spec.colours)
+    assert np.isnan(mean).all() and all(np.isnan(p).all() for p in parts)
