@@ -14,6 +14,7 @@ keeps them on blue ((154, 210, 95), (78, 72, 132)) and fills a gray frame with s
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
     spec, world, budget = load_concept(args.concept), ToyWorldConfig(), X.ToyBudget()
-    pipe, adapter = X.concept_pipeline(X.ToyBase(args.base, Path("/tmp")), Path(args.concept_file))
+    base = X.ToyBase(args.base, Path(tempfile.gettempdir()))  # a folder base writes nothing there
+    pipe, adapter = X.concept_pipeline(base, Path(args.concept_file))
     fmt = lambda c: "(" + ", ".join("-" if np.isnan(x) else f"{x:.0f}" for x in c) + ")"  # noqa: E731
     print(f"reference colours {', '.join(fmt(c) for c in spec.colours)}; home background {spec.background}")
     print("| background | adapter | sprite mean | nearer colour 1 | nearer colour 2 |\n|---|---|---|---|---|")

@@ -42,21 +42,21 @@ FPS = 8.0
 # The DiT's output head: a (dim -> out_channels x patch) linear whose 128 inputs on the tiny base span
 # every output a token can take (a 128-dim span of its 640 values). The paper's targets (every block's
 # attention and FFN) cannot move that span, and frames whose pattern lies outside it came out washed out;
-# a LoRA on the head turns the span toward the concept. On the committed
-# base at 600 + 1200 steps, 3 concepts x 2 seeds (runs/bench-s12-2x, against the row ours_nohead), adding
-# the head lifted `ours` on every column but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015,
-# crop 0.70 -> 0.78, edit crop 0.26 -> 0.28, edit motion 0.36 -> 0.39 (at 300 + 600, runs/bench-v12: the
-# same signs). Toy runs adapt it in every LoRA row. At Wan's sizes the head (1536 inputs, 64 outputs) is
-# no bottleneck, and `setseq personalize` keeps the paper's targets.
+# a LoRA on the head turns the span toward the concept. On the committed base at 600 + 1200 steps, 3
+# concepts x 2 seeds (runs/bench-s12-2x, against the row ours_nohead), adding the head lifted `ours` on
+# every column but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015, crop 0.70 -> 0.78, edit crop
+# 0.26 -> 0.28, edit motion 0.36 -> 0.39 (at 300 + 600, runs/bench-v12: the same signs). Toy runs adapt it
+# in every LoRA row. At Wan's sizes the head (1536 inputs, 64 outputs) is no bottleneck, and `setseq
+# personalize` keeps the paper's targets.
 HEAD_TARGET = r"head\.head"
 TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
 
 
 @dataclass
 class ToyBudget:
-    """Personalization and sampling settings of a toy run (the paper's 600 + 900 steps at lr 1e-4 are
-    for an 11B model; the tiny base takes fewer steps at a higher rate). Every variant of the bench
-    uses the same steps, batch and LoRA learning rate."""
+    """Personalization and sampling settings of a toy run (the paper's lr 1e-4 is for an 11B model; the
+    tiny base trains at 1e-3). Every variant of the bench uses the same steps, batch and LoRA learning
+    rate."""
 
     # The paper trains its regularized method longer than the unregularized two-stage (600 + 900 against
     # 150 + 400 steps: "with dropout regularization, convergence is slower"). Here every row gets the same
