@@ -1,7 +1,7 @@
 """Not a timing: what a personalized toy concept looks like on each background. For every background of
 the world, the concept's training prompt with that background, sampled with the adapter on and off
 (identity = motion = 0: the base with the trained tokens), and the sprite's colours read from pixels:
-its mean, and with the adapter on the mean of the pixels nearer each of the concept's two colours.
+its mean, and the mean of its pixels nearer each of the concept's two colours.
 
 On runs/demo-v13 (`setseq demo`, seed 0), two generations each: `ours` keeps the stripes on black, shifts
 them on blue (lime (182, 192, 81), purple (111, 99, 150); the reference (150, 230, 60), (120, 40, 180))
