@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Set-and-Sequence: dynamic-concept personalization of video Diffusion Transformers",
     python_requires=">=3.11",
-    packages=["model", "lora", "train", "sample", "weights", "setseq"],
+    packages=["model", "lora", "train", "sample", "weights", "toyworld", "setseq"],
     install_requires=[
         # Any range must admit 2.13.0 (the CPU wheel these machines carry); install with torch==2.13.0.
         "torch>=2.4",

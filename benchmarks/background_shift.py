@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sample import instruments as ins
-from setseq import toyexp as X
-from train.toyworld import BACKGROUNDS, ToyWorldConfig
-from train.toyworld_concepts import load_concept
+from toyworld import experiment as X
+from toyworld import instruments as ins
+from toyworld.concepts import load_concept
+from toyworld.world import BACKGROUNDS, ToyWorldConfig
 
 
 def sprite_colours(frames: np.ndarray, colours) -> tuple[np.ndarray, list[np.ndarray]]:

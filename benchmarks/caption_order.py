@@ -16,8 +16,8 @@ import torch
 
 from model.flow import add_noise, prediction_loss_per_sample
 from model.tokenizer import Tokenizer
-from train.pretrain import caption_length
-from train.toyworld import Scenes, ToyWorldConfig, generate_batch, scene_captions, to_model_video
+from toyworld.pretrain import caption_length
+from toyworld.world import Scenes, ToyWorldConfig, generate_batch, scene_captions, to_model_video
 from weights.checkpoint import load_checkpoint
 
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from setseq.cmd_pretrain import heldout_report
-from train.toyworld import ToyWorldConfig
+from toyworld.world import ToyWorldConfig
 from weights.checkpoint import load_checkpoint
 
 

@@ -266,7 +266,7 @@ PRESETS: dict[str, ModelConfig] = {
                       space_strides=(1,)),
         # 64 tokens: a stitched two-concept prompt ("On the left, ... On the right, ...") takes ~46.
         t5=T5Config(vocab_size=512, dim=64, head_dim=16, heads=4, ffn_dim=128, layers=2, max_length=64),
-        # Also the pretraining time shift (train/pretrain.py, `time_shift`), so both agree. Guidance 1: on
+        # Also the pretraining time shift (toyworld/pretrain.py, `time_shift`), so both agree. Guidance 1: on
         # the committed base's held-out captions guidance 3 kept colour and motion (within 0.01) and split
         # objects (one object 0.94 -> 0.55; assets/tiny/report.md); concepts measured better at 1 too.
         sample_shift=5.0, guidance=1.0, sample_steps=25,

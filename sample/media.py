@@ -18,11 +18,27 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .instruments import as_frames
-
 SHEET_PAD = 2  # pixels between cells
 SHEET_BACKGROUND = (24, 24, 24)
 LABEL_HEIGHT = 12  # pixels of the label strip above each row (Pillow's default bitmap font)
+
+
+def as_frames(video) -> np.ndarray:
+    """uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1] (numpy or torch) -> float32 (T, H, W, 3) 0..255."""
+    if hasattr(video, "detach"):
+        video = video.detach().cpu()
+        video = (video.float() if video.is_floating_point() else video).numpy()  # bf16 has no numpy dtype
+    video = np.asarray(video)
+    if video.ndim != 4:
+        raise ValueError(f"expected one video, (T, H, W, 3) uint8 or (3, T, H, W) float, "
+                         f"got shape {video.shape}")
+    if video.dtype == np.uint8:
+        if video.shape[-1] != 3:
+            raise ValueError(f"uint8 frames must be (T, H, W, 3), got shape {video.shape}")
+        return video.astype(np.float32)
+    if video.shape[0] != 3:
+        raise ValueError(f"float video must be (3, T, H, W) in [-1, 1], got shape {video.shape}")
+    return ((np.clip(video, -1, 1) + 1) * 127.5).transpose(1, 2, 3, 0).astype(np.float32)
 
 
 def to_uint8(video) -> np.ndarray:

@@ -8,7 +8,7 @@
     setseq bench compose --pair stripes_stutter,checker_eight --seeds 2 --out runs/compose-sc
     setseq bench compose --quick --base tiny     # smoke run on a random base
 
-Rows (same steps, batch and LoRA learning rate for every row; see toyexp.variants):
+Rows (same steps, batch and LoRA learning rate for every row; see experiment.variants):
 LoRA rank-1 single stage, DB-LoRA (rank = ours, single stage), two-stage without regularization,
 two-stage + regularization (ours), textual inversion (tokens only, at a higher token lr).
 Columns: reconstruction MSE (training prompt), ID (object crop cosine and colour histogram),
@@ -18,13 +18,13 @@ Each finished (concept, seed, variant) is saved in OUT/runs/, so a rerun skips i
 A rerun that changes only how it samples (--guidance, --sample-steps, --samples) reuses the trained concepts
 in OUT/work/ and generates again.
 
-compose (setseq/toycompose.py): per seed, one joint run with stitched pairs, one without, and two
+compose (toyworld/compose.py): per seed, one joint run with stitched pairs, one without, and two
 single runs mixed at generation; the composition prompt puts A in the left half and B in the right
 (the world's two-object grammar), plus each concept alone. Per half: ID to its own concept, ID to the
 other (leakage) and their difference, motion (per-axis velocity correlation), beside floors.
 Default budget: `ours` at 200 + 400 steps per concept (joint runs 400 + 800), 2 generations per
 prompt: 3600 training steps per seed, about 9 minutes on 2 cores (a 150 + 300 single run took 60 s on
-a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step); toyexp's 300 + 600 (--steps1 300
+a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step); the experiment module's 300 + 600 (--steps1 300
 --steps2 600) took about 13-18 minutes, and its full 600 + 1200 should take twice that. --quick takes
 about 15 s.
 OUT: compose.md, compose.json, compose.png, runs/ (cached per method and seed; --fresh redoes them).
@@ -37,7 +37,7 @@ import json
 import time
 from pathlib import Path
 
-from setseq import toyexp as X
+from toyworld import experiment as X
 
 # (key in a run's record, header, source job)
 COLUMNS = [
@@ -152,7 +152,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def pick_concepts(text: str) -> list[str]:
     """'N' (the first N shipped concepts) or 'name,name' (each a shipped name or a TOML path)."""
-    from train.toyworld_concepts import list_concepts
+    from toyworld.concepts import list_concepts
 
     names = list_concepts()
     if not text.strip().isdigit():
@@ -172,7 +172,7 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
     file already trained under this budget's training fields, and its training seconds (sampling only).
     `clip_scorer` (EditClip): adds CLIP-T of the edits, its floor (the unedited reference) and the
     world's own rendering of the edit."""
-    from sample.report import summarize
+    from toyworld.report import summarize
 
     ref = X.reference_clip(spec, world)
     targets = X.edit_targets(spec, world)
@@ -276,7 +276,7 @@ def reusable(saved: dict | None, record: Path, concept: Path, budget, base_arg: 
 
 def aggregate(records: list[dict], variants: list[X.Variant]) -> dict:
     """{variant: {metric: {"mean", "std", "n"}}} over (concept, seed) runs, plus the floors."""
-    from sample.report import summarize
+    from toyworld.report import summarize
 
     table = {}
     for v in variants:
@@ -288,7 +288,7 @@ def aggregate(records: list[dict], variants: list[X.Variant]) -> dict:
 
 
 def render_markdown(data: dict) -> str:
-    from sample.report import fmt, fmt_pm, markdown_table
+    from toyworld.report import fmt, fmt_pm, markdown_table
 
     b = data["budget"]
     header = ["method"] + [h for _, h, _ in COLUMNS] + ["train s"]
@@ -377,10 +377,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from sample.report import write_report
     from setseq.cmd_demo import resolve_base_arg
-    from train.toyworld import ToyWorldConfig
-    from train.toyworld_concepts import load_concept
+    from toyworld.concepts import load_concept
+    from toyworld.report import write_report
+    from toyworld.world import ToyWorldConfig
 
     if args.suite == "compose":
         if args.clip is not None:
@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
                       clip_scorer=clip_scorer)
         rec.update(budget=X.describe_budget(budget), base=base_arg,
                    **({"clip": str(args.clip)} if args.clip is not None else {}))
-        from sample.report import clean_json
+        from toyworld.report import clean_json
         from weights.io import write_json_atomic
 
         write_json_atomic(path, clean_json(rec))  # an interrupted bench keeps every finished run
@@ -485,8 +485,8 @@ def run(args: argparse.Namespace) -> int:
 def run_compose(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from setseq import toycompose as C
     from setseq.cmd_demo import resolve_base_arg
+    from toyworld import compose as C
 
     unused = [f"--{k}" for k in ("concepts", "variants", "shard") if getattr(args, k) not in (None, "3")]
     if unused:

@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from setseq import toyexp as X
+from toyworld import experiment as X
 
 # The one shipped concept the committed tiny VAE can carry: its encode-decode round trip of the clip
 # beats the MSE floor with a 1.4 px trajectory error; checker_eight's and split_hop_spin's round trips
@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from sample import media
-    from sample import report as R
-    from train.toyworld import ToyWorldConfig
-    from train.toyworld_concepts import load_concept
+    from toyworld import report as R
+    from toyworld.concepts import load_concept
+    from toyworld.world import ToyWorldConfig
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
 def goals(summary: dict, kind: str) -> list[dict]:
     """The issue's goals for one job's summary: measured, floor or threshold, pass."""
-    from sample.report import mean_of
+    from toyworld.report import mean_of
 
     rows = []
     if kind in ("recon", "edit_background"):
@@ -249,7 +249,7 @@ def goals(summary: dict, kind: str) -> list[dict]:
 
 
 def build_report_data(args, base_arg, random_base, spec, budget, results, timing, files) -> dict:
-    from sample.report import summarize
+    from toyworld.report import summarize
 
     jobs = []
     for run_name, kind, job, _, scores in results:
@@ -306,7 +306,7 @@ COLUMNS = [  # (summary key, header)
 
 
 def render_markdown(data: dict) -> str:
-    from sample.report import fmt, fmt_pm, markdown_table
+    from toyworld.report import fmt, fmt_pm, markdown_table
 
     b, c, t = data["budget"], data["concept"], data["timing"]
     lines = [f"# setseq demo: {c['name']}", ""]

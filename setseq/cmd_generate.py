@@ -241,9 +241,11 @@ def run(args: argparse.Namespace) -> int:
         from sample.metrics import NOT_AVAILABLE, score_video, to_json
 
         clip_scorer, face_scorer = load_scorers(args, pick_device(args))
-        toy = base_cfg.name == "tiny"  # the object instruments assume the toy world's flat scenes
+        object_scorer = None
+        if base_cfg.name == "tiny":  # the object instruments assume the toy world's flat scenes
+            from toyworld.metrics import object_scores as object_scorer
         scores = score_video(video, None if reference is None else reference[:, :frames], prompt=args.prompt,
-                             clip_scorer=clip_scorer, face_scorer=face_scorer, toy_world=toy)
+                             clip_scorer=clip_scorer, face_scorer=face_scorer, object_scorer=object_scorer)
         metrics_path = out.with_suffix(".metrics.json")
         metrics_path.write_text(to_json(scores) + "\n")
         written.append(metrics_path)

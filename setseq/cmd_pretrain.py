@@ -2,7 +2,7 @@
 
     setseq pretrain --preset tiny --out assets/tiny
 
-Stages (train/pretrain.py): VAE, sentencepiece tokenizer, latent bank, DiT (+ text encoder). Rerunning
+Stages (toyworld/pretrain.py): VAE, sentencepiece tokenizer, latent bank, DiT (+ text encoder). Rerunning
 the same command resumes from the newest checkpoint in --work-dir. The result is a checkpoint folder
 (`--base DIR` for every other command) holding config.json, the three parts, tokenizer.model,
 pretrain.json (the pretraining config, seed and wall time), pretrain.log (the training log) and, unless
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from model.tokenizer import Tokenizer
-from sample.evaluate_base import evaluate_base, write_report
-from train.pretrain import PretrainConfig, caption_length, main
-from train.toyworld import BACKGROUNDS, COLOURS, MOTIONS, generate_batch
+from toyworld.evaluate import evaluate_base, write_report
+from toyworld.pretrain import PretrainConfig, caption_length, main
+from toyworld.world import BACKGROUNDS, COLOURS, MOTIONS, generate_batch
 from weights.checkpoint import save_checkpoint
 
 # Flags mapped 1:1 onto PretrainConfig fields.

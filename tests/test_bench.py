@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lora.concept import load_concept
-from setseq import toyexp as X
 from setseq.cli import main as cli_main
+from toyworld import experiment as X
 from train.personalize import ConceptSpec, PersonalizeConfig
 
 ROWS = ("lora1", "dblora", "twostage", "ours", "textinv")
@@ -131,8 +131,8 @@ def test_budget_flags_reach_the_budget_and_unset_ones_keep_defaults():
 
 def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypatch):
     import train.personalize as P
-    from setseq import toyexp as X
     from setseq.cmd_bench import budget_overrides, register
+    from toyworld import experiment as X
     from train.personalize import ConceptSpec
 
     parser = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""`setseq bench compose` (setseq/cmd_bench.py, setseq/toycompose.py): composition of two toy concepts
+"""`setseq bench compose` (setseq/cmd_bench.py, toyworld/compose.py): composition of two toy concepts
 by joint training with and without stitched pairs and by post-hoc mixing, measured per half.
 The metrics are checked on the world's own renderings; one smoke bench runs on a random tiny base."""
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from lora.concept import load_concept as load_concept_file
-from setseq import toycompose as C
 from setseq.cli import main as cli_main
-from train.toyworld import ToyWorldConfig, caption_of
-from train.toyworld_concepts import load_concept
+from toyworld import compose as C
+from toyworld.concepts import load_concept
+from toyworld.world import ToyWorldConfig, caption_of
 
 WORLD = ToyWorldConfig()
 A, B = "checker_eight", "split_hop_spin"

@@ -1,4 +1,4 @@
-"""`setseq demo` (setseq/cmd_demo.py, setseq/toyexp.py) and the experiment scores (sample/report.py).
+"""`setseq demo` (setseq/cmd_demo.py, toyworld/experiment.py) and the experiment scores (toyworld/report.py).
 
 The smoke run uses a random tiny base and a few steps: it proves every promised file is written,
 not that personalization works (the real run's numbers are in its report)."""
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sample import report as R
-from setseq import toyexp as X
 from setseq.cli import main as cli_main
-from train.toyworld import BACKGROUNDS, COLOURS, ToyWorldConfig, caption_of
-from train.toyworld_concepts import load_concept, render_concept
+from toyworld import experiment as X
+from toyworld import report as R
+from toyworld.concepts import load_concept, render_concept
+from toyworld.world import BACKGROUNDS, COLOURS, ToyWorldConfig, caption_of
 
 SPEC = load_concept("checker_eight")
 

@@ -4,9 +4,9 @@ computed as defined. The generator's ground truth is used only to check them."""
 import numpy as np
 import pytest
 
-from sample import instruments as ins
-from train.toyworld import BACKGROUNDS, COLOURS, MOTIONS, generate, to_model_video
-from train.toyworld_concepts import load_concept, render_concept
+from toyworld import instruments as ins
+from toyworld.concepts import load_concept, render_concept
+from toyworld.world import BACKGROUNDS, COLOURS, MOTIONS, generate, to_model_video
 
 OPPOSITE = {"still": "still", "left": "right", "right": "left", "up": "down", "down": "up",
             "clockwise": "counterclockwise"}

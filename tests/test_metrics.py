@@ -1,5 +1,5 @@
-"""Metrics (sample/metrics.py) on toy-world clips: a perfect copy scores perfect, a frame-shuffled
-copy scores bad motion, a missing external model is "not available"."""
+"""Metrics any base uses (sample/metrics.py), on toy-world clips as data: MSE and its floor, TC, a
+missing external model or object instrument is "not available"."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sample import metrics as M
-from train.toyworld import BACKGROUNDS, COLOURS, generate
+from toyworld.world import generate
 
 
 @pytest.fixture(scope="module")
@@ -26,44 +26,6 @@ def shuffled(video: np.ndarray) -> np.ndarray:
     return video[order]
 
 
-def test_perfect_copy_scores_perfect(clip):
-    s = M.score_video(clip.video, clip.video)
-    assert s["mse"] == 0.0 and s["mse_floor"] > 0.01
-    assert s["id"] == pytest.approx(1.0) and s["id_crop"] == pytest.approx(1.0)
-    assert s["motion_fidelity"] == pytest.approx(1.0) and s["trajectory_error"] == 0.0
-    assert s["centre_floor"] > 2.0
-    assert s["temporal_coherence"] == pytest.approx(s["reference_coherence"])
-
-
-def test_shuffled_frames_score_bad_motion_but_same_identity(clip):
-    perfect = M.score_video(clip.video, clip.video)
-    s = M.score_video(shuffled(clip.video), clip.video)
-    assert s["motion_fidelity"] < 0.5, s["motion_fidelity"]
-    assert s["trajectory_error"] > 0.5 * s["centre_floor"]
-    assert s["temporal_coherence"] < perfect["temporal_coherence"] - 0.2
-    assert s["id"] == pytest.approx(1.0)  # the same pixels, only reordered: appearance is unchanged
-
-
-def test_model_tensor_layout_scores_like_uint8(clip):
-    video = clip.video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1  # (3, T, H, W) in [-1, 1]
-    s = M.score_video(video, clip.video)
-    assert s["mse"] < 1e-10 and s["motion_fidelity"] == pytest.approx(1.0)
-
-
-def test_edit_adherence_counts_what_was_asked(clip):
-    obj = clip.objects[0]
-    asked = {"background": clip.background, "colour": obj.colour, "shape": obj.shape, "motion": obj.motion}
-    assert M.edit_adherence(clip.video, asked, BACKGROUNDS, COLOURS)["edit_adherence"] == 1.0
-    other = next(b for b in BACKGROUNDS if b != clip.background)
-    s = M.edit_adherence(clip.video, {"background": other, "shape": obj.shape}, BACKGROUNDS, COLOURS)
-    assert s == {"edit_adherence": 0.5, "edit_background": 0.0, "edit_shape": 1.0}
-
-
-def test_edit_adherence_refuses_unknown_attributes(clip):
-    with pytest.raises(ValueError, match="size"):
-        M.edit_adherence(clip.video, {"size": "big"}, BACKGROUNDS, COLOURS)
-
-
 def test_clip_t_and_arcface_are_not_available_without_a_scorer(clip):
     s = M.score_video(clip.video, clip.video, prompt="a circle")
     assert s["clip_t"] == M.NOT_AVAILABLE and s["arcface"] == M.NOT_AVAILABLE
@@ -71,19 +33,16 @@ def test_clip_t_and_arcface_are_not_available_without_a_scorer(clip):
     assert scored["clip_t"] == 0.31
 
 
-def test_different_length_reference_leaves_frame_metrics_not_available(clip):
-    s = M.score_video(clip.video[:9], clip.video)
-    assert s["mse"] == M.NOT_AVAILABLE and s["motion_fidelity"] == M.NOT_AVAILABLE
-    assert isinstance(s["id"], float)
-
-
 def test_real_footage_gets_no_object_instruments(clip):
-    s = M.score_video(clip.video, clip.video, toy_world=False)
+    s = M.score_video(clip.video, clip.video)
     assert s["mse"] == 0.0 and isinstance(s["temporal_coherence"], float)
-    assert all(s[k] == M.NOT_AVAILABLE for k in ("id", "id_crop", *M.MOTION_KEYS))
-    with pytest.raises(ValueError, match="toy world"):
-        M.score_video(clip.video, clip.video, edit={"background": "blue"}, backgrounds=BACKGROUNDS,
-                      colours=COLOURS, toy_world=False)
+    assert all(s[k] == M.NOT_AVAILABLE for k in (*M.OBJECT_KEYS, *M.MOTION_KEYS))
+
+
+def test_model_tensor_layout_scores_like_uint8(clip):
+    video = clip.video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1  # (3, T, H, W) in [-1, 1]
+    s = M.score_video(video, clip.video)
+    assert s["mse"] < 1e-10 and s["temporal_coherence"] == pytest.approx(s["reference_coherence"], abs=1e-6)
 
 
 def test_table_and_json_are_readable(clip):

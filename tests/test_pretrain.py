@@ -1,4 +1,4 @@
-"""Pretraining the tiny base model (train/pretrain.py), its evaluation (sample/evaluate_base.py), the CLI."""
+"""Pretraining the tiny base model (toyworld/pretrain.py), its evaluation (toyworld/evaluate.py), the CLI."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from model.flow import add_noise, prediction_loss_per_sample
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer
 from model.vae import VAE, patchify, unpatchify
-from sample.evaluate_base import contact_sheet, motion_quality, report_markdown
-from train.pretrain import (
+from toyworld.evaluate import contact_sheet, motion_quality, report_markdown
+from toyworld.pretrain import (
     Bank,
     Log,
     PretrainConfig,
@@ -33,7 +33,7 @@ from train.pretrain import (
     train_layout,
     train_vae,
 )
-from train.toyworld import ToyWorldConfig, generate_batch, to_model_video
+from toyworld.world import ToyWorldConfig, generate_batch, to_model_video
 
 LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
 

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from train.toyworld import (
+from toyworld.concepts import (
+    CONCEPT_MOTIONS,
+    ConceptSpec,
+    concept_prompt,
+    list_concepts,
+    load_concept,
+    render_concept,
+)
+from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,
@@ -20,14 +28,6 @@ from train.toyworld import (
     latent_tokens,
     split_of,
     to_model_video,
-)
-from train.toyworld_concepts import (
-    CONCEPT_MOTIONS,
-    ConceptSpec,
-    concept_prompt,
-    list_concepts,
-    load_concept,
-    render_concept,
 )
 
 

@@ -1,7 +1,7 @@
 """Measure a base model on captions it was never trained on, from pixels, every number beside its floor.
 
 `evaluate_base` samples one video per prompt at each guidance scale, decodes it, and reads it with
-sample/instruments.py: background, object colour, shape and motion accuracy (chance floors: uniform
+toyworld/instruments.py: background, object colour, shape and motion accuracy (chance floors: uniform
 and majority class), and motion quality per object: `smooth` = found in every frame with no
 frame-to-frame jump over JUMP_PX (a jump means the object teleports between latent frames or
 splits), `one_object` = exactly one connected blob per object slot in every frame. The reference
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sample.instruments import (
+from sample.sampler import euler_sample
+from toyworld.instruments import (
     as_frames,
     attribute_accuracy,
     centroids,
     max_jump,
     object_masks,
 )
-from sample.sampler import euler_sample
 
 JUMP_PX = 8.0  # the fastest toy motion (an orbit) moves 4.7 px a frame; linear paths 1.5 px
 

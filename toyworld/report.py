@@ -1,8 +1,8 @@
 """Scores of a toy-world experiment and the reports a person reads: per-video numbers, their mean
 and spread over seeds, each beside its floor, goals checked, a markdown page and a JSON file.
 
-Everything is read from pixels with sample/instruments.py; nothing here knows how a video was made.
-The world's palettes are passed in (sample/ does not import train/).
+Everything is read from pixels with toyworld/instruments.py; nothing here knows how a video was made.
+The world's palettes are passed in.
 
     score_concept_video   one generated video against the concept's reference clip (sample/metrics
                           plus the per-frame appearance and its flat-colour floor)
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sample import instruments as ins
-from sample import metrics as M
+from toyworld import instruments as ins
+from toyworld.metrics import score_toy_video
 
 Palette = Mapping[str, ins.RGB]
 EXTRA_DISTANCE = 80.0  # RGB distance within which a pixel counts as the added object's colour
@@ -76,7 +76,7 @@ def score_concept_video(
     and look). `background`: the background the prompt asked for (edit adherence), if any."""
     frames, ref = _frames(video), _frames(reference)
     edit = {"background": background} if background else None
-    out = M.score_video(
+    out = score_toy_video(
         frames.astype(np.uint8), ref.astype(np.uint8), edit=edit, backgrounds=backgrounds, colours=colours
     )
     out = {k: v for k, v in out.items() if not isinstance(v, str)}  # drop NOT_AVAILABLE scorers

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.toyworld import (
+from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,

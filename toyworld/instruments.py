@@ -10,7 +10,7 @@ Every number has a trivial floor beside it: `chance_rates` (uniform and majority
 (always guessing the frame centre).
 
 Frames: (T, H, W, 3) uint8, or a float (3, T, H, W) tensor/array in [-1, 1] (the model's
-convention); `as_frames` turns either into float32 (T, H, W, 3) in [0, 255]. Positions are
+convention); `as_frames` (sample/media.py) turns either into float32 (T, H, W, 3) in [0, 255]. Positions are
 (x, y) pixel coordinates with pixel i spanning [i, i + 1), y pointing down.
 """
 
@@ -22,6 +22,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from sample.media import as_frames
+from sample.metrics import background_colour
+from sample.metrics import frame_coherence as temporal_coherence
+
 RGB = tuple[int, int, int]
 # Bounding-box fill ratio of each shape (area / box area): the shape classifier's prototypes.
 SHAPE_FILL: dict[str, float] = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
@@ -32,32 +36,8 @@ FOREGROUND_THRESHOLD = 48.0  # RGB distance from the background that counts as o
 MIN_PIXELS = 12  # fewer foreground pixels in a frame = no object found there
 
 
-def as_frames(video) -> np.ndarray:
-    """uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1] (numpy or torch) -> float32 (T, H, W, 3) 0..255."""
-    if hasattr(video, "detach"):
-        video = video.detach().cpu()
-        video = (video.float() if video.is_floating_point() else video).numpy()  # bf16 has no numpy dtype
-    video = np.asarray(video)
-    if video.ndim != 4:
-        raise ValueError(f"expected one video, (T, H, W, 3) uint8 or (3, T, H, W) float, "
-                         f"got shape {video.shape}")
-    if video.dtype == np.uint8:
-        if video.shape[-1] != 3:
-            raise ValueError(f"uint8 frames must be (T, H, W, 3), got shape {video.shape}")
-        return video.astype(np.float32)
-    if video.shape[0] != 3:
-        raise ValueError(f"float video must be (3, T, H, W) in [-1, 1], got shape {video.shape}")
-    return ((np.clip(video, -1, 1) + 1) * 127.5).transpose(1, 2, 3, 0).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Colours and masks
-
-
-def background_colour(frames: np.ndarray) -> np.ndarray:
-    """Median colour of the one-pixel border over all frames: (3,)."""
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], 1)  # (T, N, 3)
-    return np.median(border.reshape(-1, 3), 0)
 
 
 def nearest_name(rgb: np.ndarray, palette: Mapping[str, RGB]) -> str | None:
@@ -286,16 +266,6 @@ def flat_video_mse(reference) -> float:
 def centre_guess_error(ref: np.ndarray, height: int, width: int) -> float:
     """Floor: the trajectory error of always guessing the frame centre."""
     return trajectory_error(np.broadcast_to(np.array([width / 2, height / 2]), ref.shape), ref)
-
-
-def temporal_coherence(frames: np.ndarray) -> float:
-    """Mean cosine similarity of consecutive frames after removing the clip's mean frame
-    (1 = every change continues smoothly; a static clip counts as 1)."""
-    x = (frames - frames.mean(0)).reshape(len(frames), -1)
-    a, b = x[:-1], x[1:]
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(norms > 1e-6, (a * b).sum(1) / np.maximum(norms, 1e-6), 1.0)
-    return float(cos.mean()) if len(cos) else float("nan")
 
 
 def chance_rates(labels: Sequence, n_classes: int) -> dict[str, float]:

@@ -9,9 +9,9 @@ Three ways to put held-out concepts A and B in one video (paper §5.2.2 and the 
     post-hoc      A and B personalized separately (one adapter each, distinct tokens), both adapters
                   applied at generation (their weight deltas add)
 
-Every run uses the `ours` variant of toyexp (both stages, every regularizer) at the same steps, batch
-and learning rate per concept: a joint run of two concepts takes 2 x steps1 + 2 x steps2, the total
-that post-hoc's two single runs take.
+Every run uses the `ours` variant of toyworld/experiment.py (both stages, every regularizer) at the
+same steps, batch and learning rate per concept: a joint run of two concepts takes 2 x steps1 +
+2 x steps2, the total that post-hoc's two single runs take.
 
 Generation: the composition in the world's two-object caption grammar, which puts the first-named
 object in the left half (x < W/2) and the second in the right half,
@@ -45,9 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sample import instruments as ins
-from setseq import toyexp as X
-from train.toyworld import (
+from toyworld import experiment as X
+from toyworld import instruments as ins
+from toyworld.concepts import ConceptSpec as ToyConcept
+from toyworld.concepts import concept_path, list_concepts, slot_path
+from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,
@@ -57,8 +59,6 @@ from train.toyworld import (
     caption_of,
     draw_layers,
 )
-from train.toyworld_concepts import ConceptSpec as ToyConcept
-from train.toyworld_concepts import concept_path, list_concepts, slot_path
 
 TOKENS = (("[v1]", "[u1]"), ("[v2]", "[u2]"))  # (appearance, motion) tokens of concept A, concept B
 STITCH_PROB = 0.25  # PersonalizeConfig's default: a stitched pair is one step in four
@@ -66,11 +66,11 @@ MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens o
 MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 
 # The default: `ours` at 200 + 400 steps per concept (the budget of the committed runs/bench table;
-# toyexp's 600 + 1200 is --steps1 600 --steps2 1200), so that the six single-run equivalents of a seed
-# (2 post-hoc + 2 x 2 joint) fit in about 10 minutes on 2 cores (see cmd_bench's docstring).
+# the single-concept budget, 600 + 1200, is --steps1 600 --steps2 1200), so that the six single-run
+# equivalents of a seed (2 post-hoc + 2 x 2 joint) fit in about 10 minutes on 2 cores.
 COMPOSE = X.ToyBudget(steps1=200, steps2=400, samples=2)
-# The smoke run: toyexp's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps) draws a
-# stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
+# The smoke run: the experiment's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps)
+# draws a stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
 QUICK = dataclasses.replace(X.QUICK, steps2=6)
 
 
@@ -111,7 +111,7 @@ def pick_pair(text: str | None) -> tuple[str, str]:
 
 
 def with_tokens(prompt: str, k: int) -> str:
-    """A toyexp prompt with concept k's own tokens in place of [v] / [u]."""
+    """An experiment prompt with concept k's own tokens in place of [v] / [u]."""
     return prompt.replace("[v]", TOKENS[k][0]).replace("[u]", TOKENS[k][1])
 
 
@@ -197,7 +197,7 @@ class Reference:
 
 def object_scores(frames: np.ndarray, mask: np.ndarray, own: Reference, other: Reference) -> dict[str, float]:
     """One object (a mask of `frames`) against its own concept's reference and the other's."""
-    from sample.report import crop_cosines
+    from toyworld.report import crop_cosines
 
     def crop(ref: Reference) -> float:
         cos = crop_cosines(frames, mask, ref.frames, ref.mask)
@@ -363,7 +363,7 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
 def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict[str, np.ndarray]]:
     """The trivial answers: the base model (no concept) prompted with the nearest vocabulary words;
     the world's rendering of the composition and its VAE round trip (the ceiling); flat-colour floors."""
-    from sample.report import flat_colour_floor
+    from toyworld.report import flat_colour_floor
 
     ref_a, ref_b = pair.refs()
     wa = nearest_words(pair.a, pair.world)
@@ -399,7 +399,7 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
 def cached(path: Path, key: dict, fresh: bool, make) -> tuple[dict, dict[str, np.ndarray], bool]:
     """(record, first videos, computed now): the saved record at PATH (.json + .npz) when it was made
     with the same key, else make() and save it."""
-    from sample.report import clean_json
+    from toyworld.report import clean_json
     from weights.io import write_atomic, write_json_atomic
 
     videos = path.with_suffix(".npz")
@@ -438,7 +438,7 @@ ALONE_COLUMNS = [("mse", "MSE ↓")] + COMPOSE_COLUMNS
 
 def pooled(records: list[dict], job: str) -> dict:
     """summarize() over every video of a job, pooled over the runs (training seeds x samples)."""
-    from sample.report import summarize
+    from toyworld.report import summarize
 
     nan = float("nan")  # a saved record holds None where a number was NaN (JSON has no NaN)
     return summarize([{k: nan if v is None else v for k, v in s.items()}
@@ -456,7 +456,7 @@ def aggregate(records: list[dict], floor: dict) -> dict:
 
 
 def render_markdown(data: dict) -> str:
-    from sample.report import fmt, fmt_pm, markdown_table
+    from toyworld.report import fmt, fmt_pm, markdown_table
 
     b, t, fl = data["budget"], data["table"], data["floors"]
     a_name, b_name = data["pair"]
@@ -582,8 +582,8 @@ def bench_compose(base_arg: str, pair_names: tuple[str, str], seeds: int, budget
     OUT/compose.json and OUT/compose.png. Returns the report data (with 'paths')."""
     from tqdm.auto import tqdm
 
-    from sample.report import write_report
-    from train.toyworld_concepts import load_concept
+    from toyworld.concepts import load_concept
+    from toyworld.report import write_report
 
     start = time.perf_counter()
     if seeds < 1:

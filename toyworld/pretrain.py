@@ -57,17 +57,7 @@ from model.flow import (
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.vae import VAE, patchify
-
-from .checkpoint import (
-    capture_rng,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    restore_rng,
-    save_checkpoint,
-)
-from .toyworld import (
+from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,
@@ -76,6 +66,15 @@ from .toyworld import (
     caption_of,
     generate_batch,
     to_model_video,
+)
+from train.checkpoint import (
+    capture_rng,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
 )
 
 STAGE_VAE, STAGE_DIT, STAGE_HEAD, STAGE_LAYOUT = 1, 2, 3, 4

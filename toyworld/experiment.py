@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from lora.inject import DEFAULT_TARGETS
-from train.toyworld import BACKGROUNDS, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, ToyWorldConfig, caption_of
-from train.toyworld_concepts import ConceptSpec as ToyConcept
-from train.toyworld_concepts import render_concept
+from toyworld.concepts import ConceptSpec as ToyConcept
+from toyworld.concepts import render_concept
+from toyworld.world import BACKGROUNDS, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, ToyWorldConfig, caption_of
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO / "assets" / "tiny"
@@ -476,7 +476,7 @@ def concept_pipeline(base: ToyBase, concept_file: Path):
 def vae_roundtrip(pipe, frames: np.ndarray) -> Tensor:
     """The clip through the base's VAE and back, (3, T, H, W): the best any generation in this latent
     space can look (the ceiling beside the floors)."""
-    from train.toyworld import to_model_video
+    from toyworld.world import to_model_video
 
     video = to_model_video(frames).to(pipe.device)
     return pipe.vae.decode(pipe.vae.encode(video))[0].float().cpu()
@@ -491,7 +491,7 @@ def score_job(
 ) -> list[dict[str, float]]:
     """Scores of each video of a job. job_kind: "recon" (or a stylization), "edit_background",
     "edit_object"."""
-    from sample.report import score_concept_video, score_with_extra
+    from toyworld.report import score_concept_video, score_with_extra
 
     out = []
     for v in videos:

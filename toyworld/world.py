@@ -60,7 +60,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "magenta": (220, 50, 210),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Motion names are shared with sample/instruments.py (`classify_motion` returns these strings).
+# Motion names are shared with toyworld/instruments.py (`classify_motion` returns these strings).
 MOTIONS: tuple[str, ...] = ("still", "left", "right", "up", "down", "clockwise")
 MOTION_PHRASES: dict[str, str] = {
     "still": "stays still", "left": "moves left", "right": "moves right",
