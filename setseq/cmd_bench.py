@@ -247,8 +247,9 @@ class EditClip:
 
     def __init__(self, folder: str):
         from sample.clip import ClipTextScorer
+        from weights.clip import load_clip
 
-        self.scorer, self.cache = ClipTextScorer(folder), {}
+        self.scorer, self.cache = ClipTextScorer(*load_clip(folder)), {}
 
     def __call__(self, frames, text: str) -> float:
         return self.scorer(frames, text)
@@ -414,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(plan)} runs on base {base_arg}"
     )
     if args.clip is not None:
-        from sample.clip import check_folder
+        from weights.clip import check_folder
 
         check_folder(args.clip)
     records, clip_scorer = [], None  # CLIP loads when the first run needs it

@@ -167,7 +167,7 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
 def check_scorer_args(args: argparse.Namespace) -> None:
     """Bad --clip / --arcface / --face-box: an error before any weights load."""
     if args.clip is not None:
-        from sample.clip import check_folder
+        from weights.clip import check_folder
 
         check_folder(args.clip)
     if args.arcface is not None:
@@ -186,10 +186,12 @@ def load_scorers(args: argparse.Namespace, device: str):
     clip_scorer = face_scorer = None
     if args.clip is not None:
         from sample.clip import ClipTextScorer
+        from weights.clip import load_clip
 
-        clip_scorer = ClipTextScorer(args.clip, device=device)
+        clip_scorer = ClipTextScorer(*load_clip(args.clip, device=device))
     if args.arcface is not None:
-        from sample.arcface import ArcFaceScorer, load_arcface
+        from sample.arcface import ArcFaceScorer
+        from weights.arcface import load_arcface
 
         face_scorer = ArcFaceScorer(load_arcface(args.arcface, device=device), box=parse_box(args.face_box))
     return clip_scorer, face_scorer

@@ -50,7 +50,7 @@ CLIP_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, nu
 def byte_vocab() -> dict[str, int]:
     """256 byte symbols, the same with the word-end mark, then the two specials: a valid CLIP BPE vocab
     with no merges (every byte is its own token)."""
-    from sample.clip_tokenizer import bytes_to_unicode
+    from model.clip_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -63,7 +63,7 @@ def byte_vocab() -> dict[str, int]:
 def clip_folder(tmp_path_factory):
     """A tiny random CLIPModel, its tokenizer files and a preprocessor config, as save_pretrained writes."""
     transformers = pytest.importorskip("transformers")
-    from sample.clip import OPENAI_MEAN, OPENAI_STD
+    from model.clip import OPENAI_MEAN, OPENAI_STD
 
     path = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)

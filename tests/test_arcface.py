@@ -1,4 +1,5 @@
-"""sample/arcface.py: insightface IResNet layout, strict loading, and the ID score."""
+"""model/arcface.py, weights/arcface.py, sample/arcface.py: insightface IResNet layout, strict loading, and
+the ID score."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sample.arcface import ArcFaceScorer, IResNet, face_embeddings, load_arcface
+from model.arcface import IResNet
+from sample.arcface import ArcFaceScorer, face_embeddings
+from weights.arcface import load_arcface
 
 LAYERS = [2, 1, 1, 1]  # stage 1 has two blocks: one with a downsample, one without
 FEATURES = 64  # smaller than the real 512 to keep the fc (25088 x D) cheap; the loader must infer it

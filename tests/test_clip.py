@@ -1,5 +1,5 @@
-"""sample/clip.py against transformers' CLIPModel and CLIPImageProcessor (a tiny random CLIP saved the
-way HF saves one), and CLIP-T's definition."""
+"""model/clip.py, weights/clip.py and sample/clip.py against transformers' CLIPModel and
+CLIPImageProcessor (a tiny random CLIP saved the way HF saves one), and CLIP-T's definition."""
 
 import json
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sample import clip as C
+from model.clip import OPENAI_STD, ClipConfig, TextTower, TowerConfig
+from sample.clip import ClipTextScorer
+from weights.clip import load_clip
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,7 +20,7 @@ def folder(clip_folder):
 
 def test_towers_match_transformers(folder):
     path, ref = folder
-    ours, _, _ = C.load_clip(path)
+    ours, _, _ = load_clip(path)
     ids = torch.tensor([[512, 5, 77, 300, 41, 513], [512, 9, 513, 513, 513, 513]])  # second one padded
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -33,9 +35,9 @@ def test_towers_match_transformers(folder):
 
 
 def test_legacy_eos_rule_pools_at_the_largest_id():
-    c = C.ClipConfig(C.TowerConfig(16, 1, 2, 32), C.TowerConfig(16, 1, 2, 32), vocab_size=20,
-                     max_positions=8, image_size=16, patch_size=8, projection_dim=8, eos_token_id=2)
-    tower = C.TextTower(c).eval()
+    c = ClipConfig(TowerConfig(16, 1, 2, 32), TowerConfig(16, 1, 2, 32), vocab_size=20,
+                   max_positions=8, image_size=16, patch_size=8, projection_dim=8, eos_token_id=2)
+    tower = TextTower(c).eval()
     ids = torch.tensor([[3, 19, 4, 5]])
     with torch.no_grad():
         pooled = tower(ids)
@@ -46,7 +48,7 @@ def test_legacy_eos_rule_pools_at_the_largest_id():
 def test_preprocess_matches_clip_image_processor(folder):
     path, _ = folder
     processor = transformers.CLIPImageProcessor.from_pretrained(path)
-    _, _, ours = C.load_clip(path)
+    _, _, ours = load_clip(path)
     rng = np.random.default_rng(0)
     # Smooth content (as video frames are) at three shapes: wide, tall, and already the crop size.
     for h, w in ((48, 80), (90, 40), (32, 32)):
@@ -57,14 +59,14 @@ def test_preprocess_matches_clip_image_processor(folder):
         got = ours(torch.from_numpy(img)[None])
         assert got.shape == want.shape
         # PIL's and torch's antialiased bicubic round differently: allow 2 uint8 levels, after normalising.
-        assert (got - want).abs().max() <= 2 / 255 / min(C.OPENAI_STD) + 1e-5, (h, w)
+        assert (got - want).abs().max() <= 2 / 255 / min(OPENAI_STD) + 1e-5, (h, w)
         if (h, w) == (32, 32):  # no resize: exact
             torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
 
 
 def test_clip_t_is_the_cosine_of_text_and_mean_frame_embedding(folder):
     path, ref = folder
-    scorer = C.ClipTextScorer(path)
+    scorer = ClipTextScorer(*load_clip(path))
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 256, (5, 40, 56, 3), dtype=np.uint8)
     processor = transformers.CLIPImageProcessor.from_pretrained(path)
@@ -85,7 +87,7 @@ def test_clip_t_is_the_cosine_of_text_and_mean_frame_embedding(folder):
 
 def test_bad_folders_say_what_is_expected(tmp_path, folder):
     with pytest.raises(FileNotFoundError, match="HF CLIP folder"):
-        C.load_clip(tmp_path)
+        load_clip(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="not a CLIPModel config"):
-        C.load_clip(tmp_path)
+        load_clip(tmp_path)

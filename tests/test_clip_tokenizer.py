@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sample.clip_tokenizer import BOS, EOS, WORD_END, ClipTokenizer, bytes_to_unicode
+from model.clip_tokenizer import BOS, EOS, WORD_END, ClipTokenizer, bytes_to_unicode
 
 _CAPTIONS = (
     "a red square moving left on a grey background. the blue star is spinning slowly over the sea! "

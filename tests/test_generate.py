@@ -242,19 +242,20 @@ def test_cli_on_the_tiny_base_adds_the_toy_world_instruments(tmp_path):
 
 def test_cli_with_clip_adds_clip_t_of_the_video_and_prompt(files, clip_folder, tmp_path):
     from sample.clip import ClipTextScorer
+    from weights.clip import load_clip
 
     out = tmp_path / "clip.mp4"
     prompt = "a red square moving left."
     assert run_cli(files, "--prompt", prompt, "--clip", clip_folder[0], "--out", out) == 0
     scores = json.loads(out.with_suffix(".metrics.json").read_text())
     frames = iio.imread(out, index=None)  # the written mp4 is lossy: compare with the raw frames' score
-    want = ClipTextScorer(clip_folder[0])(frames, prompt)
+    want = ClipTextScorer(*load_clip(clip_folder[0]))(frames, prompt)
     assert scores["clip_t"] == pytest.approx(want, abs=0.05)
     assert scores["arcface"] == "not available" and "mse" not in scores  # no --reference
 
 
 def test_cli_with_arcface_scores_identity_against_the_reference(files, tmp_path):
-    from sample.arcface import IResNet
+    from model.arcface import IResNet
 
     torch.manual_seed(0)
     torch.save(IResNet([1, 1, 1, 1], num_features=64).state_dict(), tmp_path / "backbone.pth")
