@@ -208,6 +208,69 @@ class ModelConfig:
                f"DiT in_channels {self.dit.in_channels} != VAE latent_channels {self.vae.latent_channels}")
         _check(self.dit.text_dim == self.t5.dim, f"DiT text_dim {self.dit.text_dim} != T5 dim {self.t5.dim}")
 
+    # ------------------------------------------------------------------ valid clips (the one rule)
+
+    def frames_ok(self, frames: int) -> bool:
+        """The causal VAE takes 1 + k * time_compression frames (the first is encoded alone), and the
+        latent length must tile by the DiT's time patch."""
+        tc, pt = self.vae.time_compression, self.dit.patch[0]
+        return frames >= 1 and (frames - 1) % tc == 0 and (1 + (frames - 1) // tc) % pt == 0
+
+    def check_frames(self, frames: int) -> None:
+        if not self.frames_ok(frames):
+            tc, pt = self.vae.time_compression, self.dit.patch[0]
+            patch = f" whose latent length is a multiple of the DiT's time patch {pt}" if pt > 1 else ""
+            raise ValueError(f"--frames {frames}: this base takes 1 + {tc}k frames{patch}, e.g. "
+                             f"{_neighbours(frames, self.frames_ok)} (VAE time compression {tc}); {frames} "
+                             "frames cannot be encoded")
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Height and width must be positive multiples of the VAE's space compression x the DiT patch."""
+        sc, (_, ph, pw) = self.vae.space_compression, self.dit.patch
+        steps = (sc * ph, sc * pw)
+        for name, value, m in zip(("height", "width"), size, steps, strict=True):
+            if value < m or value % m:
+                near = "x".join(str(max(k, s // k * k)) for k, s in zip(steps, size, strict=True))
+                near_side = _neighbours(value, lambda n, m=m: n % m == 0)
+                raise ValueError(f"--size {size[0]}x{size[1]}: height and width must be positive multiples of "
+                                 f"{m} (VAE space compression {sc} x DiT patch {m // sc}), e.g. {near}; "
+                                 f"{name} {value} is not a multiple of {m} (use {name} {near_side})")
+
+    def latent_shape(self, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(C, T', H', W') of a clip of `frames` x size (H, W), or a ValueError naming valid values."""
+        self.check_frames(frames)
+        self.check_size(size)
+        sc = self.vae.space_compression
+        shape = (self.vae.latent_channels, 1 + (frames - 1) // self.vae.time_compression,
+                 size[0] // sc, size[1] // sc)
+        grid = self._grid(shape)
+        limit = self.dit.abs_pos
+        _check(limit is None or all(g <= m for g, m in zip(grid, limit, strict=True)),
+               f"--frames {frames} --size {size[0]}x{size[1]} gives a token grid {grid} larger than base "
+               f"{self.name} was built for {tuple(limit or ())}; ask for fewer frames or a smaller size")
+        return shape
+
+    def token_grid(self, frames: int, size: tuple[int, int]) -> tuple[int, int, int]:
+        """(T, H, W) tokens the DiT sees for one clip: the latent grid divided by the patch."""
+        return self._grid(self.latent_shape(frames, size))
+
+    def _grid(self, shape: tuple[int, int, int, int]) -> tuple[int, int, int]:
+        return tuple(n // p for n, p in zip(shape[1:], self.dit.patch, strict=True))
+
+    def longest_clip(self, available: int, most: int = 81) -> int:
+        """The longest valid clip of at most min(available, most) frames; 0 when none fits."""
+        return next((n for n in range(min(available, most), 0, -1) if self.frames_ok(n)), 0)
+
+    @property
+    def size_multiple(self) -> int:
+        """What a frame side is cropped to a multiple of, so every patch of the latent is whole."""
+        return self.vae.space_compression * max(self.dit.patch[1:])
+
+    @property
+    def default_clip(self) -> tuple[int, int, int] | None:
+        """(frames, H, W) the base was trained to generate; None for a base this table does not know."""
+        return DEFAULT_CLIPS.get(self.name)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -295,10 +358,36 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Default clip (frames, H, W) per base name. Keyed by name, not stored in the config, so a checkpoint
+# folder converted from a preset (config.json records the name) has the same default.
+DEFAULT_CLIPS: dict[str, tuple[int, int, int]] = {
+    "tiny": (17, 64, 64),  # the toy world
+    "paper": (121, 576, 1024),  # 5 s at 24 fps, 16:9 (paper §8)
+    "wan2.1-1.3b": (81, 480, 832),
+    "wan2.1-14b": (81, 720, 1280),
+}
+
+
+def _neighbours(value: int, ok, limit: int = 100_000) -> str:
+    """'a or b': the nearest valid integers below and above `value` (ok(n) says valid)."""
+    below = next((n for n in range(value, 0, -1) if ok(n)), None)
+    above = next(n for n in range(max(value, 1), value + limit) if ok(n))
+    return " or ".join(str(n) for n in dict.fromkeys(x for x in (below, above) if x is not None))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'576x1024' -> (576, 1024): a clip size as the command line writes it."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--size {text!r} is not HxW in pixels, e.g. 576x1024")
+    return int(parts[0]), int(parts[1])
+
+
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
-__all__ = ["DiTConfig", "VAEConfig", "T5Config", "ModelConfig", "PRESETS", "get_preset"]
+__all__ = ["DiTConfig", "VAEConfig", "T5Config", "ModelConfig", "PRESETS", "DEFAULT_CLIPS", "get_preset",
+           "parse_size"]

@@ -164,31 +164,6 @@ class GenerateConfig:
         return out
 
 
-def latent_shape(cfg: ModelConfig, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(C, T', H', W') for a video of `frames` x size, or a ValueError naming valid values."""
-    tc, sc = cfg.vae.time_compression, cfg.vae.space_compression
-    pt, ph, pw = cfg.dit.patch
-    if frames < 1 or (frames - 1) % tc:
-        below = max(1, 1 + (frames - 1) // tc * tc)
-        raise ValueError(f"--frames {frames}: this base takes 1 + {tc}k frames, e.g. {below} or {below + tc}")
-    h, w = size
-    multiple = sc * max(ph, pw)
-    if h < multiple or w < multiple or h % (sc * ph) or w % (sc * pw):
-        near = [max(multiple, s // multiple * multiple) for s in size]
-        raise ValueError(f"--size {h}x{w}: height and width must be positive multiples of {multiple} "
-                         f"(VAE spatial compression {sc} x DiT patch), e.g. {near[0]}x{near[1]}")
-    t_lat = 1 + (frames - 1) // tc
-    if t_lat % pt:
-        raise ValueError(f"--frames {frames} gives {t_lat} latent frames, not divisible by the DiT's time "
-                         f"patch {pt}")
-    grid = (t_lat // pt, h // sc // ph, w // sc // pw)
-    if cfg.dit.abs_pos is not None and any(g > m for g, m in zip(grid, cfg.dit.abs_pos, strict=True)):
-        raise ValueError(f"--frames {frames} --size {h}x{w} gives a token grid {grid} larger than base "
-                         f"{cfg.name} was built for {tuple(cfg.dit.abs_pos)}; "
-                         "ask for fewer frames or a smaller size")
-    return (cfg.vae.latent_channels, t_lat, h // sc, w // sc)
-
-
 def _autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
@@ -209,7 +184,7 @@ def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool
     gen = gen.resolved(pipe.config)
     check_prompt_tokens(pipe, prompt)
     check_prompt_tokens(pipe, gen.negative_prompt)
-    shape = latent_shape(pipe.config, gen.frames, gen.size)
+    shape = pipe.config.latent_shape(gen.frames, gen.size)
     device, dtype = pipe.device, next(pipe.dit.parameters()).dtype
     with _autocast(device, dtype):
         context, mask = encode_prompts(pipe, [prompt])
@@ -224,4 +199,4 @@ def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool
 
 
 __all__ = ["Pipeline", "GenerateConfig", "make_tokenizer", "add_concept", "set_concept_scales",
-           "write_token_embeddings", "check_prompt_tokens", "latent_shape", "encode_prompts", "generate"]
+           "write_token_embeddings", "check_prompt_tokens", "encode_prompts", "generate"]

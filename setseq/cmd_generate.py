@@ -24,15 +24,8 @@ from pathlib import Path
 
 import torch
 
-from setseq.cmd_info import parse_size
+from model.config import ModelConfig, parse_size
 
-# Default (frames, height, width) per base model name; other bases need --frames and --size.
-DEFAULT_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (17, 64, 64),  # the toy world
-    "paper": (121, 576, 1024),
-    "wan2.1-1.3b": (81, 480, 832),
-    "wan2.1-14b": (81, 720, 1280),
-}
 _SCALES = re.compile(r"^(?P<path>.+?):(?P<alpha>[^:]+):(?P<beta>[^:]+)$")
 
 
@@ -94,10 +87,10 @@ def parse_concept(text: str, identity: float, motion: float) -> tuple[Path, floa
                          ) from None
 
 
-def shape_of(args: argparse.Namespace, base_name: str) -> tuple[int, tuple[int, int]]:
-    default = DEFAULT_SHAPES.get(base_name)
+def shape_of(args: argparse.Namespace, base_cfg: ModelConfig) -> tuple[int, tuple[int, int]]:
+    default = base_cfg.default_clip
     if default is None and (args.frames is None or args.size is None):
-        raise ValueError(f"base {base_name!r} has no default video shape; pass --frames and --size")
+        raise ValueError(f"base {base_cfg.name!r} has no default video shape; pass --frames and --size")
     frames = args.frames if args.frames is not None else default[0]
     size = parse_size(args.size) if args.size is not None else default[1:]
     return frames, size
@@ -199,7 +192,7 @@ def load_scorers(args: argparse.Namespace, device: str):
 
 def run(args: argparse.Namespace) -> int:
     from sample import media
-    from sample.generate import GenerateConfig, check_prompt_tokens, generate, latent_shape
+    from sample.generate import GenerateConfig, check_prompt_tokens, generate
 
     out = Path(args.out)
     check_out(out)
@@ -213,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
     from weights.checkpoint import resolve_base
 
     base_cfg, _ = resolve_base(args.base, seed=args.base_seed)
-    frames, size = shape_of(args, base_cfg.name)
-    latent_shape(base_cfg, frames, size)  # bad --frames / --size: an error before any weights load
+    frames, size = shape_of(args, base_cfg)
+    base_cfg.latent_shape(frames, size)  # bad --frames / --size: an error before any weights load
     gen = GenerateConfig(frames=frames, size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
                          seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load

@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
-from model.config import ModelConfig, get_preset
+from model.config import ModelConfig, get_preset, parse_size
 from model.flops import dit_forward_flops, dit_train_flops
-
-# Default clip (frames, height, width) per base model: what it was trained to generate.
-DEFAULT_VIDEO = {
-    "tiny": (17, 64, 64),
-    "paper": (121, 576, 1024),  # 5 s at 24 fps, 16:9 (paper §8)
-    "wan2.1-1.3b": (81, 480, 832),
-    "wan2.1-14b": (81, 720, 1280),
-}
 
 
 def register(subparsers) -> None:
@@ -49,52 +42,6 @@ def load_model_config(preset: str | None, checkpoint: str | None) -> ModelConfig
     return checkpoint_config(checkpoint)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'576x1024' -> (576, 1024)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--size {text!r} is not HxW in pixels, e.g. 576x1024")
-    return int(parts[0]), int(parts[1])
-
-
-def _neighbours(value: int, ok, limit: int = 100_000) -> str:
-    """'a or b': the nearest valid integers below and above `value` (ok(n) says valid)."""
-    below = next((n for n in range(value, 0, -1) if ok(n)), None)
-    above = next(n for n in range(max(value, 1), value + limit) if ok(n))
-    return " or ".join(str(n) for n in dict.fromkeys(x for x in (below, above) if x is not None))
-
-
-def latent_shape(cfg: ModelConfig, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, T', H', W') of a clip, after checking the VAE and the DiT patch can take it.
-
-    The causal VAE takes 1 + k * time_compression frames (the first frame is encoded alone) and
-    sizes divisible by its space compression; the DiT patch must then tile the latent grid.
-    """
-    tc, sc, (pt, ph, pw) = cfg.vae.time_compression, cfg.vae.space_compression, cfg.dit.patch
-
-    def frames_ok(n: int) -> bool:
-        return n >= 1 and (n - 1) % tc == 0 and (1 + (n - 1) // tc) % pt == 0
-
-    if not frames_ok(frames):
-        raise ValueError(
-            f"{frames} frames cannot be encoded: the VAE takes 1 + k*{tc} frames (time compression {tc})"
-            + (f" whose latent length is a multiple of the DiT patch {pt}" if pt > 1 else "")
-            + f"; use --frames {_neighbours(frames, frames_ok)}")
-    for name, value, p in (("height", height, ph), ("width", width, pw)):
-        m = sc * p
-        if value < 1 or value % m:
-            raise ValueError(f"{name} {value} is not a multiple of {m} (VAE space compression {sc} x DiT "
-                             f"patch {p}); use {name} {_neighbours(value, lambda n, m=m: n % m == 0)}")
-    return (cfg.vae.latent_channels, 1 + (frames - 1) // tc, height // sc, width // sc)
-
-
-def video_tokens(cfg: ModelConfig, shape: tuple[int, int, int, int]) -> int:
-    """Tokens the DiT sees for one clip: the latent grid divided by the patch."""
-    _, t, h, w = shape
-    pt, ph, pw = cfg.dit.patch
-    return (t // pt) * (h // ph) * (w // pw)
-
-
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of the three networks, built on the meta device (no memory is allocated)."""
     import torch
@@ -116,8 +63,8 @@ def collect(cfg: ModelConfig, frames: int, height: int, width: int, batch: int =
     """Everything `info` prints, as one JSON-ready dict."""
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
-    shape = latent_shape(cfg, frames, height, width)
-    tokens = video_tokens(cfg, shape)
+    shape = cfg.latent_shape(frames, (height, width))
+    tokens = math.prod(cfg.token_grid(frames, (height, width)))
     text_len = cfg.t5.max_length
     return {
         "model": cfg.name, "frames": frames, "height": height, "width": width,
@@ -172,7 +119,7 @@ def format_report(info: dict, cfg: ModelConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_model_config(args.preset, args.checkpoint)
-    default = DEFAULT_VIDEO.get(cfg.name)
+    default = cfg.default_clip
     if default is None and (args.frames is None or args.size is None):
         raise ValueError(f"no default clip size for model {cfg.name!r}; pass --frames and --size HxW")
     frames = args.frames if args.frames is not None else default[0]

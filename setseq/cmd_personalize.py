@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from setseq.cmd_info import parse_size
+from model.config import parse_size
 from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
 
 # Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.

@@ -29,7 +29,6 @@ from sample.generate import (
     Pipeline,
     add_concept,
     generate,
-    latent_shape,
     make_tokenizer,
 )
 from setseq.cli import main as cli_main
@@ -177,7 +176,7 @@ def test_prompt_with_an_undefined_token_is_refused(files):
 ])
 def test_bad_video_shape_is_refused_naming_valid_values(frames, size, message):
     with pytest.raises(ValueError, match=message):
-        latent_shape(SMALL, frames, size)
+        SMALL.latent_shape(frames, size)
 
 
 def test_guidance_defaults_to_the_base_models_own():

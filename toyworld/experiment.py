@@ -424,7 +424,6 @@ def generate_videos(
         GenerateConfig,
         check_prompt_tokens,
         encode_prompts,
-        latent_shape,
         set_concept_scales,
     )
     from sample.sampler import euler_sample
@@ -438,7 +437,7 @@ def generate_videos(
         guidance=budget.guidance,
     ).resolved(pipe.config)
     check_prompt_tokens(pipe, job.prompt)
-    shape = latent_shape(pipe.config, world.frames, (world.size, world.size))
+    shape = pipe.config.latent_shape(world.frames, (world.size, world.size))
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in job.seeds])
     noise = noise.to(pipe.device)  # drawn on the CPU: the same videos on any device
     context, mask = encode_prompts(pipe, [job.prompt] * len(job.seeds))

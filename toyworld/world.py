@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.config import PRESETS, ModelConfig
+
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "black": (20, 20, 20),
@@ -411,9 +413,6 @@ def from_model_video(x: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def latent_tokens(cfg: ToyWorldConfig, time_compression: int = 4, space_compression: int = 8,
-                  patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """Tokens per clip after a causal VAE and patchify (17x64x64 at 4x8x8, 1x2x2 -> 80)."""
-    t = 1 + (cfg.frames - 1) // time_compression
-    hw = cfg.size // space_compression
-    return math.prod((t // patch[0], hw // patch[1], hw // patch[2]))
+def latent_tokens(cfg: ToyWorldConfig, model: ModelConfig = PRESETS["tiny"]) -> int:
+    """Tokens per clip of the world on a base (17x64x64 on tiny -> 80)."""
+    return math.prod(model.token_grid(cfg.frames, (cfg.size, cfg.size)))

@@ -86,14 +86,6 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text[:1].isupper() and text[1:2].islower() else text
 
 
-def check_frames(frames: int, time_compression: int) -> None:
-    """A clip length the causal VAE accepts: 1 + k * time_compression."""
-    if frames < 1 or (frames - 1) % time_compression:
-        lo = 1 + max(0, (frames - 1) // time_compression) * time_compression
-        raise ValueError(f"--frames {frames} is not 1 + k * {time_compression} (the VAE's time compression); "
-                         f"use {lo} or {lo + time_compression}")
-
-
 @torch.no_grad()
 def encode_items(encode: Callable[[Tensor], Tensor], items: Tensor, batch: int = 4) -> Tensor:
     """Encode (N, C, T, H, W) videos in chunks of `batch`; returns (N, C', T', h, w) on the CPU."""

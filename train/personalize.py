@@ -64,7 +64,6 @@ from .data import (
     LatentSet,
     PromptTable,
     build_prompt_table,
-    check_frames,
     check_prompt,
     clip_items,
     encode_items,
@@ -293,11 +292,12 @@ class StageData:
     trained_ids: list[int] = field(default_factory=list)
 
 
-def _clip_frames(cfg: PersonalizeConfig, available: int, tc: int) -> int:
+def _clip_frames(cfg: PersonalizeConfig, available: int, mc: ModelConfig) -> int:
     if cfg.frames is not None:
-        check_frames(cfg.frames, tc)
+        mc.check_frames(cfg.frames)
         return cfg.frames
-    frames = 1 + min(available - 1, 80) // tc * tc
+    frames = mc.longest_clip(available)
+    tc = mc.vae.time_compression
     _check(frames > 1, f"video has {available} frames, shorter than the shortest clip of {1 + tc} frames "
                        f"(1 + the VAE's time compression {tc}); give a longer video or a higher --fps")
     return frames
@@ -305,12 +305,12 @@ def _clip_frames(cfg: PersonalizeConfig, available: int, tc: int) -> int:
 
 def read_videos(cfg: PersonalizeConfig, mc: ModelConfig) -> tuple[list[Tensor], int]:
     """Each concept's video as (C, T, H, W) in [-1, 1] at one common size; and the clip length."""
-    multiple = mc.vae.space_compression * max(mc.dit.patch[1], mc.dit.patch[2])
+    multiple = mc.size_multiple
     videos = [read_video(c.video, fps=cfg.fps, size=cfg.size, multiple=multiple) for c in cfg.concepts]
     sizes = {tuple(v.shape[2:]) for v in videos}
     _check(len(sizes) == 1, f"the videos have different sizes {sorted(sizes)} after cropping; set --size H W "
                             "so that every concept is resized to the same frame size")
-    frames = _clip_frames(cfg, min(v.shape[1] for v in videos), mc.vae.time_compression)
+    frames = _clip_frames(cfg, min(v.shape[1] for v in videos), mc)
     for c, v in zip(cfg.concepts, videos, strict=True):
         _check(v.shape[1] >= frames, f"video {c.video!r} has {v.shape[1]} frames at the chosen fps, shorter "
                                      f"than one clip of {frames}; give a longer video, fewer --frames or a "
