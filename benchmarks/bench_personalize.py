@@ -41,6 +41,7 @@ from benchmarks.timing import (
     spread,
 )
 from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
+from lora.tokens import AddedTokens
 from model.config import PRESETS, ModelConfig, T5Config, VAEConfig
 from model.dit import DiT
 from model.flops import dit_forward_flops, dit_frozen_step_flops
@@ -113,7 +114,7 @@ def make_base(size, folder: Path, device: torch.device) -> P.Base:
 
 
 def stage_data(
-    cfg: P.PersonalizeConfig, base: P.Base, size, tokens: P.AddedTokens, stage: int
+    cfg: P.PersonalizeConfig, base: P.Base, size, tokens: AddedTokens, stage: int
 ) -> P.StageData:
     """Cached latents as the loop sees them: 8 concept clips and 4 prior generations of the bench shape."""
     g = torch.Generator().manual_seed(1)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lora.tokens import TOKEN_LIKE
 from model.clip import ClipModel, Preprocess
 from model.clip_tokenizer import ClipTokenizer
-from sample.generate import TOKEN_LIKE
 
-# Concept tokens such as "[v]" or "[u2]" (generate's TOKEN_LIKE) mean nothing to CLIP: the prompt is
+# Concept tokens such as "[v]" or "[u2]" (lora.tokens.TOKEN_LIKE) mean nothing to CLIP: the prompt is
 # scored without them and the space before each.
 PLACEHOLDER = re.compile(r"\s*" + TOKEN_LIKE.pattern)
 

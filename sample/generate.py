@@ -19,30 +19,16 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lora.concept import Concept, apply_concept, base_identity
 from lora.inject import set_scales
+from lora.tokens import TOKEN_LIKE, add_token_rows, write_token_rows
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
 from sample.sampler import euler_sample
-
-# A word in square brackets, the shape of a concept token ([v], [u], [v2], ...).
-TOKEN_LIKE = re.compile(r"\[[^\[\]\s]+\]")
-
-
-def make_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
-    """The tokenizer as personalization builds it: tokens the base already knows keep their ids and
-    new ones follow them; without any, new tokens get fresh rows after the T5 table (for umT5, whose
-    table is larger than its sentencepiece vocabulary, instead of trained rows that happen to be unused)."""
-    if base_tokens:
-        tokenizer = Tokenizer(sp_path)
-        tokenizer.add_tokens(base_tokens)
-        return tokenizer
-    return Tokenizer(sp_path, first_added_id=t5_rows)
 
 
 @dataclass
@@ -97,23 +83,10 @@ def add_concept(pipe: Pipeline, concept: Concept, *, identity: float = 1.0, moti
     apply_concept(pipe.dit, concept, expected_base=base_identity(pipe.dit, pipe.name), adapter=adapter,
                   identity=identity, motion=motion)
     pipe.concepts[adapter] = concept
-    if concept.tokens:
-        write_token_embeddings(pipe.t5, pipe.tokenizer, concept.tokens)
+    if concept.tokens:  # their ids in the tokenizer, their embeddings in the T5 table
+        ids = add_token_rows(pipe.t5, pipe.tokenizer, list(concept.tokens))
+        write_token_rows(pipe.t5, dict(zip(ids, concept.tokens.values(), strict=True)))
     return adapter
-
-
-@torch.no_grad()
-def write_token_embeddings(t5: nn.Module, tokenizer: Tokenizer, tokens: dict[str, Tensor]) -> None:
-    """Add the tokens to the tokenizer, grow the T5 input table to cover their ids, write their rows."""
-    ids = tokenizer.add_tokens(list(tokens))
-    if tokenizer.vocab_size > t5.token_embedding.weight.shape[0]:
-        t5.resize_token_embeddings(tokenizer.vocab_size)
-    table = t5.token_embedding.weight
-    for i, emb in zip(ids, tokens.values(), strict=True):
-        if emb.shape != table.shape[1:]:
-            raise ValueError(f"token embedding of width {emb.shape[-1]} does not fit the T5 table of width "
-                             f"{table.shape[1]}: the concept belongs to another text encoder")
-        table[i] = emb.to(table.dtype)
 
 
 def set_concept_scales(pipe: Pipeline, adapter: str, identity: float, motion: float) -> None:
@@ -198,5 +171,5 @@ def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool
     return video[0].float().cpu()
 
 
-__all__ = ["Pipeline", "GenerateConfig", "make_tokenizer", "add_concept", "set_concept_scales",
-           "write_token_embeddings", "check_prompt_tokens", "encode_prompts", "generate"]
+__all__ = ["Pipeline", "GenerateConfig", "add_concept", "set_concept_scales", "check_prompt_tokens",
+           "encode_prompts", "generate"]

@@ -107,7 +107,8 @@ def pick_device(args: argparse.Namespace) -> str:
 
 
 def load_pipeline(args: argparse.Namespace):
-    from sample.generate import Pipeline, make_tokenizer
+    from lora.tokens import make_tokenizer
+    from sample.generate import Pipeline
     from weights.checkpoint import resolve_base
 
     cfg, loader = resolve_base(args.base, seed=args.base_seed)

@@ -19,6 +19,7 @@ import torch
 
 from lora.concept import base_identity, concept_from_model, load_concept, save_concept
 from lora.inject import concept_state_dict, inject_lora
+from lora.tokens import make_tokenizer
 from model.config import PRESETS
 from model.dit import DiT
 from model.t5 import T5Encoder
@@ -29,7 +30,6 @@ from sample.generate import (
     Pipeline,
     add_concept,
     generate,
-    make_tokenizer,
 )
 from setseq.cli import main as cli_main
 from setseq.cmd_generate import parse_concept

@@ -236,7 +236,8 @@ class ToyBase:
 
     def pipeline(self):
         """A sample.generate.Pipeline with fresh weights and no concept."""
-        from sample.generate import Pipeline, make_tokenizer
+        from lora.tokens import make_tokenizer
+        from sample.generate import Pipeline
 
         models = self._models()
         tokenizer = make_tokenizer(

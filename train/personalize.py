@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from lora.concept import base_identity, concept_from_model, save_concept
 from lora.inject import DEFAULT_TARGETS, concept_state_dict, inject_lora, load_concept_state_dict, set_stage
+from lora.tokens import AddedTokens, add_tokens, write_token_rows
 from model.config import ModelConfig
 from model.flow import (
     add_noise,
@@ -226,46 +227,9 @@ class Base:
 # --------------------------------------------------------------------------------------- tokens
 
 
-class AddedTokens(nn.Module):
-    """Input embeddings of the concept tokens, kept apart from the T5 table so that only they train
-    (AdamW state for a 256k-row table would not fit, and weight decay would touch every row).
-
-    A forward hook on `t5.token_embedding` writes them over the table's output wherever an added
-    id occurs; they start at zero (paper §3.2).
-    """
-
-    def __init__(self, ids: dict[str, int], dim: int, device: torch.device | str):
-        super().__init__()
-        self.ids = dict(ids)
-        self.embeds = nn.ParameterList([nn.Parameter(torch.zeros(dim, device=device)) for _ in ids])
-
-    def embedding(self, token: str) -> nn.Parameter:
-        return self.embeds[list(self.ids).index(token)]
-
-    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        ids = inputs[0]  # (B, L)
-        for (_, i), emb in zip(self.ids.items(), self.embeds, strict=True):
-            output = torch.where((ids == i)[..., None], emb.to(output.dtype), output)
-        return output
-
-    def state(self) -> dict[str, Tensor]:
-        return {tok: emb.detach() for tok, emb in zip(self.ids, self.embeds, strict=True)}
-
-    @torch.no_grad()
-    def load(self, state: dict[str, Tensor]) -> None:
-        _check(set(state) == set(self.ids), f"token embeddings {sorted(state)} != tokens {sorted(self.ids)}")
-        for tok, emb in zip(self.ids, self.embeds, strict=True):
-            emb.copy_(state[tok])
-
-
 def _add_tokens(cfg: PersonalizeConfig, base: Base) -> AddedTokens:
     tokens = [c.token for c in cfg.concepts] + [c.motion_token for c in cfg.concepts]
-    ids = base.tokenizer.add_tokens(tokens)
-    rows = base.t5.token_embedding.weight.shape[0]
-    if base.tokenizer.vocab_size > rows:
-        base.t5.resize_token_embeddings(base.tokenizer.vocab_size)
-    device = base.t5.token_embedding.weight.device
-    return AddedTokens(dict(zip(tokens, ids, strict=True)), base.config.t5.dim, device)
+    return add_tokens(base.t5, base.tokenizer, tokens)
 
 
 def _stage_tokens(cfg: PersonalizeConfig, stage: int) -> list[str]:
@@ -734,18 +698,10 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         # -- the concept file --------------------------------------------------------------------------
         if main_proc:
             save_concept(cfg.out, make_concept(cfg, base, tokens))
-        write_token_rows(base.t5, tokens)  # the caller's T5 now knows the trained tokens without the hook
+        write_token_rows(base.t5, tokens.rows())  # the caller's T5 knows the trained tokens without the hook
         return Path(cfg.out)
     finally:
         hook.remove()
-
-
-@torch.no_grad()
-def write_token_rows(t5: nn.Module, tokens: AddedTokens) -> None:
-    """Copy the trained token embeddings into the T5 input table, at their ids."""
-    table = t5.token_embedding.weight
-    for tok, emb in tokens.state().items():
-        table[tokens.ids[tok]] = emb.to(table.dtype)
 
 
 def _encoder(base: Base) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
