@@ -42,6 +42,7 @@ from benchmarks.timing import (
 )
 from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
 from lora.tokens import AddedTokens
+from model.base import Base
 from model.config import PRESETS, ModelConfig, T5Config, VAEConfig
 from model.dit import DiT
 from model.flops import dit_forward_flops, dit_frozen_step_flops
@@ -75,7 +76,7 @@ def make_tokenizer(folder: Path, vocab: int) -> Tokenizer:
     return Tokenizer(train_tokenizer(sentences, folder / "spiece.model", vocab_size=96), first_added_id=vocab)
 
 
-def make_base(size, folder: Path, device: torch.device) -> P.Base:
+def make_base(size, folder: Path, device: torch.device) -> Base:
     """A random base at the benchmark DiT size; the VAE and T5 are small (the loop never runs the VAE;
     T5 runs only for prompts holding a trained token)."""
     dit_cfg = dit_config(size)
@@ -102,7 +103,7 @@ def make_base(size, folder: Path, device: torch.device) -> P.Base:
     torch.manual_seed(0)
     dit = DiT(dit_cfg)
     torch.nn.init.normal_(dit.head.head.weight, std=0.02)  # like a trained head (zero: no gradient flows)
-    base = P.Base(
+    base = Base(
         mc,
         dit.to(device),
         VAE(vae_cfg).to(device),
@@ -114,7 +115,7 @@ def make_base(size, folder: Path, device: torch.device) -> P.Base:
 
 
 def stage_data(
-    cfg: P.PersonalizeConfig, base: P.Base, size, tokens: AddedTokens, stage: int
+    cfg: P.PersonalizeConfig, base: Base, size, tokens: AddedTokens, stage: int
 ) -> P.StageData:
     """Cached latents as the loop sees them: 8 concept clips and 4 prior generations of the bench shape."""
     g = torch.Generator().manual_seed(1)

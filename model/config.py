@@ -232,8 +232,8 @@ class ModelConfig:
             if value < m or value % m:
                 near = "x".join(str(max(k, s // k * k)) for k, s in zip(steps, size, strict=True))
                 near_side = _neighbours(value, lambda n, m=m: n % m == 0)
-                raise ValueError(f"--size {size[0]}x{size[1]}: height and width must be positive multiples of "
-                                 f"{m} (VAE space compression {sc} x DiT patch {m // sc}), e.g. {near}; "
+                raise ValueError(f"--size {size[0]}x{size[1]}: height and width must be positive multiples "
+                                 f"of {m} (VAE space compression {sc} x DiT patch {m // sc}), e.g. {near}; "
                                  f"{name} {value} is not a multiple of {m} (use {name} {near_side})")
 
     def latent_shape(self, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -3,53 +3,48 @@
     base parts + concepts ──add_concept──► LoRA adapters in the DiT, concept tokens in the tokenizer,
                                            their input embeddings written into the T5 table
     prompt ──tokenizer──► ids ──T5──► context ─┐
-    seed ──► noise (B, C, T', H', W') ─────────┴─ euler_sample (CFG, self-cond) ──► latents ──VAE──► video
+    seeds ──► noise (B, C, T', H', W') ────────┴─ sample_latents (CFG, self-cond) ──► latents ──VAE──► video
 
 Several concepts mix post hoc: each concept file is its own adapter (its ΔW adds to the others')
 and brings its own tokens; a file trained jointly on several concepts carries all their tokens in
 one adapter. Identity (alpha) and motion (beta) scales are set per adapter: alpha = beta = 0 gives
 the base model exactly. Editing is reprompting: the same concept tokens in a new prompt.
 
-sample/ imports model/ and lora/ only: the caller (the command line) resolves the base model and
-hands its parts to `Pipeline`.
+sample/ imports model/ and lora/ only: the caller loads the base (weights.base.load_base) and hands
+the bundle to `Pipeline.of`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lora.concept import Concept, apply_concept, base_identity
 from lora.inject import set_scales
 from lora.tokens import TOKEN_LIKE, add_token_rows, write_token_rows
+from model.base import Base
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer
-from sample.sampler import euler_sample
+from sample.sampler import sample_latents
 
 
 @dataclass
-class Pipeline:
-    """A base model's parts plus the concepts applied to them."""
+class Pipeline(Base):
+    """A base model (frozen, in eval mode) plus the concepts applied to it."""
 
-    config: ModelConfig
-    dit: nn.Module
-    vae: nn.Module
-    t5: nn.Module
-    tokenizer: Tokenizer
-    name: str  # the base model's name as concept files record it (its config name)
     concepts: dict[str, Concept] = field(default_factory=dict)  # adapter name -> concept
 
     def __post_init__(self) -> None:
         for module in (self.dit, self.vae, self.t5):
             module.requires_grad_(False).eval()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+    @classmethod
+    def of(cls, base: Base) -> Pipeline:
+        return cls(base.config, base.dit, base.vae, base.t5, base.tokenizer, base.name)
 
     def concept_tokens(self) -> dict[str, str]:
         """Added token -> the adapter whose concept defines it."""
@@ -152,24 +147,31 @@ def encode_prompts(pipe: Pipeline, texts: list[str]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool = True) -> Tensor:
-    """One video for `prompt`: (3, T, H, W) float32 in [-1, 1] on the CPU. The seed fixes it."""
+def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequence[int], *,
+                   progress: bool = False) -> list[Tensor]:
+    """One video per seed for `prompt`, sampled as one batch: (3, T, H, W) float32 in [-1, 1] on the CPU
+    each. Seed s's noise is drawn alone from torch.Generator().manual_seed(s) on the CPU, so a video
+    depends neither on its batch nor on the device."""
     gen = gen.resolved(pipe.config)
     check_prompt_tokens(pipe, prompt)
     check_prompt_tokens(pipe, gen.negative_prompt)
     shape = pipe.config.latent_shape(gen.frames, gen.size)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     device, dtype = pipe.device, next(pipe.dit.parameters()).dtype
     with _autocast(device, dtype):
-        context, mask = encode_prompts(pipe, [prompt])
-        uncond, uncond_mask = encode_prompts(pipe, [gen.negative_prompt])
-        generator = torch.Generator(device).manual_seed(gen.seed)
-        z = euler_sample(pipe.dit, (1, *shape), steps=gen.steps, shift=gen.shift, guidance=gen.guidance,
-                         context=context, context_mask=mask, uncond_context=uncond, uncond_mask=uncond_mask,
-                         self_cond=gen.self_cond, generator=generator, progress=progress)
+        cond = encode_prompts(pipe, [prompt] * len(seeds))
+        uncond = encode_prompts(pipe, [gen.negative_prompt])
+        z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps, guidance=gen.guidance,
+                           shift=gen.shift, self_cond=gen.self_cond, progress=progress)
         vae_dtype = next(pipe.vae.parameters()).dtype
-        video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (1, 3, T, H, W); long clips stream
-    return video[0].float().cpu()
+        video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (B, 3, T, H, W); long clips stream
+    return [v.float().cpu() for v in video]
+
+
+def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool = True) -> Tensor:
+    """One video for `prompt`: (3, T, H, W) float32 in [-1, 1] on the CPU. The seed fixes it."""
+    return generate_batch(pipe, prompt, gen, [gen.seed], progress=progress)[0]
 
 
 __all__ = ["Pipeline", "GenerateConfig", "add_concept", "set_concept_scales", "check_prompt_tokens",
-           "encode_prompts", "generate"]
+           "encode_prompts", "generate_batch", "generate"]

@@ -117,3 +117,18 @@ def euler_sample(
             x0_est = x0_from_velocity(x, v, t)
         x = x + (ts[i + 1] - ts[i]) * v
     return x
+
+
+Text = tuple[Tensor, Tensor | None]  # encoded prompt tokens (B, L, D) and their mask (B, L)
+
+
+def sample_latents(dit, noise: Tensor | tuple[int, ...], cond: Text, uncond: Text, *, steps: int,
+                   guidance: float, shift: float, self_cond: bool | None = None,
+                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """The one way callers sample: `euler_sample` with the prompts as (tokens, mask) pairs and
+    self-conditioning on whenever the DiT has it (None), unless the caller turns it off."""
+    if self_cond is None:
+        self_cond = bool(getattr(dit.cfg, "self_cond", False))
+    return euler_sample(dit, noise, steps=steps, shift=shift, guidance=guidance, context=cond[0],
+                        context_mask=cond[1], uncond_context=uncond[0], uncond_mask=uncond[1],
+                        self_cond=self_cond, generator=generator, progress=progress)

@@ -22,8 +22,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from model.config import ModelConfig, parse_size
 
 _SCALES = re.compile(r"^(?P<path>.+?):(?P<alpha>[^:]+):(?P<beta>[^:]+)$")
@@ -35,7 +33,8 @@ def register(subparsers) -> None:
         description="Sample a video from a base model with concept files applied: Euler steps on the flow "
                     "ODE with classifier-free guidance and self-conditioning (when the base has it).")
     p.add_argument("--base", required=True,
-                   help="base model: a preset name or a checkpoint folder (setseq convert)")
+                   help="base model: a checkpoint folder (setseq convert), or a preset name with committed "
+                        "weights (tiny: assets/tiny), or any preset with --random-weights")
     p.add_argument("--tokenizer", help="sentencepiece model, when the base checkpoint ships none")
     p.add_argument("--concept", action="append", default=[], metavar="FILE[:ALPHA:BETA]",
                    help="concept file (repeat to mix several); ALPHA:BETA set its identity and motion scales")
@@ -56,7 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-self-cond", dest="self_cond", action="store_false", default=None,
                    help="do not feed back the x0 estimate (default: on when the base has self-conditioning)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same seed gives the same video)")
-    p.add_argument("--base-seed", type=int, default=0, help="init seed of a preset base (random weights)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="randomly initialized weights for a preset --base (tests, timing; nothing learned)")
+    p.add_argument("--base-seed", type=int, default=0, help="init seed of --random-weights")
     p.add_argument("--frames", type=int, help="frames, 1 + k * the VAE's time compression (default per base)")
     p.add_argument("--size", help="HxW in pixels, e.g. 480x832 (default per base)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written files (default 8)")
@@ -102,25 +103,12 @@ def check_out(path: Path) -> None:
                          "(the .gif and .png are written beside it)")
 
 
-def pick_device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_pipeline(args: argparse.Namespace):
-    from lora.tokens import make_tokenizer
     from sample.generate import Pipeline
-    from weights.checkpoint import resolve_base
+    from weights.base import load_base
 
-    cfg, loader = resolve_base(args.base, seed=args.base_seed)
-    device = pick_device(args)
-    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    models = loader(dtype=dtype, device=device, parts=("dit", "vae", "t5"))
-    sp_path = args.tokenizer or models.tokenizer_path
-    if sp_path is None:
-        raise ValueError(f"base {args.base!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
-    tokenizer = make_tokenizer(sp_path, models.added_tokens, models.t5.token_embedding.weight.shape[0])
-    return Pipeline(cfg, models.dit, models.vae, models.t5, tokenizer, name=cfg.name)
+    return Pipeline.of(load_base(args.base, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                                 random_weights=args.random_weights, seed=args.base_seed))
 
 
 def apply_concepts(pipe, args: argparse.Namespace) -> list[str]:
@@ -204,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is not None and not Path(args.reference).is_file():
         raise FileNotFoundError(f"--reference {args.reference!r}: no such video")
     check_scorer_args(args)
-    from weights.checkpoint import resolve_base
+    from weights.base import base_config
 
-    base_cfg, _ = resolve_base(args.base, seed=args.base_seed)
+    base_cfg = base_config(args.base, args.random_weights)  # a preset without weights: refused here
     frames, size = shape_of(args, base_cfg)
     base_cfg.latent_shape(frames, size)  # bad --frames / --size: an error before any weights load
     gen = GenerateConfig(frames=frames, size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
@@ -236,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if reference is not None or args.clip is not None:
         from sample.metrics import NOT_AVAILABLE, score_video, to_json
 
-        clip_scorer, face_scorer = load_scorers(args, pick_device(args))
+        clip_scorer, face_scorer = load_scorers(args, str(pipe.device))
         object_scorer = None
         if base_cfg.name == "tiny":  # the object instruments assume the toy world's flat scenes
             from toyworld.metrics import object_scores as object_scorer

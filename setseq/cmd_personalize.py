@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from model.config import parse_size
-from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
+from train.personalize import ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
+from weights.base import base_config, load_base
 
 # Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -51,8 +52,11 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="TOML file of the same options; [[concepts]] tables for several concepts")
     p.add_argument("--prompt", help='static prompt holding [v], e.g. "A [v] man in a cap on a bridge."')
     p.add_argument("--motion-prompt", help='dynamic prompt holding [u], e.g. "He does [u] dancing."')
-    p.add_argument("--base", help="base model: a preset name or a checkpoint folder (setseq convert)")
+    p.add_argument("--base", help="base model: a checkpoint folder (setseq convert), or a preset name with "
+                   "committed weights (tiny: assets/tiny), or any preset with --random-weights")
     p.add_argument("--tokenizer", help="sentencepiece model, when the base checkpoint ships none")
+    p.add_argument("--random-weights", action="store_true", default=None,
+                   help="randomly initialized weights for a preset --base (tests, timing; nothing learned)")
     p.add_argument("--out", help="the concept file to write (.safetensors)")
     p.add_argument("--stage", type=int, choices=(1, 2), help="run one stage only (default: both)")
     p.add_argument("--size", help="frame size HxW in pixels, e.g. 480x832 (default: the video's, cropped)")
@@ -84,17 +88,17 @@ def read_toml(path: str) -> dict:
 def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict]:
     """TOML values, then command-line flags over them -> (config, extra: base/tokenizer/dtype)."""
     values = read_toml(args.config) if args.config else {}
-    extra = {k: values.pop(k) for k in ("base", "tokenizer", "dtype") if k in values}
+    extra = {k: values.pop(k) for k in ("base", "tokenizer", "dtype", "random_weights") if k in values}
     known = {f.name for f in fields(PersonalizeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{args.config}: unknown keys {unknown}; known keys are base, tokenizer, dtype, "
-                         f"{', '.join(sorted(known))}")
+                         f"random_weights, {', '.join(sorted(known))}")
     switches = ("train_tokens", "device", "resume", "force", "out", "grad_checkpointing", "compile")
     for dest in (*_FLAGS, *switches):
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
-    for key in ("base", "tokenizer", "dtype"):
+    for key in ("base", "tokenizer", "dtype", "random_weights"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
     if args.size is not None:
@@ -123,35 +127,16 @@ def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict]:
     return PersonalizeConfig(concepts=concepts, **values), extra
 
 
-def load_base(extra: dict, cfg: PersonalizeConfig) -> Base:
-    from model.tokenizer import Tokenizer
-    from weights.checkpoint import resolve_base
-
-    model_cfg, loader = resolve_base(extra["base"], seed=cfg.seed)
-    cuda = cfg.device.startswith("cuda")
-    dtype_name = extra.get("dtype") or ("bf16" if cuda else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    models = loader(dtype=dtype, device=cfg.device, parts=("dit", "vae", "t5"))
-    sp_path = extra.get("tokenizer") or models.tokenizer_path
-    if sp_path is None:
-        raise ValueError(f"base {extra['base']!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
-    if models.added_tokens:  # tokens the base already knows keep their ids; ours follow them
-        tokenizer = Tokenizer(sp_path)
-        tokenizer.add_tokens(models.added_tokens)
-    else:  # fresh rows after the embedding table, not trained rows that happen to be unused (umT5)
-        tokenizer = Tokenizer(sp_path, first_added_id=models.t5.token_embedding.weight.shape[0])
-    # The concept records the base by its model name (e.g. "wan2.1-1.3b") and architecture fingerprint.
-    return Base(config=model_cfg, dit=models.dit, vae=models.vae, t5=models.t5, tokenizer=tokenizer,
-                name=model_cfg.name)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg, extra = build_config(args)
-    base = load_base(extra, cfg)
-    from sample.sampler import euler_sample
+    random_weights = bool(extra.get("random_weights"))
+    base_config(extra["base"], random_weights)  # a preset without weights: refused before any allocation
+    base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
+                     tokenizer=extra.get("tokenizer"), random_weights=random_weights, seed=cfg.seed)
+    from sample.sampler import sample_latents
 
     try:
-        out = main(cfg, base, sample_fn=euler_sample)
+        out = main(cfg, base, sample_fn=sample_latents)
     except NonFiniteLoss as err:
         print(f"setseq personalize: error: {err}", file=sys.stderr)
         return 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +13,13 @@ from model.config import PRESETS, DiTConfig, ModelConfig, T5Config, VAEConfig
 from model.dit import DiT
 from model.t5 import T5Encoder
 from model.vae import VAE
+from weights.base import COMMITTED, base_config, base_source, load_base
 from weights.checkpoint import (
     PART_FILES,
+    checkpoint_config,
     describe_checkpoint,
     is_checkpoint,
     load_checkpoint,
-    resolve_base,
     save_checkpoint,
 )
 from weights.io import read_state_dict, write_safetensors_atomic
@@ -96,33 +97,52 @@ def test_tokenizer_file_is_copied(tmp_path, sp_model_path):
     assert loaded.tokenizer_path.read_bytes() == open(sp_model_path, "rb").read()
 
 
-def test_resolve_base_loads_a_folder(ckpt):
+def test_load_base_loads_a_folder(ckpt, sp_model_path):
     folder, models = ckpt
-    cfg, loader = resolve_base(str(folder))
-    assert cfg == CFG
-    assert torch.equal(loader(parts=("dit",)).dit.head.head.weight, models[0].head.head.weight)
+    t5 = T5Encoder(dataclasses.replace(CFG.t5, vocab_size=128))  # rows for every piece of the tokenizer
+    save_checkpoint(folder, CFG, models[0], models[1], t5, tokenizer_path=sp_model_path)
+    cfg = base_config(str(folder))
+    assert cfg.dit == CFG.dit and cfg.t5.vocab_size == 128
+    base = load_base(str(folder), device="cpu")
+    assert base.config == cfg and base.dtype == torch.float32
+    assert Path(base.tokenizer.path).read_bytes() == Path(sp_model_path).read_bytes()
+    assert torch.equal(base.dit.head.head.weight, models[0].head.head.weight)
 
 
-def test_resolve_base_preset_is_seeded_random_with_a_warning():
-    cfg, loader = resolve_base("tiny", seed=5)
-    assert cfg == PRESETS["tiny"]
-    with pytest.warns(UserWarning, match="randomly initialized"):
-        a = loader(parts=("t5",))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        b = loader(parts=("t5",))
+def test_a_preset_with_committed_weights_loads_them():
+    base = load_base("tiny", device="cpu")
+    assert base_source("tiny") == COMMITTED["tiny"] and base.config == checkpoint_config(COMMITTED["tiny"])
+    on_disk = load_checkpoint(COMMITTED["tiny"], parts=("dit",)).dit.head.head.weight
+    assert torch.equal(base.dit.head.head.weight, on_disk)
+
+
+def test_random_weights_only_when_asked_and_seeded(sp_model_path):
+    a, b = (load_base("tiny", device="cpu", tokenizer=sp_model_path, random_weights=True, seed=5)
+            for _ in range(2))
+    assert a.config == PRESETS["tiny"]
     assert torch.equal(a.t5.token_embedding.weight, b.t5.token_embedding.weight)
 
 
-def test_resolve_base_unknown_name():
+def test_a_preset_without_weights_is_refused_before_anything_is_allocated(monkeypatch):
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("weights were allocated")
+
+    monkeypatch.setattr("weights.base.random_models", no_allocation)
+    monkeypatch.setattr("weights.base.load_checkpoint", no_allocation)
+    for call in (base_config, load_base):
+        with pytest.raises(ValueError, match="without committed weights: convert .*--random-weights"):
+            call("wan2.1-1.3b")
+
+
+def test_load_base_unknown_name():
     with pytest.raises(ValueError, match="not a preset .*tiny"):
-        resolve_base("no-such-model")
+        load_base("no-such-model")
 
 
 def test_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "transformer").mkdir()
     with pytest.raises(ValueError, match="not a setseq checkpoint folder.*--from diffusers"):
-        resolve_base(str(tmp_path))
+        load_base(str(tmp_path))
     assert not is_checkpoint(tmp_path)
 
 

@@ -12,17 +12,18 @@ from safetensors import safe_open
 from lora.concept import apply_concept, load_concept
 from lora.inject import inject_lora, set_stage
 from lora.layers import LoRALinear
+from model.base import Base
 from model.config import PRESETS
 from model.dit import DiT
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer
 from model.vae import VAE
-from sample.sampler import euler_sample
+from sample.sampler import sample_latents
 from setseq.cli import main as cli_main
 from train import personalize as P
 from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
-from train.personalize import Base, ConceptSpec, NonFiniteLoss, PersonalizeConfig
+from train.personalize import ConceptSpec, NonFiniteLoss, PersonalizeConfig
 from train.video import read_frames, read_video, write_video
 
 LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
@@ -187,19 +188,19 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
 
 def test_resumed_run_equals_uninterrupted_bitwise(sp_model_path, tmp_path, video, monkeypatch):
     whole = config(tmp_path / "a", video, steps1=5, steps2=5)
-    P.main(whole, make_base(sp_model_path), euler_sample)
+    P.main(whole, make_base(sp_model_path), sample_latents)
 
     cut = config(tmp_path / "b", video, steps1=5, steps2=5)
     _interrupt_after(monkeypatch, 3)  # stage 1 step 4 never finishes; last checkpoint: stage 1 step 2
     with pytest.raises(_Interrupt):
-        P.main(cut, make_base(sp_model_path), euler_sample)
+        P.main(cut, make_base(sp_model_path), sample_latents)
     monkeypatch.undo()
     _interrupt_after(monkeypatch, 6)  # resumed at stage 1 step 2: dies at stage 2 step 4 (checkpoint: step 2)
     with pytest.raises(_Interrupt):
-        P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), euler_sample)
+        P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), sample_latents)
     assert [p.name for p in list_checkpoints(cut.work / "checkpoints")][-1] == "stage2-step000002.safetensors"
     monkeypatch.undo()
-    P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), euler_sample)
+    P.main(dataclasses.replace(cut, resume=True), make_base(sp_model_path), sample_latents)
 
     a, b = read_tensors(whole.out), read_tensors(cut.out)
     assert a.keys() == b.keys()
@@ -233,7 +234,7 @@ def test_personalization_lowers_the_loss_on_its_video(sp_model_path, tmp_path, v
     # A test-sized run: a higher lr than the paper's 1e-4 so that 90 steps show it learning.
     cfg = config(tmp_path, video, steps1=30, steps2=60, lr=1e-2, rank=8, batch_size=4, prior_count=0,
                  checkpoint_every=100)
-    P.main(cfg, base, euler_sample)
+    P.main(cfg, base, sample_latents)
     after = _video_loss(base, video, text)
     print(f"tiny personalization: loss on its video {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before, (before, after)
@@ -300,7 +301,7 @@ def test_concept_file_names_its_base_and_refuses_another(sp_model_path, tmp_path
 
 def test_previews_are_written_as_gifs(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video, prior_count=0, steps1=2, steps2=2, preview_every=2, preview_steps=2)
-    P.main(cfg, make_base(sp_model_path), euler_sample)
+    P.main(cfg, make_base(sp_model_path), sample_latents)
     previews = sorted(p.name for p in (cfg.work / "previews").iterdir())
     assert previews == ["stage1-step000002.gif", "stage2-step000002.gif"]
     frames, _ = read_frames(cfg.work / "previews" / "stage2-step000002.gif")
@@ -313,28 +314,28 @@ def test_previews_are_written_as_gifs(sp_model_path, tmp_path, video):
 def test_prompt_without_v_is_refused_before_any_work(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video, concepts=[ConceptSpec(video, "a square.", MOTION)])
     with pytest.raises(ValueError, match=r"does not contain \[v\]"):
-        P.main(cfg, make_base(sp_model_path), euler_sample)
+        P.main(cfg, make_base(sp_model_path), sample_latents)
     assert not cfg.work.exists() and not Path(cfg.out).exists()
 
 
 def test_motion_prompt_without_u_is_refused_in_stage_2(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video, concepts=[ConceptSpec(video, PROMPT, "It moves right.")])
     with pytest.raises(ValueError, match=r"does not contain \[u\]"):
-        P.main(cfg, make_base(sp_model_path), euler_sample)
+        P.main(cfg, make_base(sp_model_path), sample_latents)
 
 
 def test_existing_out_is_not_overwritten(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video)
     Path(cfg.out).write_bytes(b"precious")
     with pytest.raises(ValueError, match="--force"):
-        P.main(cfg, make_base(sp_model_path), euler_sample)
+        P.main(cfg, make_base(sp_model_path), sample_latents)
     assert Path(cfg.out).read_bytes() == b"precious"
 
 
 def test_video_shorter_than_one_clip_is_refused(sp_model_path, tmp_path, video):
     cfg = config(tmp_path, video, frames=17)
     with pytest.raises(ValueError, match="shorter than one clip of 17"):
-        P.main(cfg, make_base(sp_model_path), euler_sample)
+        P.main(cfg, make_base(sp_model_path), sample_latents)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sp_model_path, tmp_path, video, monkeypatch):
@@ -361,6 +362,7 @@ def test_cli_toml_form_writes_a_concept(sp_model_path, tmp_path, video, capsys):
     toml = tmp_path / "run.toml"
     toml.write_text(f'''base = "tiny"
 tokenizer = "{sp_model_path}"
+random_weights = true
 out = "{tmp_path / 'cli.safetensors'}"
 steps1 = 2
 steps2 = 2
@@ -391,7 +393,7 @@ def test_compile_flag_compiles_the_blocks_after_the_lora_is_in(sp_model_path, tm
         seen.append((any(isinstance(m, LoRALinear) for m in self.modules()), self.gradient_checkpointing))
 
     monkeypatch.setattr(DiT, "compile_blocks", record)
-    monkeypatch.setattr("setseq.cmd_personalize.load_base", lambda extra, cfg: make_base(sp_model_path))
+    monkeypatch.setattr("setseq.cmd_personalize.load_base", lambda *a, **k: make_base(sp_model_path))
     argv = ["personalize", str(video), "--prompt", PROMPT, "--motion-prompt", MOTION, "--base", "tiny",
             "--out", str(tmp_path / "c.safetensors"), "--steps1", "1", "--steps2", "1", "--prior-count", "0",
             "--batch-size", "2", "--device", "cpu", "--compile", "--grad-checkpointing"]

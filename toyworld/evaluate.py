@@ -8,8 +8,10 @@ splits), `one_object` = exactly one connected blob per object slot in every fram
 clips themselves are measured the same way (`reference` row: the instruments' ceiling), and so are
 their VAE reconstructions (with their PSNR).
 
-This module knows nothing of the toy world's generator: the caller passes prompts, the attributes
-each prompt promises, reference videos and the vocabulary palettes (setseq/cmd_pretrain.py does).
+`evaluate_base` knows nothing of the toy world's generator: the caller passes prompts, the attributes
+each prompt promises, reference videos and the vocabulary palettes. `heldout_report` is that caller
+for a base and a world: it draws the world's held-out captions (`setseq pretrain`'s report,
+benchmarks/colour_binding.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sample.sampler import euler_sample
+from model.tokenizer import Tokenizer
+from sample.sampler import sample_latents
 from toyworld.instruments import (
     as_frames,
     attribute_accuracy,
@@ -31,6 +34,8 @@ from toyworld.instruments import (
     max_jump,
     object_masks,
 )
+from toyworld.pretrain import caption_length
+from toyworld.world import BACKGROUNDS, COLOURS, MOTIONS, generate_batch
 
 JUMP_PX = 8.0  # the fastest toy motion (an orbit) moves 4.7 px a frame; linear paths 1.5 px
 
@@ -99,10 +104,8 @@ def generate(dit, vae, latent_shape: tuple[int, ...], context: Tensor, mask: Ten
     out = []
     for i in range(0, len(context), batch):
         ctx, m = context[i : i + batch], mask[i : i + batch]
-        z = euler_sample(dit, (len(ctx), *latent_shape), steps=steps, shift=shift, guidance=guidance,
-                         context=ctx, context_mask=m, uncond_context=uncond[0], uncond_mask=uncond[1],
-                         self_cond=bool(dit.cfg.self_cond), generator=torch.Generator().manual_seed(seed + i),
-                         progress=False)
+        z = sample_latents(dit, (len(ctx), *latent_shape), (ctx, m), uncond, steps=steps, guidance=guidance,
+                           shift=shift, generator=torch.Generator().manual_seed(seed + i))
         out.append(vae.decode(z))
     return torch.cat(out)
 
@@ -134,6 +137,26 @@ def evaluate_base(dit, vae, encode_text: Callable[[list[str]], tuple[Tensor, Ten
         videos[g] = video
         report["guidance"][str(g)] = measure_videos(list(video), intended, palettes)
     return report, videos
+
+
+def heldout_report(models, world, world_seed: int, seed: int, n: int, steps: int,
+                   guidance: list[float]) -> tuple[dict, dict, object]:
+    """Sample `n` held-out captions of `world` (drawn with `world_seed`; noise seeded with `seed`) with a
+    base's parts (`models`: .cfg, .dit, .vae, .t5, .tokenizer_path) -> (report, videos, the caption batch)."""
+    batch = generate_batch(n, seed=world_seed, split="heldout", cfg=world)
+    tokenizer = Tokenizer(models.tokenizer_path)
+    length = caption_length(tokenizer, models.cfg.t5.max_length)
+
+    def encode_text(texts: list[str]):
+        ids, mask = tokenizer.encode(texts, length)
+        return models.t5(ids, mask.bool()), mask.bool()
+
+    palettes = {"backgrounds": BACKGROUNDS, "colours": COLOURS, "motions": MOTIONS}
+    intended = [c.attributes() for c in batch.clips()]
+    report, videos = evaluate_base(models.dit, models.vae, encode_text, batch.captions, intended, batch.video,
+                                   palettes, guidances=guidance, steps=steps, shift=models.cfg.sample_shift,
+                                   seed=seed)
+    return report, videos, batch
 
 
 def contact_sheet(rows: Sequence[np.ndarray], frames: Sequence[int] = (0, 4, 8, 12, 16), gap: int = 2
@@ -196,5 +219,5 @@ def write_report(folder: str | Path, report: Mapping, videos: Mapping[float, np.
     iio.imwrite(folder / "samples.png", contact_sheet(rows))
 
 
-__all__ = ["evaluate_base", "measure_videos", "motion_quality", "contact_sheet", "report_markdown",
-           "write_report", "psnr", "JUMP_PX"]
+__all__ = ["evaluate_base", "heldout_report", "measure_videos", "motion_quality", "contact_sheet",
+           "report_markdown", "write_report", "psnr", "JUMP_PX"]

@@ -1,8 +1,8 @@
 """Toy-world experiments: personalize held-out concepts on the tiny base, generate, measure.
 
-The orchestration behind `setseq demo` and `setseq bench toyworld`. It needs train/ (the world,
-the personalization loop), sample/ (generation, metrics, media) and weights/ (the base model), so
-it lives with the command line, not in any of them.
+The pieces the demo, bench and compose experiments share: budgets, variants, prompts, the base, training
+one concept, generating a job, scoring it (toyworld/demo.py, bench.py and compose_bench.py put them
+together through toyworld/runner.py).
 
     concept spec ──render_concept──► reference clip (lossless mp4) ──personalize (variant)──► concept file
     concept file + base ──Pipeline──► several seeds per prompt ──pixels──► scores beside floors
@@ -42,12 +42,12 @@ FPS = 8.0
 # The DiT's output head: a (dim -> out_channels x patch) linear whose 128 inputs on the tiny base span
 # every output a token can take (a 128-dim span of its 640 values). The paper's targets (every block's
 # attention and FFN) cannot move that span, and frames whose pattern lies outside it came out washed out;
-# a LoRA on the head turns the span toward the concept. On the committed base at 600 + 1200 steps, 3
-# concepts x 2 seeds (runs/bench-s12-2x, against the row ours_nohead), adding the head lifted `ours` on
-# every column but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015, crop 0.70 -> 0.78, edit crop
-# 0.26 -> 0.28, edit motion 0.36 -> 0.39 (at 300 + 600, runs/bench-v12: the same signs). Toy runs adapt it
-# in every LoRA row. At Wan's sizes the head (1536 inputs, 64 outputs) is no bottleneck, and `setseq
-# personalize` keeps the paper's targets.
+# a LoRA on the head turns the span toward the concept. `setseq bench toyworld --variants ours,ours_nohead`
+# on the committed base (3 concepts x 2 seeds, 600 + 1200 steps): the head lifted `ours` on every column
+# but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015, crop 0.70 -> 0.78, edit crop 0.26 -> 0.28,
+# edit motion 0.36 -> 0.39 (at --steps1 300 --steps2 600: the same signs). Toy runs adapt it in every LoRA
+# row. At Wan's sizes the head (1536 inputs, 64 outputs) is no bottleneck, and `setseq personalize` keeps
+# the paper's targets.
 HEAD_TARGET = r"head\.head"
 TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
 
@@ -60,12 +60,13 @@ class ToyBudget:
 
     # The paper trains its regularized method longer than the unregularized two-stage (600 + 900 against
     # 150 + 400 steps: "with dropout regularization, convergence is slower"). Here every row gets the same
-    # steps; at 600 + 1200 against 300 + 600, on the committed base, 3 concepts x 2 seeds (runs/bench-s12-2x
-    # against runs/bench-v12), `ours` gained on every column (MSE 0.019 -> 0.015, reconstruction crop
+    # steps. `setseq bench toyworld` on the committed base (3 concepts x 2 seeds) at 600 + 1200 against
+    # --steps1 300 --steps2 600: `ours` gained on every column (MSE 0.019 -> 0.015, reconstruction crop
     # 0.73 -> 0.78, edit crop 0.21 -> 0.28, edit motion 0.35 -> 0.39), the demo concept's worst
-    # reconstruction frame rose from 0.36 / 0.50 to 0.64 / 0.61 (training seeds 0 / 1), and DB-LoRA
-    # overfit: its background edits reproduce the training clip (adherence 6/6 -> 0/6), as the paper's
-    # high-rank LoRA does. 900 + 1800 added little (worst frame 0.66) and takes over 5 minutes a concept.
+    # reconstruction frame (`setseq demo --seed 0` / `--seed 1`) rose from 0.36 / 0.50 to 0.64 / 0.61, and
+    # DB-LoRA overfit: its background edits reproduce the training clip (adherence 6/6 -> 0/6), as the
+    # paper's high-rank LoRA does. 900 + 1800 added little (worst frame 0.66) and takes over 5 minutes a
+    # concept.
     steps1: int = 600
     steps2: int = 1200
     rank: int = 16
@@ -84,9 +85,10 @@ class ToyBudget:
     samples: int = 4  # generations (seeds) per prompt
     sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
     # Sampling guidance of a personalized concept (None = the base's own, ModelConfig.guidance, now 1 for
-    # tiny too). On the DiT-stage base, 3 concepts x 2 seeds (runs/bench-v7), guidance 1 beat 3 for `ours`
-    # on MSE (0.026 vs 0.028), reconstruction motion (0.93 vs 0.91) and edit crop ID (0.36 vs 0.33), tied
-    # on edit adherence (5/6) and motion (0.45), and lifted every LoRA row's reconstruction.
+    # tiny too). `setseq bench toyworld --guidance 1` against `--guidance 3` on the DiT-stage base (before
+    # the layout stage), 3 concepts x 2 seeds: guidance 1 beat 3 for `ours` on MSE (0.026 vs 0.028),
+    # reconstruction motion (0.93 vs 0.91) and edit crop ID (0.36 vs 0.33), tied on edit adherence (5/6)
+    # and motion (0.45), and lifted every LoRA row's reconstruction.
     guidance: float | None = 1.0
     prior_steps: int | None = None
     targets: tuple[str, ...] = TOY_TARGETS  # LoRA targets of every LoRA row (HEAD_TARGET: why the head)
@@ -174,76 +176,51 @@ def toy_captions(pairs: int = 500) -> list[str]:
 
 
 class ToyBase:
-    """Loads fresh copies of the base model's parts (a run's LoRA and tokens change them in place)."""
+    """Loads fresh copies of the base (a run's LoRA and tokens change them in place) through
+    weights.base.load_base: a folder's weights, or random weights for a preset name (smoke runs)."""
 
     def __init__(self, base: str | Path, work: Path, seed: int = 0, device: str = "cpu"):
-        from weights.checkpoint import resolve_base
+        from weights.base import base_config
 
-        self.arg = str(base)
+        self.arg, self.seed, self.work = str(base), seed, work
         self.device = device  # fp32 weights there; personalization on CUDA trains under bf16 autocast
-        self.cfg, self._loader = resolve_base(base, seed=seed)
-        self.work = work
         self.random = not Path(base).is_dir()
+        self.cfg = base_config(base, random_weights=self.random)
         if self.random:  # room for the world's two-object captions, spelled by a small tokenizer
-            from weights.checkpoint import random_models
-
             t5 = dataclasses.replace(self.cfg.t5, max_length=max(self.cfg.t5.max_length, 64))
             self.cfg = dataclasses.replace(self.cfg, t5=t5)
-            self._loader = lambda **kw: random_models(self.cfg, seed, **kw)
         self._sp_path: Path | None = None
 
-    def _models(self):
-        models = self._loader(dtype=torch.float32, device=self.device, parts=("dit", "vae", "t5"))
+    def load(self):
+        """A model.base.Base with fresh weights, carrying this runner's config."""
+        from weights.base import load_base
+
+        base = load_base(self.arg, device=self.device, dtype="fp32", tokenizer=self._tokenizer(),
+                         random_weights=self.random, seed=self.seed)
         if self.random:  # a random DiT's zero head passes no gradient to the LoRA: randomize it as trained
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
-                models.dit.head.head.weight.copy_(
-                    torch.randn(models.dit.head.head.weight.shape, generator=g) * 0.05  # same on any device
-                )
-        return models
+                weight = base.dit.head.head.weight
+                weight.copy_(torch.randn(weight.shape, generator=g) * 0.05)  # same on any device
+        return dataclasses.replace(base, config=self.cfg)
 
-    def tokenizer_path(self, models) -> Path:
-        if models.tokenizer_path is not None:
-            return Path(models.tokenizer_path)
-        if self._sp_path is None:  # a preset base ships none: train one on the world's captions
+    def _tokenizer(self) -> Path | None:
+        """None: the folder's own. A random base ships none: one trained on the world's captions."""
+        if self.random and self._sp_path is None:
             from model.tokenizer import train_tokenizer
 
-            self._sp_path = Path(
-                train_tokenizer(toy_captions(), self.work / "tokenizer.model", vocab_size=64)
-            )
+            path = train_tokenizer(toy_captions(), self.work / "tokenizer.model", vocab_size=64)
+            self._sp_path = Path(path)
         return self._sp_path
 
     def for_training(self):
-        """A train.personalize.Base with fresh weights."""
-        from model.tokenizer import Tokenizer
-        from train.personalize import Base
-
-        models = self._models()
-        sp = self.tokenizer_path(models)
-        if models.added_tokens:
-            tokenizer = Tokenizer(sp)
-            tokenizer.add_tokens(models.added_tokens)
-        else:
-            tokenizer = Tokenizer(sp, first_added_id=models.t5.token_embedding.weight.shape[0])
-        return Base(
-            config=self.cfg,
-            dit=models.dit,
-            vae=models.vae,
-            t5=models.t5,
-            tokenizer=tokenizer,
-            name=self.cfg.name,
-        )
+        return self.load()
 
     def pipeline(self):
         """A sample.generate.Pipeline with fresh weights and no concept."""
-        from lora.tokens import make_tokenizer
         from sample.generate import Pipeline
 
-        models = self._models()
-        tokenizer = make_tokenizer(
-            self.tokenizer_path(models), models.added_tokens, models.t5.token_embedding.weight.shape[0]
-        )
-        return Pipeline(self.cfg, models.dit, models.vae, models.t5, tokenizer, name=self.cfg.name)
+        return Pipeline.of(self.load())
 
 
 # ---------------------------------------------------------------------------------------- variants
@@ -360,7 +337,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
     """One personalization run of `concepts` (train.personalize.ConceptSpec; several train into one adapter,
     each budget step count multiplied by their number) with `variant`'s settings into OUT; returns the
     training seconds. `extra`: further PersonalizeConfig fields (e.g. stitch_prob). WORK is replaced."""
-    from sample.sampler import euler_sample
+    from sample.sampler import sample_latents
     from train.personalize import PersonalizeConfig, main
 
     shutil.rmtree(work, ignore_errors=True)
@@ -395,7 +372,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
     if values["prior_count"] == 0:
         values["prior_per_batch"] = 0
     start = time.perf_counter()
-    main(PersonalizeConfig(**values), base.for_training(), sample_fn=euler_sample)
+    main(PersonalizeConfig(**values), base.for_training(), sample_fn=sample_latents)
     seconds = time.perf_counter() - start
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the concept file holds the result
     return seconds
@@ -415,48 +392,18 @@ class Job:
     seeds: tuple[int, ...] = (0,)
 
 
-@torch.no_grad()
 def generate_videos(
     pipe, adapter: str | None, job: Job, world: ToyWorldConfig, budget: ToyBudget
 ) -> list[Tensor]:
-    """All seeds of a job in one batched sampling run: (3, T, H, W) in [-1, 1] each. Seed s's noise is
-    drawn alone from torch.Generator().manual_seed(s), so a video does not depend on its batch."""
-    from sample.generate import (
-        GenerateConfig,
-        check_prompt_tokens,
-        encode_prompts,
-        set_concept_scales,
-    )
-    from sample.sampler import euler_sample
+    """All seeds of a job in one batched sampling run (sample.generate.generate_batch): (3, T, H, W) in
+    [-1, 1] each, a video independent of its batch and device."""
+    from sample.generate import GenerateConfig, generate_batch, set_concept_scales
 
     if adapter is not None:
         set_concept_scales(pipe, adapter, job.identity, job.motion)
-    gen = GenerateConfig(
-        frames=world.frames,
-        size=(world.size, world.size),
-        steps=budget.sample_steps,
-        guidance=budget.guidance,
-    ).resolved(pipe.config)
-    check_prompt_tokens(pipe, job.prompt)
-    shape = pipe.config.latent_shape(world.frames, (world.size, world.size))
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in job.seeds])
-    noise = noise.to(pipe.device)  # drawn on the CPU: the same videos on any device
-    context, mask = encode_prompts(pipe, [job.prompt] * len(job.seeds))
-    uncond, uncond_mask = encode_prompts(pipe, [""])
-    z = euler_sample(
-        pipe.dit,
-        noise,
-        steps=gen.steps,
-        shift=gen.shift,
-        guidance=gen.guidance,
-        context=context,
-        context_mask=mask,
-        uncond_context=uncond,
-        uncond_mask=uncond_mask,
-        self_cond=gen.self_cond,
-        progress=False,
-    )
-    return [v.float().cpu() for v in pipe.vae.decode(z)]
+    gen = GenerateConfig(frames=world.frames, size=(world.size, world.size), steps=budget.sample_steps,
+                         guidance=budget.guidance)
+    return generate_batch(pipe, job.prompt, gen, job.seeds)
 
 
 def concept_pipeline(base: ToyBase, concept_file: Path):

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from lora.concept import base_identity, concept_from_model, save_concept
 from lora.inject import DEFAULT_TARGETS, concept_state_dict, inject_lora, load_concept_state_dict, set_stage
 from lora.tokens import AddedTokens, add_tokens, write_token_rows
+from model.base import Base
 from model.config import ModelConfig
 from model.flow import (
     add_noise,
@@ -210,18 +211,6 @@ def _check(cond: bool, message: str) -> None:
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; nothing after the last good checkpoint was written."""
-
-
-@dataclass
-class Base:
-    """The base model's parts, as the command line resolved them."""
-
-    config: ModelConfig
-    dit: nn.Module
-    vae: nn.Module
-    t5: nn.Module
-    tokenizer: object  # model.tokenizer.Tokenizer
-    name: str  # preset or checkpoint name, recorded in the concept file
 
 
 # --------------------------------------------------------------------------------------- tokens
@@ -502,11 +491,10 @@ def write_preview(path: Path, cfg: PersonalizeConfig, base: Base, data: StageDat
     rows = torch.tensor([data.prompts.index(text), data.empty], device=device)
     ctx = base.t5(data.prompts.ids[rows], data.prompts.mask[rows]).float()
     dit.eval()
-    z = sample_fn(dit, (1, *latent_shape), steps=cfg.preview_steps, shift=_shift(cfg, base),
-                  guidance=base.config.guidance, context=ctx[:1], context_mask=data.prompts.mask[rows[:1]],
-                  uncond_context=ctx[1:], uncond_mask=data.prompts.mask[rows[1:]],
-                  self_cond=bool(getattr(dit.cfg, "self_cond", False)),
-                  generator=torch.Generator(device).manual_seed(cfg.seed), progress=False)
+    mask = data.prompts.mask[rows]
+    z = sample_fn(dit, (1, *latent_shape), (ctx[:1], mask[:1]), (ctx[1:], mask[1:]), steps=cfg.preview_steps,
+                  guidance=base.config.guidance, shift=_shift(cfg, base),
+                  generator=torch.Generator(device).manual_seed(cfg.seed))
     dit.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_video(path, base.vae.decode(z.to(next(base.vae.parameters()).dtype), chunk="auto")[0],

@@ -6,7 +6,7 @@ every training batch with a weight, so the adapter keeps what the base model alr
         stage 1: static part "A man in a blue t-shirt."  -> 1-frame latent (an image)
         stage 2: the whole prompt                        -> clip latent of the training clip's shape
 
-The sampler is passed in (`sample_fn`, e.g. sample.sampler.euler_sample): train/ does not import
+The sampler is passed in (`sample_fn`, e.g. sample.sampler.sample_latents): train/ does not import
 sample/, and a test can hand in any function of the same signature.
 """
 
@@ -81,10 +81,9 @@ def generate_prior(
     for i in range(0, len(texts), batch):
         context, mask = encode_text(texts[i : i + batch])
         shape = (context.shape[0], *latent_shape)
-        out.append(sample_fn(dit, shape, steps=steps, shift=shift, guidance=guidance, context=context,
-                             context_mask=mask, uncond_context=uncond, uncond_mask=uncond_mask,
-                             self_cond=bool(getattr(dit.cfg, "self_cond", False)), generator=generator,
-                             progress=False).float().cpu())
+        z = sample_fn(dit, shape, (context, mask), (uncond, uncond_mask), steps=steps, guidance=guidance,
+                      shift=shift, generator=generator)
+        out.append(z.float().cpu())
     dit.train(was_training)
     return torch.cat(out)
 

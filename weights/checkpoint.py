@@ -9,7 +9,7 @@
 
 Each file is written atomically and config.json last, so a folder with a config.json is complete.
 Loading is strict (`weights.load.load_into`): every key, every shape, or a ValueError naming the file.
-`resolve_base` turns a `--base` argument (a preset name or a checkpoint folder) into a config and a loader.
+`weights.base.load_base` turns a `--base` argument into a loaded base.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.config import PRESETS, ModelConfig
+from model.config import ModelConfig
 
 from .io import (
     read_safetensors,
@@ -243,35 +242,6 @@ def random_models(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype | str = to
     return models
 
 
-def resolve_base(base: str | Path, *, seed: int = 0) -> tuple[ModelConfig, Callable[..., BaseModels]]:
-    """`--base PRESET_OR_CHECKPOINT` -> (config, loader). `loader(dtype=..., device=..., parts=...)`
-    returns `BaseModels`. A folder loads its weights; a preset name gives randomly initialized
-    models from `seed` (with a warning: nothing pretrained is loaded)."""
-    path = Path(base)
-    if path.is_dir():
-        cfg = checkpoint_config(path)
-
-        def load_folder(dtype=torch.float32, device="cpu", parts=PARTS) -> BaseModels:
-            return load_checkpoint(path, dtype=dtype, device=device, parts=parts)
-
-        return cfg, load_folder
-    if str(base) in PRESETS:
-        cfg = PRESETS[str(base)]
-
-        def load_preset(dtype=torch.float32, device="cpu", parts=PARTS) -> BaseModels:
-            warnings.warn(f"base {base!r} is a preset name, not a checkpoint: its models are randomly "
-                          f"initialized (seed {seed}), no pretrained weights are loaded",
-                          UserWarning, stacklevel=2)
-            return random_models(cfg, seed, dtype, device, parts)
-
-        return cfg, load_preset
-    if path.exists() or path.suffix or "/" in str(base):
-        raise FileNotFoundError(f"base {str(base)!r} is not a checkpoint folder; pass a folder written by "
-                                f"`setseq convert` or a preset name ({', '.join(sorted(PRESETS))})")
-    raise ValueError(f"unknown base {str(base)!r}: not a preset ({', '.join(sorted(PRESETS))}) "
-                     "and no such folder")
-
-
 # ---------------------------------------------------------------------------------------------- info
 
 
@@ -322,5 +292,5 @@ def _numel(shape: Sequence[int]) -> int:
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PARTS", "PART_FILES", "BaseModels", "save_checkpoint", "save_part",
            "write_config", "copy_tokenizer", "load_checkpoint", "read_checkpoint_config", "checkpoint_config",
-           "is_checkpoint", "resolve_base", "random_models", "describe_checkpoint", "part_ctor",
+           "is_checkpoint", "random_models", "describe_checkpoint", "part_ctor",
            "check_parts"]

@@ -1,0 +1,85 @@
+"""The one base loader: `--base NAME_OR_FOLDER` -> a `model.base.Base` bundle.
+
+    folder              a checkpoint folder (`setseq convert`, `setseq pretrain`): its weights
+    preset with weights a preset whose weights ship with the repository (tiny -> assets/tiny)
+    any preset + random_weights   randomly initialized from a seed (tests, timing, smoke runs)
+
+A preset with neither is refused by `base_config`, which reads no weights: a command calls it first,
+so `--base wan2.1-1.3b` says what to pass before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lora.tokens import make_tokenizer
+from model.base import Base
+from model.config import PRESETS, ModelConfig
+
+from .checkpoint import PARTS, BaseModels, checkpoint_config, load_checkpoint, random_models
+from .load import parse_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+# Presets whose trained weights are committed: the name loads them unless random weights are asked for.
+COMMITTED = {"tiny": REPO / "assets" / "tiny"}
+
+
+def base_source(base: str | Path, random_weights: bool = False) -> Path | None:
+    """The checkpoint folder `base` names, or None for random weights; a ValueError when neither fits."""
+    name = str(base)
+    if name in PRESETS:
+        if random_weights:
+            return None
+        if name in COMMITTED and COMMITTED[name].is_dir():
+            return COMMITTED[name]
+        raise ValueError(f"base {name!r} is a preset without committed weights: convert a checkpoint "
+                         f"(`setseq convert --from wan SRC --out DIR`, then --base DIR), or pass "
+                         "--random-weights for randomly initialized weights")
+    path = Path(base)
+    if random_weights:
+        raise ValueError(f"--random-weights takes a preset name ({', '.join(sorted(PRESETS))}), not {name!r}")
+    if path.is_dir():
+        return path
+    if path.exists() or path.suffix or "/" in name:
+        raise FileNotFoundError(f"base {name!r} is not a checkpoint folder; pass a folder written by "
+                                f"`setseq convert` or a preset name ({', '.join(sorted(PRESETS))})")
+    raise ValueError(f"unknown base {name!r}: not a preset ({', '.join(sorted(PRESETS))}) and no such folder")
+
+
+def base_config(base: str | Path, random_weights: bool = False) -> ModelConfig:
+    """The base's config, read without loading any weights (and every refusal of `base_source`)."""
+    folder = base_source(base, random_weights)
+    return PRESETS[str(base)] if folder is None else checkpoint_config(folder)
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+              tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0) -> Base:
+    """Load the base model `base` names (see the module doc) in `dtype` (default bf16 on CUDA, else fp32)
+    on `device` (default CUDA when available). `tokenizer` overrides the checkpoint's sentencepiece model;
+    `seed` fixes random weights."""
+    folder = base_source(base, random_weights)
+    dev = pick_device(device)
+    dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    if folder is None:
+        models = random_models(PRESETS[str(base)], seed, dt, dev)
+    else:
+        models = load_checkpoint(folder, dtype=dt, device=dev, parts=PARTS)
+    return _bundle(models, tokenizer or models.tokenizer_path, str(base))
+
+
+def _bundle(models: BaseModels, sp_path: str | Path | None, base: str) -> Base:
+    if sp_path is None:
+        raise ValueError(f"base {base!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
+    rows = models.t5.token_embedding.weight.shape[0]
+    tok = make_tokenizer(sp_path, models.added_tokens, rows)
+    # The concept records the base by its model name (e.g. "wan2.1-1.3b") and architecture fingerprint.
+    return Base(models.cfg, models.dit, models.vae, models.t5, tok, name=models.cfg.name)
+
+
+__all__ = ["COMMITTED", "base_source", "base_config", "pick_device", "load_base"]
