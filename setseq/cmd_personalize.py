@@ -21,7 +21,10 @@ import torch
 
 from model.config import parse_size
 from train.personalize import ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
+from train.recipe import RECIPES, recipe, resolve, unreadable_words
 from weights.base import base_config, load_base
+
+_BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights")
 
 # Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -33,6 +36,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "token_lr": (float, "learning rate of the [v]/[u] embeddings (paper: 1e-5)"),
     "prior_count": (int, "prior-preservation generations per stage (0 = off)"),
     "prior_weight": (float, "weight of the prior-preservation loss"),
+    "prior_per_batch": (int, "prior-preservation items of each batch"),
     "frames": (int, "clip length in frames, 1 + k * the VAE's time compression (default: fit the video)"),
     "fps": (float, "resample the video to this frame rate (default: its own)"),
     "seed": (int, "random seed (the same seed gives the same concept, resumed or not)"),
@@ -61,7 +65,12 @@ def register(subparsers) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2), help="run one stage only (default: both)")
     p.add_argument("--size", help="frame size HxW in pixels, e.g. 480x832 (default: the video's, cropped)")
     for dest, (kind, text) in _FLAGS.items():
-        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
+        flag = "--" + dest.replace("_", "-")
+        p.add_argument(flag, dest=dest, type=kind, help=f"{text}{_default_text(dest)}")
+    p.add_argument("--targets", nargs="+", metavar="REGEX",
+                   help="LoRA target module patterns" + _default_text("targets"))
+    p.add_argument("--full-prompt", help="the stage-2 text, when the motion words belong inside the sentence "
+                   '(default: the prompt + the motion prompt; tiny: the motion prompt before " on a ")')
     p.add_argument("--no-train-tokens", dest="train_tokens", action="store_false", default=None,
                    help="keep the [v]/[u] embeddings at zero (the paper: works without training them)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -75,6 +84,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _default_text(field: str) -> str:
+    """' (default: X; tiny: Y)': the paper's default and any base recipe's own."""
+    default = getattr(PersonalizeConfig, field, None)
+    own = "".join(f"; {name}: {r[field]!r}" for name, r in RECIPES.items() if field in r)
+    return f" (default: {default!r}{own})" if default is not None or own else ""
+
+
 def read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as f:
@@ -85,54 +101,82 @@ def read_toml(path: str) -> dict:
         raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
 
 
-def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict]:
-    """TOML values, then command-line flags over them -> (config, extra: base/tokenizer/dtype)."""
-    values = read_toml(args.config) if args.config else {}
-    extra = {k: values.pop(k) for k in ("base", "tokenizer", "dtype", "random_weights") if k in values}
-    known = {f.name for f in fields(PersonalizeConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{args.config}: unknown keys {unknown}; known keys are base, tokenizer, dtype, "
-                         f"random_weights, {', '.join(sorted(known))}")
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The PersonalizeConfig values the command line gave."""
     switches = ("train_tokens", "device", "resume", "force", "out", "grad_checkpointing", "compile")
-    for dest in (*_FLAGS, *switches):
-        if getattr(args, dest, None) is not None:
-            values[dest] = getattr(args, dest)
-    for key in ("base", "tokenizer", "dtype", "random_weights"):
-        if getattr(args, key) is not None:
-            extra[key] = getattr(args, key)
+    values = {d: getattr(args, d) for d in (*_FLAGS, *switches) if getattr(args, d, None) is not None}
     if args.size is not None:
         values["size"] = parse_size(args.size)
     if args.stage is not None:
         values["stages"] = (args.stage,)
+    if args.targets is not None:
+        values["targets"] = tuple(args.targets)
     if args.video is not None or args.prompt is not None:
         if args.video is None or args.prompt is None:
             raise ValueError("give both VIDEO and --prompt (or put [[concepts]] in --config)")
-        values["concepts"] = [ConceptSpec(args.video, args.prompt, args.motion_prompt or "")]
-    elif args.motion_prompt is not None:
-        raise ValueError("--motion-prompt needs VIDEO and --prompt beside it")
+        values["concepts"] = [ConceptSpec(args.video, args.prompt, args.motion_prompt or "",
+                                          full_prompt=args.full_prompt or "")]
+    elif args.motion_prompt is not None or args.full_prompt is not None:
+        raise ValueError("--motion-prompt and --full-prompt need VIDEO and --prompt beside them")
+    return values
+
+
+def _toml_values(path: str | None) -> tuple[dict, dict]:
+    """(PersonalizeConfig values, base options) of the TOML file; an unknown key names every known one."""
+    values = read_toml(path) if path else {}
+    extra = {k: values.pop(k) for k in _BASE_KEYS if k in values}
+    known = {f.name for f in fields(PersonalizeConfig)}
+    if unknown := sorted(set(values) - known):
+        every = ", ".join(sorted(known | set(_BASE_KEYS)))
+        raise ValueError(f"{path}: unknown keys {unknown}; known keys are {every}")
+    allowed = sorted(f.name for f in fields(ConceptSpec))
+    for c in values.get("concepts", []):
+        if set(c) - set(allowed):
+            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - set(allowed))}; "
+                             f"use {', '.join(allowed)}")
+    return values, extra
+
+
+def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict, dict]:
+    """Flags over TOML over the base's recipe over the defaults -> (config, base options, provenance)."""
+    toml, extra = _toml_values(args.config)
+    extra.update({k: getattr(args, k) for k in _BASE_KEYS if getattr(args, k) is not None})
+    if "base" not in extra:
+        raise ValueError("no --base given: a preset name (e.g. tiny) or a folder from `setseq convert`")
+    base_cfg = base_config(extra["base"], bool(extra.get("random_weights")))  # refused before allocation
+    defaults = {f.name: getattr(PersonalizeConfig, f.name) for f in fields(PersonalizeConfig)
+                if hasattr(PersonalizeConfig, f.name)}
+    defaults["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = resolve(_flag_values(args), toml, recipe(base_cfg.name), defaults)
+    values = {k: v for k, (v, _) in settings.items()}
     if not values.get("concepts"):
         raise ValueError("no concept given: pass VIDEO --prompt 'a [v] ...' or a --config with [[concepts]]")
     if "out" not in values:
         raise ValueError("no --out given: name the concept file to write, e.g. --out dancer.safetensors")
-    if "base" not in extra:
-        raise ValueError("no --base given: a preset name (e.g. tiny) or a folder from `setseq convert`")
-    values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    concepts = values.pop("concepts")
-    allowed = {f.name for f in fields(ConceptSpec)}
-    for c in concepts:
-        if isinstance(c, dict) and set(c) - allowed:
-            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - allowed)}; "
-                             "use video, prompt, motion_prompt, token, motion_token")
-    return PersonalizeConfig(concepts=concepts, **values), extra
+    return PersonalizeConfig(**values), extra, settings
+
+
+def settings_lines(settings: dict) -> list[str]:
+    """What the run resolved, one setting a line, and where it came from."""
+    return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
+
+
+def warn_unreadable(cfg: PersonalizeConfig, tokenizer) -> None:
+    texts = [c.text(s) for c in cfg.concepts for s in (1, 2)]
+    texts += list(cfg.prior_prompts) if cfg.prior_count else []
+    words = list(dict.fromkeys(w for t in texts for w in unreadable_words(tokenizer, t)))
+    if words:
+        print(f"setseq personalize: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
+              "(unknown, or split into pieces): say it with words of the base's captions", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, extra = build_config(args)
-    random_weights = bool(extra.get("random_weights"))
-    base_config(extra["base"], random_weights)  # a preset without weights: refused before any allocation
+    cfg, extra, settings = build_config(args)
+    print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
-                     tokenizer=extra.get("tokenizer"), random_weights=random_weights, seed=cfg.seed)
+                     tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
+                     seed=cfg.seed)
+    warn_unreadable(cfg, base.tokenizer)
     from sample.sampler import sample_latents
 
     try:

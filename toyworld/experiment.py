@@ -30,6 +30,7 @@ from lora.inject import DEFAULT_TARGETS
 from toyworld.concepts import ConceptSpec as ToyConcept
 from toyworld.concepts import render_concept
 from toyworld.world import BACKGROUNDS, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, ToyWorldConfig, caption_of
+from train.recipe import HEAD_TARGET, RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO / "assets" / "tiny"
@@ -39,17 +40,10 @@ FPS = 8.0
 
 # ------------------------------------------------------------------------------------------ budget
 
-# The DiT's output head: a (dim -> out_channels x patch) linear whose 128 inputs on the tiny base span
-# every output a token can take (a 128-dim span of its 640 values). The paper's targets (every block's
-# attention and FFN) cannot move that span, and frames whose pattern lies outside it came out washed out;
-# a LoRA on the head turns the span toward the concept. `setseq bench toyworld --variants ours,ours_nohead`
-# on the committed base (3 concepts x 2 seeds, 600 + 1200 steps): the head lifted `ours` on every column
-# but edit TC (0.85 -> 0.83): reconstruction MSE 0.024 -> 0.015, crop 0.70 -> 0.78, edit crop 0.26 -> 0.28,
-# edit motion 0.36 -> 0.39 (at --steps1 300 --steps2 600: the same signs). Toy runs adapt it in every LoRA
-# row. At Wan's sizes the head (1536 inputs, 64 outputs) is no bottleneck, and `setseq personalize` keeps
-# the paper's targets.
-HEAD_TARGET = r"head\.head"
-TOY_TARGETS = (*DEFAULT_TARGETS, HEAD_TARGET)
+# The tiny base's recipe (train/recipe.py) is the one source of the toy budget's training defaults; its
+# targets add the DiT's output head to the paper's (HEAD_TARGET: why).
+TINY = RECIPES["tiny"]
+TOY_TARGETS = TINY["targets"]
 
 
 @dataclass
@@ -67,21 +61,21 @@ class ToyBudget:
     # DB-LoRA overfit: its background edits reproduce the training clip (adherence 6/6 -> 0/6), as the
     # paper's high-rank LoRA does. 900 + 1800 added little (worst frame 0.66) and takes over 5 minutes a
     # concept.
-    steps1: int = 600
-    steps2: int = 1200
-    rank: int = 16
-    lr: float = 1e-3
-    token_lr: float = 1e-3  # [v]/[u] embeddings (paper: 1e-5, at which zero-initialized tokens barely move)
+    steps1: int = TINY["steps1"]
+    steps2: int = TINY["steps2"]
+    rank: int = TINY["rank"]
+    lr: float = TINY["lr"]
+    token_lr: float = TINY["token_lr"]  # [v]/[u] embeddings (paper: 1e-5: zero-initialized ones barely move)
     ti_token_lr: float = 1e-2  # textual inversion: the tokens are all it trains
-    batch_size: int = 8
-    prior_count: int = 8  # prior-preservation generations per stage
-    prior_per_batch: int = 2
+    batch_size: int = TINY["batch_size"]
+    prior_count: int = TINY["prior_count"]  # prior-preservation generations per stage
+    prior_per_batch: int = TINY["prior_per_batch"]
     prior_pairs: int = 0  # of the prior_count prompts, how many have two objects (toy_prior_prompts)
     # loss = concept + prior_weight * prior. At 1 (equal total weight) the prior halved what the
     # concept learned: on three held-out concepts (seed 0, the 16k-step base) 0.25 lowered the
     # reconstruction's trajectory error from 5.2 to 2.6 px (checker_eight) and MSE from 0.090 to
     # 0.027 (stripes_stutter, the demo).
-    prior_weight: float = 0.25
+    prior_weight: float = TINY["prior_weight"]
     samples: int = 4  # generations (seeds) per prompt
     sample_steps: int | None = None  # None = the base's own (ModelConfig.sample_steps)
     # Sampling guidance of a personalized concept (None = the base's own, ModelConfig.guidance, now 1 for

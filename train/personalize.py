@@ -135,6 +135,9 @@ class PersonalizeConfig:
     prior_per_batch: int = 2  # of batch_size
     prior_prompts: tuple[str, ...] = DEFAULT_PROMPTS
     prior_steps: int | None = None  # sampler steps for the prior; None = the base model's default
+    # Where stage 2 puts a concept's motion prompt: inside its static prompt, before the first occurrence of
+    # this text (a base whose captions name the motion mid-sentence); "" = after it. A full_prompt wins.
+    motion_before: str = ""
     stitch_prob: float = 0.25  # with several concepts: chance a step is a side-by-side pair
     frames: int | None = None  # clip length; None = the longest 1 + k * time_compression <= the video, max 81
     fps: float | None = None  # None = the video's own rate
@@ -160,6 +163,10 @@ class PersonalizeConfig:
         self.prior_prompts = tuple(self.prior_prompts)
         if self.size is not None:
             self.size = tuple(self.size)
+        for c in self.concepts:
+            head, sep, tail = c.prompt.partition(self.motion_before or "\0")
+            if sep and c.motion_prompt and not c.full_prompt:  # the motion words inside the sentence
+                c.full_prompt = f"{head} {c.motion_prompt.strip()}{sep}{tail}"
         _check(bool(self.concepts), "no concept given: pass a VIDEO and its --prompt")
         _check(self.stages and set(self.stages) <= {1, 2}, f"stages must be 1, 2 or both, got {self.stages}")
         _check(not self.single_stage or self.stages == (1,),
