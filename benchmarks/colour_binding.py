@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from setseq.cmd_pretrain import heldout_report
+from toyworld.evaluate import heldout_report
 from toyworld.world import ToyWorldConfig
 from weights.checkpoint import load_checkpoint
 

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-from model.tokenizer import Tokenizer
-from toyworld.evaluate import evaluate_base, write_report
-from toyworld.pretrain import PretrainConfig, caption_length, main
-from toyworld.world import BACKGROUNDS, COLOURS, MOTIONS, generate_batch
+from toyworld.evaluate import heldout_report, write_report
+from toyworld.pretrain import PretrainConfig, main
 from weights.checkpoint import save_checkpoint
 
 # Flags mapped 1:1 onto PretrainConfig fields.
@@ -81,26 +79,6 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         values["head_joint"] = True
     work_dir = args.work_dir or f"runs/pretrain-{args.preset}"
     return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
-
-
-def heldout_report(models, world, world_seed: int, seed: int, n: int, steps: int,
-                   guidance: list[float]) -> tuple[dict, dict, object]:
-    """Sample `n` held-out captions of `world` (drawn with `world_seed`; noise seeded with `seed`) with a
-    base's parts (`models`: .cfg, .dit, .vae, .t5, .tokenizer_path) -> (report, videos, the caption batch)."""
-    batch = generate_batch(n, seed=world_seed, split="heldout", cfg=world)
-    tokenizer = Tokenizer(models.tokenizer_path)
-    length = caption_length(tokenizer, models.cfg.t5.max_length)
-
-    def encode_text(texts: list[str]):
-        ids, mask = tokenizer.encode(texts, length)
-        return models.t5(ids, mask.bool()), mask.bool()
-
-    palettes = {"backgrounds": BACKGROUNDS, "colours": COLOURS, "motions": MOTIONS}
-    intended = [c.attributes() for c in batch.clips()]
-    report, videos = evaluate_base(models.dit, models.vae, encode_text, batch.captions, intended, batch.video,
-                                   palettes, guidances=guidance, steps=steps, shift=models.cfg.sample_shift,
-                                   seed=seed)
-    return report, videos, batch
 
 
 def evaluate(out: Path, result, cfg: PretrainConfig, n: int, steps: int, guidance: list[float]) -> dict:
