@@ -1,4 +1,4 @@
-"""`setseq bench toyworld` (setseq/cmd_bench.py) and the personalization variants it compares
+"""`setseq bench toyworld` (toyworld/bench.py) and the personalization variants it compares
 (train/personalize.py: single_stage, train_lora). One smoke bench on a random tiny base: 1 concept x
 1 seed x 5 variants, a few steps each."""
 

@@ -1,4 +1,4 @@
-"""`setseq bench compose` (setseq/cmd_bench.py, toyworld/compose.py): composition of two toy concepts
+"""`setseq bench compose` (toyworld/compose_bench.py, compose.py): composition of two toy concepts
 by joint training with and without stitched pairs and by post-hoc mixing, measured per half.
 The metrics are checked on the world's own renderings; one smoke bench runs on a random tiny base."""
 

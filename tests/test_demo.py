@@ -1,4 +1,4 @@
-"""`setseq demo` (setseq/cmd_demo.py, toyworld/experiment.py) and the experiment scores (toyworld/report.py).
+"""`setseq demo` (toyworld/demo.py, toyworld/experiment.py) and the experiment scores (toyworld/report.py).
 
 The smoke run uses a random tiny base and a few steps: it proves every promised file is written,
 not that personalization works (the real run's numbers are in its report)."""
@@ -134,11 +134,11 @@ def test_prior_pairs_are_two_object_world_captions_of_two_colours():
 def test_demo_flags_reach_its_budget():
     import argparse
 
-    from setseq.cmd_demo import budget_of, register
+    from setseq.cmd_demo import register, settings_of
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    budget = budget_of(parser.parse_args(["demo", "--prior-pairs", "4", "--steps2", "50"]))
+    budget = settings_of(parser.parse_args(["demo", "--prior-pairs", "4", "--steps2", "50"])).toy_budget()
     assert (budget.prior_pairs, budget.steps2, budget.steps1) == (4, 50, X.ToyBudget().steps1)
 
 

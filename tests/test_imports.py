@@ -31,7 +31,6 @@ MAY_IMPORT = {
 # Imports against the design that are still in the code: (file, imported module). Each is a known
 # defect (issue 21) to fix and then delete here; test_allowed_violations_still_exist fails on a fixed one.
 ALLOWED = {
-    ("setseq/cmd_bench.py", "setseq.cmd_demo"),  # resolve_base_arg
     ("setseq/cmd_generate.py", "setseq.cmd_info"),  # parse_size
     ("setseq/cmd_personalize.py", "setseq.cmd_info"),  # parse_size
 }

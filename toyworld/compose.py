@@ -1,4 +1,5 @@
-"""Composition of two dynamic concepts at toy scale: the orchestration behind `setseq bench compose`.
+"""Composition of two dynamic concepts at toy scale: the methods, prompts, target, measures and one run
+behind `setseq bench compose` (toyworld/compose_bench.py runs them, compose_report.py reports them).
 
 Three ways to put held-out concepts A and B in one video (paper §5.2.2 and the design notes):
 
@@ -38,7 +39,6 @@ ceiling. Shape alphabet: T frames, H, W pixels; frames (T, H, W, 3).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ from toyworld import experiment as X
 from toyworld import instruments as ins
 from toyworld.concepts import ConceptSpec as ToyConcept
 from toyworld.concepts import concept_path, list_concepts, slot_path
+from toyworld.runner import generate_jobs
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
@@ -65,9 +66,9 @@ STITCH_PROB = 0.25  # PersonalizeConfig's default: a stitched pair is one step i
 MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens on the tiny tokenizer
 MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 
-# The default: `ours` at 200 + 400 steps per concept (the budget of the committed runs/bench table;
-# the single-concept budget, 600 + 1200, is --steps1 600 --steps2 1200), so that the six single-run
-# equivalents of a seed (2 post-hoc + 2 x 2 joint) fit in about 10 minutes on 2 cores.
+# The default: `ours` at 200 + 400 steps per concept, a third of the single-concept budget (600 + 1200:
+# --steps1 600 --steps2 1200), so that the six single-run equivalents of a seed (2 post-hoc + 2 x 2 joint)
+# fit in about 10 minutes on 2 cores.
 COMPOSE = X.ToyBudget(steps1=200, steps2=400, samples=2)
 # The smoke run: the experiment's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps)
 # draws a stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
@@ -310,20 +311,31 @@ class Pair:
         }
 
 
+def first_frames(video) -> np.ndarray:
+    """A generated video as a person sees it: (T, H, W, 3) uint8."""
+    return np.clip(np.round(ins.as_frames(video)), 0, 255).astype(np.uint8)
+
+
+def scorer(pair: Pair):
+    """Scores of a job's videos: a composition per half; a concept alone (jobs named *_a for A, else B)
+    against its own reference and the other's."""
+    ref_a, ref_b = pair.refs()
+
+    def score(job: X.Job, videos) -> list[dict[str, float]]:
+        if job.name.endswith("compose"):
+            return [score_composition(v, ref_a, ref_b) for v in videos]
+        own, other = (ref_a, ref_b) if job.name.endswith("_a") else (ref_b, ref_a)
+        return [score_alone(v, own, other) for v in videos]
+
+    return score
+
+
 def generate_and_score(pipe, jobs: dict[str, X.Job], pair: Pair, budget: X.ToyBudget
                        ) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
     """Scores per job (one dict per video) and the first video of each job (uint8, for the sheet)."""
-    ref_a, ref_b = pair.refs()
-    scores, firsts = {}, {}
-    for name, job in jobs.items():
-        vids = X.generate_videos(pipe, None, job, pair.world, budget)
-        if name.endswith("compose"):
-            scores[name] = [score_composition(v, ref_a, ref_b) for v in vids]
-        else:
-            own, other = (ref_a, ref_b) if name.endswith("_a") else (ref_b, ref_a)
-            scores[name] = [score_alone(v, own, other) for v in vids]
-        firsts[name] = np.clip(np.round(ins.as_frames(vids[0])), 0, 255).astype(np.uint8)
-    return scores, firsts
+    done = generate_jobs(pipe, None, list(jobs.values()), pair.world, budget, scorer(pair))
+    named = list(zip(jobs, done, strict=True))
+    return {name: g.scores for name, g in named}, {name: first_frames(g.videos[0]) for name, g in named}
 
 
 def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget, work: Path, seed: int,
@@ -389,250 +401,9 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
     }
     firsts = {f"words_{k}": v for k, v in firsts.items()}
     firsts["target"] = target
-    firsts["target_vae"] = np.clip(np.round(ins.as_frames(roundtrip)), 0, 255).astype(np.uint8)
+    firsts["target_vae"] = first_frames(roundtrip)
     return out, firsts
 
 
-# ------------------------------------------------------------------------------------------- cache
-
-
-def cached(path: Path, key: dict, fresh: bool, make) -> tuple[dict, dict[str, np.ndarray], bool]:
-    """(record, first videos, computed now): the saved record at PATH (.json + .npz) when it was made
-    with the same key, else make() and save it."""
-    from toyworld.report import clean_json
-    from weights.io import write_atomic, write_json_atomic
-
-    videos = path.with_suffix(".npz")
-    if path.is_file() and videos.is_file() and not fresh:
-        saved = json.loads(path.read_text())
-        old = saved.get("key") or {}
-        if {**old, "budget": X.saved_budget(old.get("budget", {}))} == key:
-            with np.load(videos) as z:
-                return saved, {k: z[k] for k in z.files}, False
-    record, firsts = make()
-    record = clean_json({**record, "key": key})
-
-    def save_videos(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: savez would append .npz to a path
-            np.savez_compressed(f, **firsts)
-
-    write_atomic(videos, save_videos)  # the videos first: a record without its videos is made again
-    write_json_atomic(path, record)
-    return json.loads(path.read_text()), firsts, True
-
-
-# ------------------------------------------------------------------------------------------- report
-
-COMPOSE_COLUMNS = [  # (key suffix, header)
-    ("id_crop", "ID crop own ↑"),
-    ("id_crop_other", "ID crop other (leak) ↓"),
-    ("crop_margin", "crop own − other ↑"),
-    ("id_colour", "ID colour own ↑"),
-    ("id_colour_other", "ID colour other (leak) ↓"),
-    ("colour_margin", "colour own − other ↑"),
-    ("motion", "motion ↑"),
-    ("detection", "detected"),
-]
-ALONE_COLUMNS = [("mse", "MSE ↓")] + COMPOSE_COLUMNS
-
-
-def pooled(records: list[dict], job: str) -> dict:
-    """summarize() over every video of a job, pooled over the runs (training seeds x samples)."""
-    from toyworld.report import summarize
-
-    nan = float("nan")  # a saved record holds None where a number was NaN (JSON has no NaN)
-    return summarize([{k: nan if v is None else v for k, v in s.items()}
-                      for r in records for s in r["scores"].get(job, [])])
-
-
-def aggregate(records: list[dict], floor: dict) -> dict:
-    rows = {}
-    for m in METHODS:
-        mine = [r for r in records if r["method"] == m.key]
-        jobs = ("compose", "alone_a", "alone_b", "single_a", "single_b")
-        rows[m.key] = {job: pooled(mine, job) for job in jobs if pooled(mine, job)}
-    words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
-    return {"rows": rows, "words": words}
-
-
-def render_markdown(data: dict) -> str:
-    from toyworld.report import fmt, fmt_pm, markdown_table
-
-    b, t, fl = data["budget"], data["table"], data["floors"]
-    a_name, b_name = data["pair"]
-    lines = [
-        f"# setseq bench compose: {a_name} (left) + {b_name} (right)",
-        "",
-        f"- base: `{data['base']}`"
-        + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
-        f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run (guidance "
-        f"{b['guidance'] or 'base default'}); mean ± spread "
-        "(std) over every video, pooled over seeds x generations",
-        f"- every method: the `ours` variant, per concept {b['steps1']} + {b['steps2']} steps, batch "
-        f"{b['batch_size']}, rank {b['rank']} on {X.describe_targets(b['targets'])}, LoRA lr {b['lr']:g}, "
-        f"token lr {b['token_lr']:g}, prior "
-        f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
-        f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
-        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "
-        f"{STITCH_PROB:.0%} of its steps",
-        f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
-        f"- composition prompt: `{data['prompts']['compose']}`; alone: `{data['prompts']['alone_a']}`, "
-        f"`{data['prompts']['alone_b']}`",
-        f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "
-        f"`{fl['words_prompts']['alone_a']}`; `{fl['words_prompts']['alone_b']}`",
-        f"- wall time of this invocation: {data['seconds']:.0f} s; training summed over runs "
-        f"{sum(r['train_seconds'] for r in data['records']):.0f} s",
-        "",
-        "## Composition: each half's object against its own concept and the other (leakage)",
-        "",
-    ]
-    header = ["method", "half"] + [h for _, h in COMPOSE_COLUMNS] + ["both sides right", "train s"]
-    rows = []
-    for m in data["methods"]:
-        comp = t["rows"].get(m["key"], {}).get("compose", {})
-        secs = [r["train_seconds"] for r in data["records"] if r["method"] == m["key"]]
-        for half, name in (("a", a_name), ("b", b_name)):
-            rows.append([m["label"] if half == "a" else "", f"{'left' if half == 'a' else 'right'}: {name}"]
-                        + [fmt_pm(comp.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS]
-                        + ([fmt_pm(comp.get("sides_right")), fmt(sum(secs) / len(secs)) if secs else "n/a"]
-                           if half == "a" else ["", ""]))
-    words = t["words"]["compose"]
-    for label, src in (("floor: base model, nearest words", None),
-                       ("world's rendering (target)", fl["target"]),
-                       ("its VAE round trip (ceiling)", fl["target_vae"])):
-        for half, name in (("a", a_name), ("b", b_name)):
-            cells = ([fmt_pm(words.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS] if src is None
-                     else [fmt(src.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS])
-            side = (fmt_pm(words.get("sides_right")) if src is None else fmt(src.get("sides_right")))
-            where = f"{'left' if half == 'a' else 'right'}: {name}"
-            tail = [side, ""] if half == "a" else ["", ""]
-            rows.append([label if half == "a" else "", where] + cells + tail)
-    flat = ["floor: flat colour / flat video", ""] + [
-        f"{fmt(fl['flat_colour_a'])} / {fmt(fl['flat_colour_b'])}; flat video 0" if k == "id_crop" else
-        ("0" if k in ("motion", "detection") else "-") for k, _ in COMPOSE_COLUMNS] + ["0", ""]
-    rows.append(flat)
-    lines += [markdown_table(header, rows), "", "## Each concept alone (does composition training hurt it?)",
-              ""]
-    header = ["method", "concept"] + [h for _, h in ALONE_COLUMNS]
-    rows = []
-    for m in data["methods"]:
-        row = t["rows"].get(m["key"], {})
-        for job, name, what in (("alone_a", a_name, ""), ("alone_b", b_name, ""),
-                                ("single_a", a_name, " (own adapter only: single-concept baseline)"),
-                                ("single_b", b_name, " (own adapter only: single-concept baseline)")):
-            if job in row:
-                rows.append([m["label"], name + what] + [fmt_pm(row[job].get(k)) for k, _ in ALONE_COLUMNS])
-    for job, name in (("alone_a", a_name), ("alone_b", b_name)):
-        rows.append(["floor: base model, nearest words", name]
-                    + [fmt_pm(t["words"][job].get(k)) for k, _ in ALONE_COLUMNS])
-    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
-        rows.append(["floor: flat video (background colour)", name] + [fmt(fl[key]["mse_floor"])]
-                    + ["0" if k in ("id_crop", "id_colour", "motion", "detection") else "-"
-                       for k, _ in COMPOSE_COLUMNS])
-    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
-        rows.append(["the reference clip itself", name] + [fmt(fl[key].get(k)) for k, _ in ALONE_COLUMNS])
-    lines += [
-        markdown_table(header, rows),
-        "",
-        "Metrics: ID crop = cosine of frame-aligned 32 px object crops (pattern, orientation), ID colour = "
-        "colour-histogram intersection; 'other' is the same against the other concept's reference (identity "
-        "leakage), and own − other > 0 means the object looks more like its own concept. Motion = per-axis "
-        "velocity correlation (stride 2) with the own reference trajectory, averaged over the axes the "
-        "reference moves along (translation- and scale-free: a composed object traces a smaller path in its "
-        "half). Halves: the left half's foreground (x < W/2) is A, the right half's is B. 'both sides "
-        "right': both halves' crop margins > 0. Floors: the base model without any concept, prompted with "
-        "the nearest vocabulary words; the reference with its sprite flattened to its mean colour "
-        "(flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor (in the "
-        "JSON) = a flat video of the reference's background. The world's rendering of the composition "
-        "(each sprite on its own path, x offsets shrunk to its half) shows what a perfect answer scores; "
-        "its VAE round trip is the ceiling of any generation in the base's latent space.",
-    ]
-    if data.get("missing"):
-        lines += ["", f"NOT RUN: {', '.join(data['missing'])}"]
-    return "\n".join(lines)
-
-
-def contact_sheet(out: Path, pair: Pair, videos: dict[str, dict[str, np.ndarray]]) -> Path:
-    """References, the target, then per method its first composition / alone videos, then the floors."""
-    from sample import media
-
-    rows, labels = [pair.ref_a, pair.ref_b], [f"reference A: {pair.a.name}", f"reference B: {pair.b.name}"]
-    fl = videos.get("floors", {})
-    for key, label in (("target", "target: A left, B right (world rendering)"),
-                       ("target_vae", "target, VAE round trip (ceiling)")):
-        if key in fl:
-            rows.append(fl[key])
-            labels.append(label)
-    for run, vids in videos.items():
-        if run == "floors":
-            continue
-        for job, v in vids.items():
-            rows.append(v)
-            labels.append(f"{run} {job}")
-    for key in ("words_compose", "words_alone_a", "words_alone_b"):
-        if key in fl:
-            rows.append(fl[key])
-            labels.append(f"floor: base, nearest words, {key[6:]}")
-    return media.write_contact_sheet(out / "compose.png", rows, labels)
-
-
-def bench_compose(base_arg: str, pair_names: tuple[str, str], seeds: int, budget: X.ToyBudget, out: Path,
-                  *, fresh: bool = False, progress: bool = True, table_only: bool = False) -> dict:
-    """The whole bench: train and score every (method, seed) not saved in OUT/runs/, then OUT/compose.md,
-    OUT/compose.json and OUT/compose.png. Returns the report data (with 'paths')."""
-    from tqdm.auto import tqdm
-
-    from toyworld.concepts import load_concept
-    from toyworld.report import write_report
-
-    start = time.perf_counter()
-    if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: need at least 1")
-    a, b = (load_concept(n) for n in pair_names)  # a bad name fails here, before any training
-    if a.name == b.name:
-        raise ValueError(f"--pair: both concepts are named {a.name!r}; give two different concepts")
-    world = ToyWorldConfig()
-    base = widen_context(X.ToyBase(base_arg, out / "work", seed=0))
-    pair = Pair.make(a, b, world, out / "work")
-    key = {"base": base_arg, "pair": [a.name, b.name], "budget": X.describe_budget(budget)}
-    plan = [(m, s) for s in range(seeds) for m in METHODS]
-    print(f"bench compose: {a.name} (left) + {b.name} (right), {len(METHODS)} methods x {seeds} seeds "
-          f"on base {base_arg}")
-    floor, floor_videos, _ = cached(out / "runs" / "floors.json", key, fresh,
-                                    lambda: floors(base, pair, budget))
-    records, videos, missing = [], {"floors": floor_videos}, []
-    for method, seed in tqdm(plan, desc="compose runs", disable=not progress):
-        name = f"{method.key}-s{seed}"
-        path = out / "runs" / f"{name}.json"
-        if table_only and not path.is_file():
-            missing.append(name)
-            continue
-        rec, firsts, new = cached(path, {**key, "seed": seed}, fresh,
-                                  lambda m=method, s=seed, n=name: run_method(base, m, pair, budget,
-                                                                              out / "work" / n, s, progress))
-        records.append(rec)
-        videos[name] = firsts
-        if new:
-            c = pooled([rec], "compose")
-            print(f"  {name}: crop own − other {c['a_crop_margin']['mean']:.3g} (left) / "
-                  f"{c['b_crop_margin']['mean']:.3g} (right), motion {c['a_motion']['mean']:.3g} / "
-                  f"{c['b_motion']['mean']:.3g} ({rec['train_seconds']:.0f} s training)")
-    prompts = {k: j.prompt for k, j in pair.jobs((0,)).items()}
-    data = {
-        "command": "setseq bench compose", "base": base_arg, "random_base": base.random,
-        "pair": [a.name, b.name], "seeds": seeds, "budget": X.describe_budget(budget),
-        "max_length": base.cfg.t5.max_length, "stitch_prob": STITCH_PROB,
-        "methods": [{"key": m.key, "label": m.label, "joint": m.joint, "stitch_prob": m.stitch_prob}
-                    for m in METHODS],
-        "prompts": prompts, "floors": floor, "table": aggregate(records, floor), "records": records,
-        "missing": missing,
-    }
-    data["seconds"] = time.perf_counter() - start
-    sheet = contact_sheet(out, pair, videos)
-    md, js = write_report(out, render_markdown(data), data, stem="compose")
-    data["paths"] = {"markdown": str(md), "json": str(js), "sheet": str(sheet)}
-    return data
-
-
 __all__ = ["METHODS", "COMPOSE", "QUICK", "TOKENS", "pick_pair", "composition_prompt", "render_pair",
-           "motion_match", "Reference", "score_composition", "score_alone", "bench_compose"]
+           "motion_match", "Reference", "score_composition", "score_alone", "run_method", "floors"]

@@ -1,0 +1,124 @@
+"""The compose bench (`setseq bench compose`): per training seed, each composition method of
+toyworld/compose.py trained and scored once (saved in OUT/runs/ by toyworld/runner.py, with the first video
+of each job), the floors once, then OUT/compose.md, OUT/compose.json and OUT/compose.png.
+
+The default budget, `ours` at 200 + 400 steps per concept (joint runs 400 + 800) and 2 generations per
+prompt, is 3600 training steps per seed: about 9 minutes on 2 cores (a 150 + 300 single run took 60 s on
+a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step). At 300 + 600 (--steps1 300 --steps2 600)
+it took about 13-18 minutes, and the single-concept 600 + 1200 should take twice that. --quick takes
+about 15 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toyworld import compose as C
+from toyworld import experiment as X
+from toyworld.compose_report import aggregate, contact_sheet, pooled, render_markdown
+from toyworld.runner import Planned, Store, fetch, resolve_base_arg, run_plan, same_key
+
+if TYPE_CHECKING:
+    from toyworld.bench import BenchSettings
+
+
+def keyed(made: tuple[dict, dict], key: dict) -> tuple[dict, dict]:
+    """A compose record keeps its key apart from its own fields."""
+    record, videos = made
+    return {**record, "key": key}, videos
+
+
+def key_fits(key: dict):
+    return lambda saved: same_key(saved.get("key") or {}, key)
+
+
+@dataclass
+class ComposeBench:
+    """What every run of a compose bench shares; `key`: what each saved record must match (a method
+    run's adds its seed)."""
+
+    out: Path
+    base: X.ToyBase
+    pair: C.Pair
+    budget: X.ToyBudget
+    key: dict
+    progress: bool
+
+    @classmethod
+    def setup(cls, s: BenchSettings, base_arg: str, pair: tuple, budget: X.ToyBudget) -> ComposeBench:
+        """The base (with room for a stitched pair's prompt) and the pair's reference clips."""
+        from toyworld.world import ToyWorldConfig
+
+        out = Path(s.out or "runs/bench-compose")
+        base = C.widen_context(X.ToyBase(base_arg, out / "work", seed=0))
+        key = {"base": base_arg, "pair": [c.name for c in pair], "budget": X.describe_budget(budget)}
+        return cls(out, base, C.Pair.make(*pair, ToyWorldConfig(), out / "work"), budget, key, s.progress)
+
+    def floors(self) -> Planned:
+        return Planned("floors", key_fits(self.key), self.make_floors)
+
+    def make_floors(self, _stale: dict | None) -> tuple[dict, dict]:
+        return keyed(C.floors(self.base, self.pair, self.budget), self.key)
+
+    def planned(self, method: C.Method, seed: int) -> Planned:
+        name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed}
+        return Planned(name, key_fits(key), lambda _: keyed(self.make_run(name, method, seed), key))
+
+    def make_run(self, name: str, method: C.Method, seed: int) -> tuple[dict, dict]:
+        work = self.out / "work" / name
+        record, firsts = C.run_method(self.base, method, self.pair, self.budget, work, seed, self.progress)
+        c = pooled([record], "compose")
+        print(f"  {name}: crop own − other {c['a_crop_margin']['mean']:.3g} (left) / "
+              f"{c['b_crop_margin']['mean']:.3g} (right), motion {c['a_motion']['mean']:.3g} / "
+              f"{c['b_motion']['mean']:.3g} ({record['train_seconds']:.0f} s training)")
+        return record, firsts
+
+
+def run(s: BenchSettings) -> dict:
+    """Every (method, seed) not saved yet, then OUT/compose.md, OUT/compose.json and OUT/compose.png; the
+    report data, with the paths it wrote ('paths')."""
+    from toyworld.concepts import load_concept
+    from toyworld.report import write_report
+
+    budget = dataclasses.replace(C.QUICK if s.quick else C.COMPOSE, **s.budget)
+    pair_names = C.pick_pair(s.pair)
+    base_arg = resolve_base_arg(s.base, s.quick)
+    start = time.perf_counter()
+    a, b = (load_concept(n) for n in pair_names)  # a bad name fails here, before any training
+    if a.name == b.name:
+        raise ValueError(f"--pair: both concepts are named {a.name!r}; give two different concepts")
+    bench, seeds = ComposeBench.setup(s, base_arg, (a, b), budget), 1 if s.seeds is None else s.seeds
+    print(f"bench compose: {a.name} (left) + {b.name} (right), {len(C.METHODS)} methods x {seeds} seeds "
+          f"on base {base_arg}")
+    store = Store(bench.out / "runs", fresh=s.fresh, videos=True)
+    floor, floor_videos = fetch(store, bench.floors())
+    done = run_plan([bench.planned(m, seed) for seed in range(seeds) for m in C.METHODS], store,
+                    table_only=s.table_only, progress=s.progress, desc="compose runs")
+    data = {
+        "command": "setseq bench compose", "base": base_arg, "random_base": bench.base.random,
+        "pair": [a.name, b.name], "seeds": seeds, "budget": X.describe_budget(budget),
+        "max_length": bench.base.cfg.t5.max_length, "stitch_prob": C.STITCH_PROB,
+        "methods": [{"key": m.key, "label": m.label, "joint": m.joint, "stitch_prob": m.stitch_prob}
+                    for m in C.METHODS],
+        "prompts": {k: j.prompt for k, j in bench.pair.jobs((0,)).items()}, "floors": floor,
+        "table": aggregate(done.records, floor), "records": done.records, "missing": done.missing,
+    }
+    data["seconds"] = time.perf_counter() - start
+    sheet = contact_sheet(bench.out, bench.pair, {"floors": floor_videos, **done.videos})
+    md, js = write_report(bench.out, render_markdown(data), data, stem="compose")
+    return data | {"paths": {"markdown": str(md), "json": str(js), "sheet": str(sheet)}}
+
+
+def summary(data: dict) -> str:
+    """What `setseq bench compose` prints when it is done: both tables, the time, where the reports are."""
+    p = data["paths"]
+    return "\n".join(["\n\n".join(render_markdown(data).split("\n\n")[2:6]),
+                      f"bench compose finished in {data['seconds']:.0f} s",
+                      f"contact sheet: {p['sheet']}", f"table: {p['markdown']}", f"json: {p['json']}"])
+
+
+__all__ = ["ComposeBench", "run", "summary"]

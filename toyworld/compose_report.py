@@ -1,0 +1,198 @@
+"""The compose bench's report: each method's composition per half (own identity, leakage, motion) and each
+concept alone, pooled over seeds x generations, beside the floors and the world's own rendering; the
+markdown page and the contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toyworld import experiment as X
+from toyworld.compose import METHODS, MIN_MAX_LENGTH, STITCH_PROB, Pair
+from toyworld.report import fmt, fmt_pm, markdown_table, summarize
+
+COMPOSE_COLUMNS = [  # (key suffix, header)
+    ("id_crop", "ID crop own ↑"),
+    ("id_crop_other", "ID crop other (leak) ↓"),
+    ("crop_margin", "crop own − other ↑"),
+    ("id_colour", "ID colour own ↑"),
+    ("id_colour_other", "ID colour other (leak) ↓"),
+    ("colour_margin", "colour own − other ↑"),
+    ("motion", "motion ↑"),
+    ("detection", "detected"),
+]
+ALONE_COLUMNS = [("mse", "MSE ↓")] + COMPOSE_COLUMNS
+
+
+def pooled(records: list[dict], job: str) -> dict:
+    """summarize() over every video of a job, pooled over the runs (training seeds x samples)."""
+    nan = float("nan")  # a saved record holds None where a number was NaN (JSON has no NaN)
+    return summarize([{k: nan if v is None else v for k, v in s.items()}
+                      for r in records for s in r["scores"].get(job, [])])
+
+
+def aggregate(records: list[dict], floor: dict) -> dict:
+    rows = {}
+    for m in METHODS:
+        mine = [r for r in records if r["method"] == m.key]
+        jobs = ("compose", "alone_a", "alone_b", "single_a", "single_b")
+        rows[m.key] = {job: pooled(mine, job) for job in jobs if pooled(mine, job)}
+    words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
+    return {"rows": rows, "words": words}
+
+
+def setup(data: dict) -> list[str]:
+    """The bench in words: base, seeds, every method's training, context, prompts, time."""
+    b, fl = data["budget"], data["floors"]
+    return [
+        f"- base: `{data['base']}`"
+        + (" (**random: smoke run, numbers meaningless**)" if data["random_base"] else ""),
+        f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run (guidance "
+        f"{b['guidance'] or 'base default'}); mean ± spread "
+        "(std) over every video, pooled over seeds x generations",
+        f"- every method: the `ours` variant, per concept {b['steps1']} + {b['steps2']} steps, batch "
+        f"{b['batch_size']}, rank {b['rank']} on {X.describe_targets(b['targets'])}, LoRA lr {b['lr']:g}, "
+        f"token lr {b['token_lr']:g}, prior "
+        f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
+        f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
+        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "
+        f"{STITCH_PROB:.0%} of its steps",
+        f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
+        f"- composition prompt: `{data['prompts']['compose']}`; alone: `{data['prompts']['alone_a']}`, "
+        f"`{data['prompts']['alone_b']}`",
+        f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "
+        f"`{fl['words_prompts']['alone_a']}`; `{fl['words_prompts']['alone_b']}`",
+        f"- wall time of this invocation: {data['seconds']:.0f} s; training summed over runs "
+        f"{sum(r['train_seconds'] for r in data['records']):.0f} s",
+    ]
+
+
+def halves(data: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(key prefix, 'left: A') and (key prefix, 'right: B')."""
+    a_name, b_name = data["pair"]
+    return ("a", f"left: {a_name}"), ("b", f"right: {b_name}")
+
+
+def method_rows(data: dict) -> list[list[str]]:
+    """Two rows per method (left half, right half); both sides right and train seconds on the first."""
+    rows = []
+    for m in data["methods"]:
+        comp = data["table"]["rows"].get(m["key"], {}).get("compose", {})
+        secs = [r["train_seconds"] for r in data["records"] if r["method"] == m["key"]]
+        for half, where in halves(data):
+            rows.append([m["label"] if half == "a" else "", where]
+                        + [fmt_pm(comp.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS]
+                        + ([fmt_pm(comp.get("sides_right")), fmt(sum(secs) / len(secs)) if secs else "n/a"]
+                           if half == "a" else ["", ""]))
+    return rows
+
+
+def reference_rows(data: dict) -> list[list[str]]:
+    """The base model's nearest-words floor, the world's rendering (target) and its VAE round trip
+    (ceiling), two rows each, then the flat floors."""
+    fl, words = data["floors"], data["table"]["words"]["compose"]
+    rows = []
+    for label, src in (("floor: base model, nearest words", None),
+                       ("world's rendering (target)", fl["target"]),
+                       ("its VAE round trip (ceiling)", fl["target_vae"])):
+        for half, where in halves(data):
+            cells = ([fmt_pm(words.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS] if src is None
+                     else [fmt(src.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS])
+            side = (fmt_pm(words.get("sides_right")) if src is None else fmt(src.get("sides_right")))
+            tail = [side, ""] if half == "a" else ["", ""]
+            rows.append([label if half == "a" else "", where] + cells + tail)
+    flat = ["floor: flat colour / flat video", ""] + [
+        f"{fmt(fl['flat_colour_a'])} / {fmt(fl['flat_colour_b'])}; flat video 0" if k == "id_crop" else
+        ("0" if k in ("motion", "detection") else "-") for k, _ in COMPOSE_COLUMNS] + ["0", ""]
+    return rows + [flat]
+
+
+def composition_table(data: dict) -> str:
+    header = ["method", "half"] + [h for _, h in COMPOSE_COLUMNS] + ["both sides right", "train s"]
+    return markdown_table(header, method_rows(data) + reference_rows(data))
+
+
+def alone_table(data: dict) -> str:
+    """Each concept generated alone per method (and with its own adapter only, post-hoc), then the floors
+    and the reference clips themselves."""
+    t, fl = data["table"], data["floors"]
+    a_name, b_name = data["pair"]
+    baseline = " (own adapter only: single-concept baseline)"
+    rows = []
+    for m in data["methods"]:
+        row = t["rows"].get(m["key"], {})
+        for job, name, what in (("alone_a", a_name, ""), ("alone_b", b_name, ""),
+                                ("single_a", a_name, baseline), ("single_b", b_name, baseline)):
+            if job in row:
+                rows.append([m["label"], name + what] + [fmt_pm(row[job].get(k)) for k, _ in ALONE_COLUMNS])
+    for job, name in (("alone_a", a_name), ("alone_b", b_name)):
+        rows.append(["floor: base model, nearest words", name]
+                    + [fmt_pm(t["words"][job].get(k)) for k, _ in ALONE_COLUMNS])
+    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
+        rows.append(["floor: flat video (background colour)", name] + [fmt(fl[key]["mse_floor"])]
+                    + ["0" if k in ("id_crop", "id_colour", "motion", "detection") else "-"
+                       for k, _ in COMPOSE_COLUMNS])
+    for key, name in (("reference_a", a_name), ("reference_b", b_name)):
+        rows.append(["the reference clip itself", name] + [fmt(fl[key].get(k)) for k, _ in ALONE_COLUMNS])
+    return markdown_table(["method", "concept"] + [h for _, h in ALONE_COLUMNS], rows)
+
+
+def render_markdown(data: dict) -> str:
+    a_name, b_name = data["pair"]
+    lines = [
+        f"# setseq bench compose: {a_name} (left) + {b_name} (right)",
+        "",
+        *setup(data),
+        "",
+        "## Composition: each half's object against its own concept and the other (leakage)",
+        "",
+        composition_table(data),
+        "",
+        "## Each concept alone (does composition training hurt it?)",
+        "",
+        alone_table(data),
+        "",
+        "Metrics: ID crop = cosine of frame-aligned 32 px object crops (pattern, orientation), ID colour = "
+        "colour-histogram intersection; 'other' is the same against the other concept's reference (identity "
+        "leakage), and own − other > 0 means the object looks more like its own concept. Motion = per-axis "
+        "velocity correlation (stride 2) with the own reference trajectory, averaged over the axes the "
+        "reference moves along (translation- and scale-free: a composed object traces a smaller path in its "
+        "half). Halves: the left half's foreground (x < W/2) is A, the right half's is B. 'both sides "
+        "right': both halves' crop margins > 0. Floors: the base model without any concept, prompted with "
+        "the nearest vocabulary words; the reference with its sprite flattened to its mean colour "
+        "(flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor (in the "
+        "JSON) = a flat video of the reference's background. The world's rendering of the composition "
+        "(each sprite on its own path, x offsets shrunk to its half) shows what a perfect answer scores; "
+        "its VAE round trip is the ceiling of any generation in the base's latent space.",
+    ]
+    if data.get("missing"):
+        lines += ["", f"NOT RUN: {', '.join(data['missing'])}"]
+    return "\n".join(lines)
+
+
+def contact_sheet(out: Path, pair: Pair, videos: dict[str, dict[str, np.ndarray]]) -> Path:
+    """References, the target, then per method its first composition / alone videos, then the floors."""
+    from sample import media
+
+    rows, labels = [pair.ref_a, pair.ref_b], [f"reference A: {pair.a.name}", f"reference B: {pair.b.name}"]
+    fl = videos.get("floors", {})
+    for key, label in (("target", "target: A left, B right (world rendering)"),
+                       ("target_vae", "target, VAE round trip (ceiling)")):
+        if key in fl:
+            rows.append(fl[key])
+            labels.append(label)
+    for run, vids in videos.items():
+        if run == "floors":
+            continue
+        for job, v in vids.items():
+            rows.append(v)
+            labels.append(f"{run} {job}")
+    for key in ("words_compose", "words_alone_a", "words_alone_b"):
+        if key in fl:
+            rows.append(fl[key])
+            labels.append(f"floor: base, nearest words, {key[6:]}")
+    return media.write_contact_sheet(out / "compose.png", rows, labels)
+
+
+__all__ = ["aggregate", "pooled", "render_markdown", "contact_sheet"]
