@@ -3,12 +3,14 @@ the world, the concept's training prompt with that background, sampled with the 
 (identity = motion = 0: the base with the trained tokens), and the sprite's colours read from pixels:
 its mean, and the mean of its pixels nearer each of the concept's two colours.
 
-On runs/demo-v13 (`setseq demo`, seed 0), two generations each: `ours` keeps the stripes on black, shifts
-them on blue (lime (182, 192, 81), purple (111, 99, 150); the reference (150, 230, 60), (120, 40, 180))
-and draws a magenta blob on gray, (203, 61, 157), near the base's own (210, 58, 123) there; `ours_noprior`
-keeps them on blue ((154, 210, 95), (78, 72, 132)) and fills a gray frame with stripes (no object found).
+On the concepts `setseq demo` trains (its defaults, seed 0), two generations each: `ours` keeps the
+stripes on black, shifts them on blue (lime (182, 192, 81), purple (111, 99, 150); the reference
+(150, 230, 60), (120, 40, 180)) and draws a magenta blob on gray, (203, 61, 157), near the base's own
+(210, 58, 123) there; `ours_noprior` keeps them on blue ((154, 210, 95), (78, 72, 132)) and fills a gray
+frame with stripes (no object found).
 
-    python -m benchmarks.background_shift runs/demo-v13/work/ours.safetensors [--concept stripes_stutter]
+    setseq demo --out runs/demo
+    python -m benchmarks.background_shift runs/demo/work/ours.safetensors [--concept stripes_stutter]
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def found_mean(colours: list[np.ndarray]) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("concept_file", help="a toy concept file (e.g. runs/demo-v13/work/ours.safetensors)")
+    ap.add_argument("concept_file",
+                    help="a toy concept file (e.g. `setseq demo`'s runs/demo/work/ours.safetensors)")
     ap.add_argument("--concept", default="stripes_stutter", help="its toy concept (name or TOML)")
     ap.add_argument("--base", default=str(X.DEFAULT_BASE))
     ap.add_argument("--seeds", type=int, default=2)
