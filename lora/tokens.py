@@ -2,7 +2,7 @@
 
 Training and sampling share these rules:
     tokenizer  tokens the base already knows keep their ids; new ones follow them, or, when the base
-               knows none, take fresh rows after the T5 table (`make_tokenizer`)
+               knows none, take fresh rows after the T5 table (model.tokenizer.base_tokenizer)
     T5 table   grown to cover every added id (`add_token_rows`); a trained token's embedding is
                written into its row (`write_token_rows`)
 While training, the embeddings live apart from the table (`AddedTokens`), so only they train.
@@ -11,7 +11,6 @@ While training, the embeddings live apart from the table (`AddedTokens`), so onl
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +19,6 @@ from model.tokenizer import Tokenizer
 
 # A word in square brackets, the shape of a concept token ([v], [u], [v2], ...).
 TOKEN_LIKE = re.compile(r"\[[^\[\]\s]+\]")
-
-
-def make_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
-    """The base's tokenizer: tokens the base already knows keep their ids and new ones follow them;
-    without any, new tokens get fresh rows after the T5 table (for umT5, whose table is larger than its
-    sentencepiece vocabulary, instead of trained rows that happen to be unused)."""
-    if base_tokens:
-        tokenizer = Tokenizer(sp_path)
-        tokenizer.add_tokens(base_tokens)
-        return tokenizer
-    return Tokenizer(sp_path, first_added_id=t5_rows)
 
 
 def add_token_rows(t5: nn.Module, tokenizer: Tokenizer, tokens: list[str]) -> list[int]:
@@ -96,4 +84,4 @@ def add_tokens(t5: nn.Module, tokenizer: Tokenizer, tokens: list[str]) -> AddedT
     return AddedTokens(dict(zip(tokens, ids, strict=True)), weight.shape[1], weight.device)
 
 
-__all__ = ["TOKEN_LIKE", "make_tokenizer", "add_token_rows", "write_token_rows", "AddedTokens", "add_tokens"]
+__all__ = ["TOKEN_LIKE", "add_token_rows", "write_token_rows", "AddedTokens", "add_tokens"]

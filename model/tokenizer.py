@@ -167,6 +167,17 @@ class Tokenizer:
         return self.add_tokens(ordered)
 
 
+def base_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
+    """The base's tokenizer: tokens the base already knows keep their ids and new ones follow them;
+    without any, new tokens get fresh rows after the T5 table (for umT5, whose table is larger than its
+    sentencepiece vocabulary, instead of trained rows that happen to be unused)."""
+    if base_tokens:
+        tokenizer = Tokenizer(sp_path)
+        tokenizer.add_tokens(base_tokens)
+        return tokenizer
+    return Tokenizer(sp_path, first_added_id=t5_rows)
+
+
 def train_tokenizer(sentences: Iterable[str], path: str | Path, *, vocab_size: int) -> Path:
     """Train a small unigram sentencepiece model with T5's special ids (pad 0, eos 1, unk 2, no bos).
 
@@ -185,4 +196,4 @@ def train_tokenizer(sentences: Iterable[str], path: str | Path, *, vocab_size: i
     return path
 
 
-__all__ = ["Tokenizer", "train_tokenizer"]
+__all__ = ["Tokenizer", "base_tokenizer", "train_tokenizer"]

@@ -19,10 +19,10 @@ import torch
 
 from lora.concept import base_identity, concept_from_model, load_concept, save_concept
 from lora.inject import concept_state_dict, inject_lora
-from lora.tokens import make_tokenizer
 from model.config import PRESETS
 from model.dit import DiT
 from model.t5 import T5Encoder
+from model.tokenizer import base_tokenizer
 from model.vae import VAE
 from sample import media
 from sample.generate import (
@@ -93,7 +93,7 @@ def files(tmp_path_factory, sp_model_path):
 
 def pipeline(files) -> Pipeline:
     m = load_checkpoint(files["base"])
-    tokenizer = make_tokenizer(m.tokenizer_path, m.added_tokens, m.t5.token_embedding.weight.shape[0])
+    tokenizer = base_tokenizer(m.tokenizer_path, m.added_tokens, m.t5.token_embedding.weight.shape[0])
     return Pipeline(m.cfg, m.dit, m.vae, m.t5, tokenizer, name=m.cfg.name)
 
 

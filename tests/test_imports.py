@@ -28,14 +28,6 @@ MAY_IMPORT = {
     "benchmarks": set(PACKAGES) - {"setseq"},  # benchmarks import libraries, never the command line
 }
 
-# Imports against the design that are still in the code: (file, imported module). Each is a known
-# defect (issue 21) to fix and then delete here; test_allowed_violations_still_exist fails on a fixed one.
-ALLOWED = {
-    ("setseq/cmd_generate.py", "setseq.cmd_info"),  # parse_size
-    ("setseq/cmd_personalize.py", "setseq.cmd_info"),  # parse_size
-}
-
-
 class Violation(NamedTuple):
     path: str  # relative to the repository, e.g. "sample/clip.py"
     line: int
@@ -108,13 +100,8 @@ def found() -> tuple[Violation, ...]:
 
 
 def test_imports_follow_the_design():
-    new = [str(v) for v in found() if (v.path, v.module) not in ALLOWED]
-    assert not new, "imports against design.md's dependency arrows:\n" + "\n".join(new)
-
-
-def test_allowed_violations_still_exist():
-    stale = ALLOWED - {(v.path, v.module) for v in found()}
-    assert not stale, f"fixed: delete these from ALLOWED in tests/test_imports.py: {sorted(stale)}"
+    bad = [str(v) for v in found()]
+    assert not bad, "imports against design.md's dependency arrows:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize(("path", "source", "module"), [

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from lora.tokens import make_tokenizer
 from model.base import Base
 from model.config import PRESETS, ModelConfig
+from model.tokenizer import base_tokenizer
 
 from .checkpoint import PARTS, BaseModels, checkpoint_config, load_checkpoint, random_models
 from .load import parse_dtype
@@ -77,7 +77,7 @@ def _bundle(models: BaseModels, sp_path: str | Path | None, base: str) -> Base:
     if sp_path is None:
         raise ValueError(f"base {base!r} ships no tokenizer; pass --tokenizer path/to/spiece.model")
     rows = models.t5.token_embedding.weight.shape[0]
-    tok = make_tokenizer(sp_path, models.added_tokens, rows)
+    tok = base_tokenizer(sp_path, models.added_tokens, rows)
     # The concept records the base by its model name (e.g. "wan2.1-1.3b") and architecture fingerprint.
     return Base(models.cfg, models.dit, models.vae, models.t5, tok, name=models.cfg.name)
 
