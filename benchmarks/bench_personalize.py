@@ -41,7 +41,7 @@ from benchmarks.timing import (
     spread,
 )
 from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
-from lora.tokens import AddedTokens
+from lora.tokens import AddedTokens, add_tokens
 from model.base import Base
 from model.config import PRESETS, ModelConfig, T5Config, VAEConfig
 from model.dit import DiT
@@ -50,9 +50,11 @@ from model.flow import add_noise, flow_loss_per_sample, velocity_target
 from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.vae import VAE
-from train import personalize as P
+from train.config import ConceptSpec, PersonalizeConfig
 from train.data import mask_tokens
 from train.prior import PriorSet
+from train.stage_data import StageData, batch_context, build_stage_data, draw_batch
+from train.step import build_optimizer, loss_step, trained_params
 
 GOAL = 1.1
 MB = 2**20
@@ -115,15 +117,15 @@ def make_base(size, folder: Path, device: torch.device) -> Base:
 
 
 def stage_data(
-    cfg: P.PersonalizeConfig, base: Base, size, tokens: AddedTokens, stage: int
-) -> P.StageData:
+    cfg: PersonalizeConfig, base: Base, size, tokens: AddedTokens, stage: int
+) -> StageData:
     """Cached latents as the loop sees them: 8 concept clips and 4 prior generations of the bench shape."""
     g = torch.Generator().manual_seed(1)
     singles = [torch.randn(8, 16, *size.latent, generator=g)]
     prior = PriorSet(
         torch.randn(4, 16, *size.latent, generator=g), ["a red square on a grey background."] * 4
     )
-    return P.build_stage_data(cfg, base, stage, singles, [], prior, tokens)
+    return build_stage_data(cfg, base, stage, singles, [], prior, tokens)
 
 
 class Setup:
@@ -131,9 +133,9 @@ class Setup:
 
     def __init__(self, size, device: torch.device, folder: Path, train_tokens: bool, checkpointing: bool):
         self.device, self.size = device, size
-        self.cfg = P.PersonalizeConfig(
+        self.cfg = PersonalizeConfig(
             concepts=[
-                P.ConceptSpec("unused.mp4", "a [v] square on a grey background.", "it is [u] moving left.")
+                ConceptSpec("unused.mp4", "a [v] square on a grey background.", "it is [u] moving left.")
             ],
             out=str(folder / "c.safetensors"),
             batch_size=2 * size.batch,
@@ -149,15 +151,15 @@ class Setup:
         base.t5.requires_grad_(False).eval()
         base.vae.requires_grad_(False).eval()
         base.dit.requires_grad_(False)
-        self.tokens = P._add_tokens(self.cfg, base)
+        self.tokens = add_tokens(base.t5, base.tokenizer, self.cfg.tokens())
         base.t5.token_embedding.register_forward_hook(self.tokens.hook)
         inject_lora(base.dit, self.cfg.targets, self.cfg.rank, name=self.cfg.name)
         base.dit.gradient_checkpointing = checkpointing
         base.dit.train()
         self.data = stage_data(self.cfg, base, size, self.tokens, stage=2)
-        lora, emb = P._trained_params(self.cfg, base.dit, self.tokens, 2)
+        lora, emb = trained_params(self.cfg, base.dit, self.tokens, 2)
         self.params = lora + emb
-        self.optimizer = P.build_optimizer(self.cfg, lora, emb)
+        self.optimizer = build_optimizer(self.cfg, lora, emb)
         self.g = torch.Generator(device).manual_seed(0)
         self.autocast = (
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
@@ -169,7 +171,7 @@ class Setup:
         """run_stage's loop body, logging and checkpoints left out."""
         cfg = self.cfg
         with self.autocast():
-            out = P.loss_step(cfg, self.base.dit, self.base.t5, self.data, self.g, shift=3.0)
+            out = loss_step(cfg, self.base.dit, self.base.t5, self.data, self.g, shift=3.0)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True))
@@ -178,8 +180,8 @@ class Setup:
     def data_only(self) -> None:
         """A step's work before the DiT: draw, context (T5 for trained-token prompts), masking, noise."""
         cfg, data, g = self.cfg, self.data, self.g
-        batch = P.draw_batch(cfg, data, g)
-        context, mask = P.batch_context(data, batch.prompt, self.base.t5, bool(data.trained_ids))
+        batch = draw_batch(cfg, data, g)
+        context, mask = batch_context(data, batch.prompt, self.base.t5, bool(data.trained_ids))
         mask_tokens(context, mask, cfg.token_mask_prob, g)
         add_noise(
             batch.x0, torch.randn(batch.x0.shape, generator=g, device=self.device), torch.rand(len(batch.x0))

@@ -14,11 +14,11 @@ import dataclasses
 
 import torch
 
+from model.base import Base
 from model.flow import add_noise, prediction_loss_per_sample
-from model.tokenizer import Tokenizer
 from toyworld.pretrain import caption_length
 from toyworld.world import Scenes, ToyWorldConfig, generate_batch, scene_captions, to_model_video
-from weights.checkpoint import load_checkpoint
+from weights.base import load_base
 
 
 def swapped_captions(scenes: Scenes) -> list[str]:
@@ -28,11 +28,12 @@ def swapped_captions(scenes: Scenes) -> list[str]:
 
 
 @torch.no_grad()
-def order_losses(base, clips: int, seed: int, times: list[float]) -> list[tuple[float, float, float, float]]:
+def order_losses(base: Base, clips: int, seed: int, times: list[float]
+                 ) -> list[tuple[float, float, float, float]]:
     """(t, loss with the caption, loss with it swapped, share of clips the swap hurts) per time."""
     batch = generate_batch(clips, seed=seed, cfg=ToyWorldConfig(two_object_prob=1.0))
-    tok = Tokenizer(base.tokenizer_path)
-    length = caption_length(tok, base.cfg.t5.max_length)
+    tok = base.tokenizer
+    length = caption_length(tok, base.config.t5.max_length)
     contexts = []
     for captions in (batch.captions, swapped_captions(batch.scenes)):
         ids, mask = tok.encode(captions, length)
@@ -53,14 +54,14 @@ def order_losses(base, clips: int, seed: int, times: list[float]) -> list[tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="assets/tiny", help="a tiny base folder")
+    parser.add_argument("--base", default="assets/tiny", help="a tiny base: a folder, or tiny (assets/tiny)")
     parser.add_argument("--clips", type=int, default=64, help="two-object training-split clips")
     parser.add_argument("--seed", type=int, default=99, help="clips and noise seed")
     parser.add_argument("--times", type=float, nargs="+", default=[0.5, 0.9, 0.99, 1.0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = load_checkpoint(args.base)
+    base = load_base(args.base, device="cpu")
     print(f"{args.base}: x0 loss on {args.clips} two-object clips (seed {args.seed})")
     print("| t | caption | objects swapped | clips the swap hurts |\n|---|---|---|---|")
     for t, right, swapped, hurt in order_losses(base, args.clips, args.seed, args.times):

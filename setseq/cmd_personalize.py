@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from model.config import parse_size
-from train.personalize import ConceptSpec, NonFiniteLoss, PersonalizeConfig, main
+from train.config import ConceptSpec, PersonalizeConfig
+from train.personalize import NonFiniteLoss, main
 from train.recipe import RECIPES, recipe, resolve, unreadable_words
 from weights.base import base_config, load_base
 

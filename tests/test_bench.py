@@ -17,7 +17,7 @@ import torch
 from lora.concept import load_concept
 from setseq.cli import main as cli_main
 from toyworld import experiment as X
-from train.personalize import ConceptSpec, PersonalizeConfig
+from train.config import ConceptSpec, PersonalizeConfig
 
 ROWS = ("lora1", "dblora", "twostage", "ours", "textinv")
 
@@ -133,7 +133,7 @@ def test_prior_weight_flag_reaches_the_personalization_config(tmp_path, monkeypa
     import train.personalize as P
     from setseq.cmd_bench import budget_overrides, register
     from toyworld import experiment as X
-    from train.personalize import ConceptSpec
+    from train.config import ConceptSpec
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -22,8 +22,11 @@ from sample.sampler import sample_latents
 from setseq.cli import main as cli_main
 from train import personalize as P
 from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from train.config import ConceptSpec, PersonalizeConfig
 from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
-from train.personalize import ConceptSpec, NonFiniteLoss, PersonalizeConfig
+from train.personalize import NonFiniteLoss
+from train.stage_data import StageData, batch_context, draw_batch
+from train.step import loss_step
 from train.video import read_frames, read_video, write_video
 
 LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
@@ -102,7 +105,7 @@ def test_token_masking_never_hides_every_token():
     assert bool(kept.any(dim=1).all())
 
 
-def _stage_data(base: Base, prompts: list[str], prior: bool) -> P.StageData:
+def _stage_data(base: Base, prompts: list[str], prior: bool) -> StageData:
     table = build_prompt_table(["", *prompts], base.tokenizer, base.t5, 16, [])
     g = torch.Generator().manual_seed(1)
     zeros = torch.zeros(4, dtype=torch.long)
@@ -110,12 +113,12 @@ def _stage_data(base: Base, prompts: list[str], prior: bool) -> P.StageData:
     prior_set = None
     if prior:
         prior_set = LatentSet(torch.randn(2, LATENT, 1, 4, 4, generator=g), torch.full((2,), 2), zeros[:2])
-    return P.StageData(items, None, prior_set, table, 0)
+    return StageData(items, None, prior_set, table, 0)
 
 
-def _loss_and_grad(cfg: PersonalizeConfig, base: Base, data: P.StageData):
+def _loss_and_grad(cfg: PersonalizeConfig, base: Base, data: StageData):
     torch.manual_seed(0)
-    out = P.loss_step(cfg, base.dit, base.t5, data, torch.Generator().manual_seed(0), shift=1.0)
+    out = loss_step(cfg, base.dit, base.t5, data, torch.Generator().manual_seed(0), shift=1.0)
     params = [p for p in base.dit.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, params)
     return out, torch.cat([g.flatten() for g in grads])
@@ -140,7 +143,7 @@ def test_caption_dropout_uses_the_empty_prompt(sp_model_path, tmp_path):
     base = make_base(sp_model_path)
     data = _stage_data(base, ["a red square."], prior=False)
     cfg = config(tmp_path, "v.mp4", batch_size=64, caption_dropout=0.1, prior_count=0)
-    batch = P.draw_batch(cfg, data, torch.Generator().manual_seed(0))
+    batch = draw_batch(cfg, data, torch.Generator().manual_seed(0))
     dropped = (batch.prompt == data.empty).float().mean()
     assert 0.0 < dropped < 0.3
 
@@ -175,7 +178,7 @@ class _Interrupt(Exception):
 
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
-    real, count = P.loss_step, [0]
+    real, count = loss_step, [0]
 
     def step(*args, **kw):
         count[0] += 1
@@ -183,7 +186,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
             raise _Interrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(P, "loss_step", step)
+    monkeypatch.setattr(P, "loss_step", step)  # the name the loop calls
 
 
 def test_resumed_run_equals_uninterrupted_bitwise(sp_model_path, tmp_path, video, monkeypatch):
@@ -339,14 +342,14 @@ def test_video_shorter_than_one_clip_is_refused(sp_model_path, tmp_path, video):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sp_model_path, tmp_path, video, monkeypatch):
-    real, count = P.loss_step, [0]
+    real, count = loss_step, [0]
 
     def step(*args, **kw):
         out = real(*args, **kw)
         count[0] += 1
         return dataclasses.replace(out, loss=out.loss * float("nan")) if count[0] == 3 else out
 
-    monkeypatch.setattr(P, "loss_step", step)
+    monkeypatch.setattr(P, "loss_step", step)  # the name the loop calls
     cfg = config(tmp_path, video, prior_count=0)
     with pytest.raises(NonFiniteLoss, match="stage 1 step 3.*stage1-step000002"):
         P.main(cfg, make_base(sp_model_path))
@@ -429,7 +432,7 @@ def test_batch_context_gradient_is_the_same_on_every_run_with_two_threads():
     try:
         seen = set()
         for _ in range(10):
-            context, _ = P.batch_context(SimpleNamespace(prompts=table), prompt, t5, True)
+            context, _ = batch_context(SimpleNamespace(prompts=table), prompt, t5, True)
             (grad,) = torch.autograd.grad((context * weight).sum(), embed)
             seen.add(grad.numpy().tobytes())
     finally:

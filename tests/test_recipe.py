@@ -6,7 +6,7 @@ import dataclasses
 
 from model.tokenizer import Tokenizer
 from toyworld.experiment import ToyBudget, toy_prior_prompts
-from train.personalize import ConceptSpec, PersonalizeConfig
+from train.config import ConceptSpec, PersonalizeConfig
 from train.recipe import RECIPES, recipe, resolve, unreadable_words
 from weights.base import COMMITTED
 

@@ -257,7 +257,7 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
     """One personalization run (variant `ours`) of one or several concepts into one concept file;
     specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
     Returns the training seconds."""
-    from train.personalize import ConceptSpec
+    from train.config import ConceptSpec
 
     concepts = [ConceptSpec(video=str(video), prompt=with_tokens(X.static_prompt(spec), k),
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],

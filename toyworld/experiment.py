@@ -315,7 +315,7 @@ def personalize(
 ) -> tuple[Path, float]:
     """Train one concept with one variant into FOLDER/<variant>.safetensors; returns (path, seconds).
     A previous run's file and work folder there are replaced."""
-    from train.personalize import ConceptSpec
+    from train.config import ConceptSpec
 
     out = folder / f"{variant.key}.safetensors"
     concept = ConceptSpec(
@@ -332,7 +332,8 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
     each budget step count multiplied by their number) with `variant`'s settings into OUT; returns the
     training seconds. `extra`: further PersonalizeConfig fields (e.g. stitch_prob). WORK is replaced."""
     from sample.sampler import sample_latents
-    from train.personalize import PersonalizeConfig, main
+    from train.config import PersonalizeConfig
+    from train.personalize import main
 
     shutil.rmtree(work, ignore_errors=True)
     n = len(concepts)

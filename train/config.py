@@ -1,0 +1,177 @@
+"""What a personalization run is asked to do: the concepts (`ConceptSpec`) and every setting of the loop
+(`PersonalizeConfig`), checked when built. The config goes into every checkpoint and concept file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora.inject import DEFAULT_TARGETS
+
+from .prior import DEFAULT_PROMPTS
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass
+class ConceptSpec:
+    """One video and its prompts. Several specs train into ONE adapter (one shared basis)."""
+
+    video: str
+    prompt: str  # static part: appearance + surroundings, holds `token`: "A [v] man in a cap on a bridge."
+    motion_prompt: str = ""  # dynamic part, holds `motion_token`, e.g. "He is performing [u] dancing motion."
+    token: str = "[v]"
+    motion_token: str = "[u]"
+    # The stage-2 text when the motion words belong inside the sentence ("a [v] sprite moving in [u]
+    # motion on a gray background"); "" = prompt + " " + motion_prompt.
+    full_prompt: str = ""
+
+    def text(self, stage: int) -> str:
+        """Stage 1: the static prompt; stage 2: static ∪ dynamic (paper eq. 7)."""
+        if stage == 1:
+            return self.prompt
+        return self.full_prompt or f"{self.prompt.strip()} {self.motion_prompt.strip()}"
+
+
+@dataclass
+class PersonalizeConfig:
+    concepts: list[ConceptSpec]
+    out: str  # the concept file (.safetensors) written at the end
+    name: str = "concept"  # concept (adapter) name inside the file
+    work_dir: str | None = None  # checkpoints, latent caches, loss log, previews; None = "<out>.work"
+    stages: tuple[int, ...] = (1, 2)
+    steps1: int = 600  # paper: 600 (stage I), 900 (stage II), 2k-2.5k for complex or several concepts
+    steps2: int = 900
+    batch_size: int = 8  # items per step, prior-preservation items included
+    rank: int = 32
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout1: float = 0.8  # B-dropout p, stage 1 / stage 2 (Table 6)
+    dropout2: float = 0.5
+    lr: float = 1e-4
+    token_lr: float = 1e-5
+    train_tokens: bool = True  # train the [v]/[u] input embeddings (start at zero); the paper: optional
+    # Baselines of Tables 1-2: `single_stage` trains A1 and B1 in ONE stage on clips with the full
+    # prompt and both tokens (LoRA-r, DB-LoRA; stages must be (1,)); `train_lora` False trains the
+    # token embeddings alone (textual inversion; the adapter stays a zero no-op).
+    single_stage: bool = False
+    train_lora: bool = True
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    grad_clip: float = 0.05
+    caption_dropout: float = 0.1  # prompt -> "" so classifier-free guidance keeps working
+    token_mask_prob: float = 0.1  # each encoded text token hidden with this probability
+    self_cond_prob: float = 0.5  # when the DiT has self-conditioning
+    time_shift: float | None = None  # training-time shift; None = the base model's sampling shift
+    prior_weight: float = 1.0  # loss = concept + prior_weight * prior
+    prior_count: int = 4  # generations per stage (0 = no prior preservation)
+    prior_per_batch: int = 2  # of batch_size
+    prior_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prior_steps: int | None = None  # sampler steps for the prior; None = the base model's default
+    # Where stage 2 puts a concept's motion prompt: inside its static prompt, before the first occurrence of
+    # this text (a base whose captions name the motion mid-sentence); "" = after it. A full_prompt wins.
+    motion_before: str = ""
+    stitch_prob: float = 0.25  # with several concepts: chance a step is a side-by-side pair
+    frames: int | None = None  # clip length; None = the longest 1 + k * time_compression <= the video, max 81
+    fps: float | None = None  # None = the video's own rate
+    size: tuple[int, int] | None = None  # (H, W); None = the video's size cropped to a multiple
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    preview_every: int = 0  # 0 = no previews
+    preview_steps: int = 20
+    log_every: int = 10
+    loss_bins: int = 5
+    device: str = "cpu"
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each DiT block (H100, Wan 1.3B real size: step 2.83 -> 2.38 s)
+    resume: bool = False
+    force: bool = False  # overwrite an existing `out`
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # TOML and JSON hand lists and dicts; checkpoints compare the config as JSON, so normalize first.
+        self.concepts = [c if isinstance(c, ConceptSpec) else ConceptSpec(**c) for c in self.concepts]
+        self.stages = tuple(sorted(set(self.stages)))
+        self.targets, self.betas = tuple(self.targets), tuple(self.betas)
+        self.prior_prompts = tuple(self.prior_prompts)
+        if self.size is not None:
+            self.size = tuple(self.size)
+        self._place_motion_words()
+        self._validate()
+
+    def _place_motion_words(self) -> None:
+        for c in self.concepts:
+            head, sep, tail = c.prompt.partition(self.motion_before or "\0")
+            if sep and c.motion_prompt and not c.full_prompt:  # the motion words inside the sentence
+                c.full_prompt = f"{head} {c.motion_prompt.strip()}{sep}{tail}"
+
+    def _validate(self) -> None:
+        require(bool(self.concepts), "no concept given: pass a VIDEO and its --prompt")
+        require(self.stages and set(self.stages) <= {1, 2}, f"stages must be 1, 2 or both, got {self.stages}")
+        require(not self.single_stage or self.stages == (1,),
+                f"single_stage trains one stage on clips: set stages (1,), got {self.stages}")
+        require(self.train_lora or self.train_tokens,
+                "train_lora and train_tokens are both off: nothing to train")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.steps1 >= 1 and self.steps2 >= 1,
+                f"steps must be >= 1, got {self.steps1}, {self.steps2}")
+        require(self.prior_count == 0 or 0 < self.prior_per_batch < self.batch_size,
+                f"prior_per_batch {self.prior_per_batch} must leave room in batch_size {self.batch_size} "
+                "for concept items (or set prior_count 0)")
+        for name in ("caption_dropout", "token_mask_prob", "self_cond_prob", "stitch_prob"):
+            p = getattr(self, name)
+            require(0.0 <= p <= 1.0, f"{name} must be a probability in [0, 1], got {p}")
+        require(self.checkpoint_every >= 1 and self.log_every >= 1,
+                "checkpoint_every, log_every must be >= 1")
+        tokens = self.tokens()
+        dup = sorted({t for t in tokens if tokens.count(t) > 1})
+        require(not dup, f"tokens {dup} are used by more than one concept; give each concept its own, "
+                         "e.g. token '[v1]' / motion_token '[u1]', '[v2]' / '[u2]'")
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.out).with_suffix(".work")
+
+    def tokens(self) -> list[str]:
+        """Every concept token: the [v]s, then the [u]s (the order their embedding rows are added in)."""
+        return [c.token for c in self.concepts] + [c.motion_token for c in self.concepts]
+
+    def stage_tokens(self, stage: int) -> list[str]:
+        """Tokens whose embeddings a stage trains: [v]s in stage 1, [u]s in stage 2 (none if switched off)."""
+        if not self.train_tokens:
+            return []
+        if self.single_stage:
+            return self.tokens()
+        return [c.token if stage == 1 else c.motion_token for c in self.concepts]
+
+    def text_stage(self, stage: int) -> int:
+        """Which stage's data and prompt a stage trains on: clips and the full prompt in single-stage mode."""
+        return 2 if self.single_stage else stage
+
+    def steps(self, stage: int) -> int:
+        return self.steps1 if stage == 1 else self.steps2
+
+    def dropout(self, stage: int) -> float:
+        return self.dropout1 if stage == 1 else self.dropout2
+
+    def stage_seed(self, stage: int) -> int:
+        """A stage's draws start from its own seed, not from where the previous stage left the generators
+        (a `--stage 2` run has no previous stage)."""
+        return self.seed * 1000 + stage
+
+    def train_shift(self, sample_shift: float) -> float:
+        """The flow-time shift of training: `time_shift`, else the base's sampling shift."""
+        return sample_shift if self.time_shift is None else self.time_shift
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that may change between an interrupted run and its resume without changing the result.
+RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",
+               "checkpoint_every", "keep_checkpoints", "device", "out", "work_dir", "stages",
+               "steps1", "steps2", "compile", "grad_checkpointing"}

@@ -1,0 +1,143 @@
+"""What makes a resumed run equal an uninterrupted one: the seeds, the learned state (adapter + token
+embeddings), and the choice and check of the checkpoint a run continues (train/checkpoint.py holds
+the file format).
+
+Every random draw of the loop comes from one generator plus torch's global RNG (the LoRA dropout
+masks); a checkpoint holds both, with the optimizer and the config that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lora.inject import concept_state_dict, load_concept_state_dict
+from lora.tokens import AddedTokens
+
+from .checkpoint import (
+    Checkpoint,
+    capture_rng,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import RESUME_FREE, PersonalizeConfig, require
+
+
+def seed_everything(seed: int, g: torch.Generator) -> None:
+    torch.manual_seed(seed)
+    g.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------ learned state
+
+
+def adapter_state(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens) -> dict[str, Tensor]:
+    """Everything the run has learned: the adapter's A1, B1, B2 and the token embeddings."""
+    state = {f"lora.{k}": v for k, v in concept_state_dict(dit, cfg.name).items()}
+    state.update({f"token.{k}": v for k, v in tokens.state().items()})
+    return state
+
+
+def load_adapter_state(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens,
+                       state: dict[str, Tensor]) -> None:
+    load_concept_state_dict(dit, {k[5:]: v for k, v in state.items() if k.startswith("lora.")}, cfg.name)
+    tokens.load({k[6:]: v for k, v in state.items() if k.startswith("token.")})
+
+
+# ------------------------------------------------------------------------------------- one stage
+
+
+def start_stage(cfg: PersonalizeConfig, stage: int, optimizer: torch.optim.Optimizer, g: torch.Generator,
+                resume: Checkpoint | None) -> int:
+    """The step a stage starts at: the checkpoint's, with its optimizer and random state restored;
+    else 0, with the draws seeded from the stage's own seed."""
+    if resume is None:
+        seed_everything(cfg.stage_seed(stage), g)
+        return 0
+    optimizer.load_state_dict(resume.optimizer)
+    restore_rng(resume.rng, g)
+    return resume.step
+
+
+def save_stage_checkpoint(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens,
+                          optimizer: torch.optim.Optimizer, g: torch.Generator, stage: int, step: int
+                          ) -> None:
+    """Checkpoint after `step` steps of `stage`, keeping the newest `keep_checkpoints`."""
+    folder = cfg.work / "checkpoints"
+    save_checkpoint(checkpoint_path(folder, stage, step), stage=stage, step=step,
+                    params=adapter_state(cfg, dit, tokens), optimizer=optimizer, rng=capture_rng(g),
+                    config=cfg.to_dict())
+    prune_checkpoints(folder, cfg.keep_checkpoints)
+
+
+# ------------------------------------------------------------------------------- which checkpoint
+
+
+def resume_point(cfg: PersonalizeConfig) -> Checkpoint | None:
+    """The checkpoint to start from, or None for a fresh run.
+
+    --resume: the latest checkpoint, if any. `--stage 2` alone: the final stage-1 checkpoint of the
+    same work dir (from an earlier `--stage 1` run). Otherwise existing checkpoints are an error,
+    so a new run never mixes with an old one.
+    """
+    ckpt = _start_checkpoint(cfg)
+    if ckpt is None:
+        return None
+    if cfg.stages == (2,):
+        require(ckpt.stage == 2 or ckpt.step >= cfg.steps1,
+                f"stage 2 needs a finished stage 1, but the latest checkpoint {ckpt.path} is stage 1 step "
+                f"{ckpt.step} of {cfg.steps1}; finish it with --stage 1 --resume")
+    _check_resume_config(cfg, ckpt.config, ckpt.stage, ckpt.path)
+    return ckpt
+
+
+def _start_checkpoint(cfg: PersonalizeConfig) -> Checkpoint | None:
+    folder = cfg.work / "checkpoints"
+    found = list_checkpoints(folder)
+    if cfg.resume:
+        return load_checkpoint(found[-1]) if found else None
+    if cfg.stages == (2,):
+        require(not any(p.name.startswith("stage2") for p in found),
+                f"{folder} already holds stage-2 checkpoints; pass --resume to continue them, "
+                "or choose another --work-dir")
+        final = checkpoint_path(folder, 1, cfg.steps1)
+        require(final.is_file(), f"stage 2 needs the finished stage 1 ({final}), which does not exist; "
+                                 "run --stage 1 first with the same --out / --work-dir / --steps1")
+        return load_checkpoint(final)
+    require(not found, f"{folder} already holds checkpoints ({found[-1].name if found else ''}); "
+                       "pass --resume to continue that run, or choose another --work-dir")
+    return None
+
+
+def _check_resume_config(cfg: PersonalizeConfig, saved: dict, stage: int, path: Path) -> None:
+    """A checkpoint continues only the run that wrote it: same settings, except the RESUME_FREE ones
+    (and the motion prompts when the checkpoint is from stage 1: a `--stage 1` run may lack them)."""
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in RESUME_FREE | {"concepts"} and _js(now[k]) != _js(saved.get(k)))
+    keys = ("video", "prompt", "token", "motion_token") + (("motion_prompt",) if stage == 2 else ())
+    if _js(_pick(now["concepts"], keys)) != _js(_pick(saved.get("concepts", []), keys)):
+        diff.append("concepts")
+    if diff:
+        first = diff[0]
+        raise ValueError(f"checkpoint {path} was written with different settings for {diff} "
+                         f"(e.g. {first}: {saved.get(first)!r} then, {now.get(first)!r} now); resume with "
+                         "the same options, or start fresh with another --work-dir")
+
+
+def _pick(concepts: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    return [{k: c.get(k) for k in keys} for c in concepts]
+
+
+def _js(value) -> str:
+    return json.dumps(value, sort_keys=True)
