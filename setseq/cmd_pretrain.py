@@ -2,27 +2,21 @@
 
     setseq pretrain --preset tiny --out assets/tiny
 
-Stages (toyworld/pretrain.py): VAE, sentencepiece tokenizer, latent bank, DiT (+ text encoder). Rerunning
-the same command resumes from the newest checkpoint in --work-dir. The result is a checkpoint folder
-(`--base DIR` for every other command) holding config.json, the three parts, tokenizer.model,
-pretrain.json (the pretraining config, seed and wall time), pretrain.log (the training log) and, unless
---eval-samples 0, the evaluation on held-out captions: metrics.json, report.md, samples.png.
+Stages (toyworld/pretrain.py; saved and measured by toyworld/build_base.py): VAE, sentencepiece
+tokenizer, latent bank, DiT (+ text encoder), layout. Rerunning the same command resumes from the newest
+checkpoint in --work-dir. The result is a checkpoint folder (`--base DIR` for every other command)
+holding config.json, the three parts, tokenizer.model, pretrain.json (the pretraining config, seed and
+wall time), pretrain.log (the training log) and, unless --eval-samples 0, the evaluation on held-out
+captions: metrics.json, report.md, samples.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import shutil
-import time
 from pathlib import Path
 
-import torch
-
-from toyworld.evaluate import heldout_report, write_report
-from toyworld.pretrain import PretrainConfig, main
-from weights.checkpoint import save_checkpoint
+from toyworld.build_base import Evaluation, build_base
+from toyworld.pretrain import PretrainConfig
 
 # Flags mapped 1:1 onto PretrainConfig fields.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -81,30 +75,12 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
 
 
-def evaluate(out: Path, result, cfg: PretrainConfig, n: int, steps: int, guidance: list[float]) -> dict:
-    """Held-out captions of the toy world -> metrics.json, report.md, samples.png in `out`."""
-    report, videos, batch = heldout_report(result, cfg.world, cfg.seed + 12345, cfg.seed, n, steps, guidance)
-    write_report(out, report, videos, batch.video, batch.captions)
-    return report
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
     out = Path(args.out)
-    t0 = time.time()
-    result = main(cfg)
-    train_seconds = time.time() - t0
-    save_checkpoint(out, result.cfg, dit=result.dit, vae=result.vae, t5=result.t5,
-                    tokenizer_path=result.tokenizer_path,
-                    source={"command": "setseq pretrain", "preset": cfg.preset, "seed": cfg.seed})
-    record = {"config": dataclasses.asdict(cfg), "train_metrics": result.metrics,
-              "wall_seconds_this_invocation": round(train_seconds, 1), "torch": torch.__version__}
-    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    shutil.copyfile(Path(cfg.work_dir) / "pretrain.log", out / "pretrain.log")  # every stage's progress
+    evaluation = Evaluation(args.eval_samples, args.eval_steps, tuple(args.guidance))
+    report = build_base(config_from_args(args), out, evaluation)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
-    if args.eval_samples > 0:
-        with torch.no_grad():
-            report = evaluate(out, result, cfg, args.eval_samples, args.eval_steps, args.guidance)
+    if report is not None:
         print((out / "report.md").read_text())
         print(f"VAE PSNR {report['vae_psnr_db']:.2f} dB")
     return 0
