@@ -20,11 +20,12 @@ import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lora.concept import Concept, apply_concept, base_identity
+from lora.concept import Concept, apply_concept, base_identity, load_concept
 from lora.inject import set_scales
 from lora.tokens import TOKEN_LIKE, add_token_rows, write_token_rows
 from model.base import Base
@@ -82,6 +83,21 @@ def add_concept(pipe: Pipeline, concept: Concept, *, identity: float = 1.0, moti
         ids = add_token_rows(pipe.t5, pipe.tokenizer, list(concept.tokens))
         write_token_rows(pipe.t5, dict(zip(ids, concept.tokens.values(), strict=True)))
     return adapter
+
+
+def add_concept_file(pipe: Pipeline, path: Path, *, identity: float = 1.0, motion: float = 1.0) -> str:
+    """Load a concept file and apply it (add_concept); returns a line describing it. A missing or bad file
+    raises an error that names it."""
+    try:
+        concept = load_concept(path)
+        adapter = add_concept(pipe, concept, identity=identity, motion=motion)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file") from None
+    except ValueError as err:
+        raise ValueError(f"--concept {str(path)!r}: {err}") from None
+    tokens = " ".join(concept.tokens) or "no tokens"
+    return (f"concept {adapter} ({path}): rank {concept.rank}, {len(concept.modules)} layers, {tokens}, "
+            f"identity {identity:g}, motion {motion:g}")
 
 
 def set_concept_scales(pipe: Pipeline, adapter: str, identity: float, motion: float) -> None:

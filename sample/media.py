@@ -128,5 +128,18 @@ def write_contact_sheet(path: str | Path, videos: Sequence, labels: Sequence[str
     return write_png(path, contact_sheet(videos, labels, columns))
 
 
-__all__ = ["to_uint8", "write_mp4", "write_gif", "contact_sheet", "write_contact_sheet", "write_png",
-           "pick_frames"]
+def write_video_files(out: Path, video, fps: float, *, sheet_label: str | None = None,
+                      reference=None) -> list[Path]:
+    """OUT.mp4 and OUT.gif beside it; with `sheet_label`, OUT.png too: a contact sheet of the video (under
+    the reference, when one is given)."""
+    written = [write_mp4(out, video, fps), write_gif(out.with_suffix(".gif"), video, fps)]
+    if sheet_label is not None:
+        rows, labels = [video], [sheet_label]
+        if reference is not None:
+            rows, labels = [reference, video], ["reference", sheet_label]
+        written.append(write_contact_sheet(out.with_suffix(".png"), rows, labels))
+    return written
+
+
+__all__ = ["as_frames", "to_uint8", "write_video_files", "write_mp4", "write_gif", "contact_sheet",
+           "write_contact_sheet", "write_png", "pick_frames"]

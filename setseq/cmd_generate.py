@@ -18,11 +18,11 @@ reference, read inside --face-box.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from model.config import ModelConfig, parse_size
+from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
 
 _SCALES = re.compile(r"^(?P<path>.+?):(?P<alpha>[^:]+):(?P<beta>[^:]+)$")
 
@@ -111,89 +111,23 @@ def load_pipeline(args: argparse.Namespace):
                                  random_weights=args.random_weights, seed=args.base_seed))
 
 
-def apply_concepts(pipe, args: argparse.Namespace) -> list[str]:
-    from lora.concept import load_concept
-    from sample.generate import add_concept
-
-    lines = []
-    for text in args.concept:
-        path, alpha, beta = parse_concept(text, args.identity, args.motion)
-        try:
-            concept = load_concept(path)
-            adapter = add_concept(pipe, concept, identity=alpha, motion=beta)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file") from None
-        except ValueError as err:
-            raise ValueError(f"--concept {str(path)!r}: {err}") from None
-        tokens = " ".join(concept.tokens) or "no tokens"
-        lines.append(f"concept {adapter} ({path}): rank {concept.rank}, {len(concept.modules)} layers, "
-                     f"{tokens}, identity {alpha:g}, motion {beta:g}")
-    return lines
-
-
-def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
-    if text is None:
-        return None
-    try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise ValueError(f"--face-box {text!r}: give x0,y0,x1,y1 as fractions of the frame, "
-                         "e.g. 0.3,0.1,0.7,0.5")
-    from sample.arcface import check_box
-
-    return check_box(box)
-
-
-def check_scorer_args(args: argparse.Namespace) -> None:
-    """Bad --clip / --arcface / --face-box: an error before any weights load."""
-    if args.clip is not None:
-        from weights.clip import check_folder
-
-        check_folder(args.clip)
-    if args.arcface is not None:
-        if args.reference is None:
-            raise ValueError("--arcface compares faces with the reference video: pass --reference too")
-        if not Path(args.arcface).is_file():
-            raise FileNotFoundError(f"--arcface {args.arcface!r}: no such file (an insightface "
-                                    "arcface_torch backbone, e.g. backbone.pth)")
-    if args.face_box is not None and args.arcface is None:
-        raise ValueError("--face-box only applies to --arcface")
-    parse_box(args.face_box)
-
-
-def load_scorers(args: argparse.Namespace, device: str):
-    """(CLIP-T scorer, ArcFace scorer), each None when its weights were not given."""
-    clip_scorer = face_scorer = None
-    if args.clip is not None:
-        from sample.clip import ClipTextScorer
-        from weights.clip import load_clip
-
-        clip_scorer = ClipTextScorer(*load_clip(args.clip, device=device))
-    if args.arcface is not None:
-        from sample.arcface import ArcFaceScorer
-        from weights.arcface import load_arcface
-
-        face_scorer = ArcFaceScorer(load_arcface(args.arcface, device=device), box=parse_box(args.face_box))
-    return clip_scorer, face_scorer
+def check_args(args: argparse.Namespace) -> list[tuple[Path, float, float]]:
+    """Every check that needs no weights; returns the concepts as (path, alpha, beta)."""
+    check_out(Path(args.out))
+    concepts = [parse_concept(text, args.identity, args.motion) for text in args.concept]
+    for path, _, _ in concepts:
+        if not path.is_file():
+            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file")
+    check_scorer_args(args)
+    return concepts
 
 
 def run(args: argparse.Namespace) -> int:
-    from sample import media
-    from sample.generate import GenerateConfig, check_prompt_tokens, generate
-
-    out = Path(args.out)
-    check_out(out)
-    for text in args.concept:  # fail on a missing file before loading any weights
-        path = parse_concept(text, args.identity, args.motion)[0]
-        if not path.is_file():
-            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file")
-    if args.reference is not None and not Path(args.reference).is_file():
-        raise FileNotFoundError(f"--reference {args.reference!r}: no such video")
-    check_scorer_args(args)
+    from sample.generate import GenerateConfig, add_concept_file, check_prompt_tokens, generate
+    from sample.media import write_video_files
     from weights.base import base_config
 
+    concepts = check_args(args)
     base_cfg = base_config(args.base, args.random_weights)  # a preset without weights: refused here
     frames, size = shape_of(args, base_cfg)
     base_cfg.latent_shape(frames, size)  # bad --frames / --size: an error before any weights load
@@ -202,38 +136,24 @@ def run(args: argparse.Namespace) -> int:
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
 
     pipe = load_pipeline(args)
-    for line in apply_concepts(pipe, args):
-        print(line)
+    for path, alpha, beta in concepts:
+        print(add_concept_file(pipe, path, identity=alpha, motion=beta))
     check_prompt_tokens(pipe, args.prompt)
     print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}, "
           f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
     video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)
 
-    written = [media.write_mp4(out, video, args.fps),
-               media.write_gif(out.with_suffix(".gif"), video, args.fps)]
+    out = Path(args.out)
     reference = None
     if args.reference is not None:
         from train.video import read_video
 
         reference = read_video(args.reference, frames=None, size=size)
-    if args.contact_sheet:
-        rows, labels = [video], [f"seed {args.seed}: {args.prompt}"]
-        if reference is not None:
-            rows, labels = [reference, video], ["reference", *labels]
-        written.append(media.write_contact_sheet(out.with_suffix(".png"), rows, labels))
-    if reference is not None or args.clip is not None:
-        from sample.metrics import NOT_AVAILABLE, score_video, to_json
-
-        clip_scorer, face_scorer = load_scorers(args, str(pipe.device))
-        object_scorer = None
-        if base_cfg.name == "tiny":  # the object instruments assume the toy world's flat scenes
-            from toyworld.metrics import object_scores as object_scorer
-        scores = score_video(video, None if reference is None else reference[:, :frames], prompt=args.prompt,
-                             clip_scorer=clip_scorer, face_scorer=face_scorer, object_scorer=object_scorer)
-        metrics_path = out.with_suffix(".metrics.json")
-        metrics_path.write_text(to_json(scores) + "\n")
-        written.append(metrics_path)
-        shown = ("mse", "id", "motion_fidelity", "temporal_coherence", "clip_t", "arcface")
-        print(json.dumps({k: v for k, v in scores.items() if k in shown and v != NOT_AVAILABLE}))
+    label = f"seed {args.seed}: {args.prompt}" if args.contact_sheet else None
+    written = write_video_files(out, video, args.fps, sheet_label=label, reference=reference)
+    if wants_scores(args):
+        scorers = load_scorers(args, str(pipe.device), base_cfg)
+        ref = None if reference is None else reference[:, :frames]
+        written.append(write_scores(out.with_suffix(".metrics.json"), video, ref, args.prompt, scorers))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
