@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from model.config import parse_size
-from train.config import ConceptSpec, PersonalizeConfig
+from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import NonFiniteLoss, main
-from train.recipe import RECIPES, recipe, resolve, unreadable_words
+from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
 from weights.base import base_config, load_base
 
-_BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights")
+_BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights")  # TOML keys that choose the base
 
 # Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -92,16 +91,6 @@ def _default_text(field: str) -> str:
     return f" (default: {default!r}{own})" if default is not None or own else ""
 
 
-def read_toml(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
-
-
 def _flag_values(args: argparse.Namespace) -> dict:
     """The PersonalizeConfig values the command line gave."""
     switches = ("train_tokens", "device", "resume", "force", "out", "grad_checkpointing", "compile")
@@ -122,25 +111,9 @@ def _flag_values(args: argparse.Namespace) -> dict:
     return values
 
 
-def _toml_values(path: str | None) -> tuple[dict, dict]:
-    """(PersonalizeConfig values, base options) of the TOML file; an unknown key names every known one."""
-    values = read_toml(path) if path else {}
-    extra = {k: values.pop(k) for k in _BASE_KEYS if k in values}
-    known = {f.name for f in fields(PersonalizeConfig)}
-    if unknown := sorted(set(values) - known):
-        every = ", ".join(sorted(known | set(_BASE_KEYS)))
-        raise ValueError(f"{path}: unknown keys {unknown}; known keys are {every}")
-    allowed = sorted(f.name for f in fields(ConceptSpec))
-    for c in values.get("concepts", []):
-        if set(c) - set(allowed):
-            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - set(allowed))}; "
-                             f"use {', '.join(allowed)}")
-    return values, extra
-
-
 def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict, dict]:
     """Flags over TOML over the base's recipe over the defaults -> (config, base options, provenance)."""
-    toml, extra = _toml_values(args.config)
+    toml, extra = read_toml_config(args.config, _BASE_KEYS)
     extra.update({k: getattr(args, k) for k in _BASE_KEYS if getattr(args, k) is not None})
     if "base" not in extra:
         raise ValueError("no --base given: a preset name (e.g. tiny) or a folder from `setseq convert`")
@@ -163,10 +136,7 @@ def settings_lines(settings: dict) -> list[str]:
 
 
 def warn_unreadable(cfg: PersonalizeConfig, tokenizer) -> None:
-    texts = [c.text(s) for c in cfg.concepts for s in (1, 2)]
-    texts += list(cfg.prior_prompts) if cfg.prior_count else []
-    words = list(dict.fromkeys(w for t in texts for w in unreadable_words(tokenizer, t)))
-    if words:
+    if words := config_unreadable_words(cfg, tokenizer):
         print(f"setseq personalize: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
               "(unknown, or split into pieces): say it with words of the base's captions", file=sys.stderr)
 

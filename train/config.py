@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lora.inject import DEFAULT_TARGETS
@@ -175,3 +176,30 @@ class PersonalizeConfig:
 RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",
                "checkpoint_every", "keep_checkpoints", "device", "out", "work_dir", "stages",
                "steps1", "steps2", "compile", "grad_checkpointing"}
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path!r} is not valid TOML: {err}") from None
+
+
+def read_toml_config(path: str | None, base_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(PersonalizeConfig values, base options named by `base_keys`) of a TOML file (none: empty); an
+    unknown key names every known one."""
+    values = read_toml(path) if path else {}
+    extra = {k: values.pop(k) for k in base_keys if k in values}
+    known = {f.name for f in fields(PersonalizeConfig)}
+    if unknown := sorted(set(values) - known):
+        every = ", ".join(sorted(known | set(base_keys)))
+        raise ValueError(f"{path}: unknown keys {unknown}; known keys are {every}")
+    allowed = sorted(f.name for f in fields(ConceptSpec))
+    for c in values.get("concepts", []):
+        if set(c) - set(allowed):
+            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - set(allowed))}; "
+                             f"use {', '.join(allowed)}")
+    return values, extra

@@ -69,4 +69,13 @@ def unreadable_words(tokenizer, text: str) -> list[str]:
     return out
 
 
-__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "unreadable_words"]
+
+def config_unreadable_words(cfg, tokenizer) -> list[str]:
+    """unreadable_words of every text a run trains on: both stages of each concept and the prior."""
+    texts = [c.text(s) for c in cfg.concepts for s in (1, 2)]
+    texts += list(cfg.prior_prompts) if cfg.prior_count else []
+    return list(dict.fromkeys(w for t in texts for w in unreadable_words(tokenizer, t)))
+
+
+__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "unreadable_words",
+           "config_unreadable_words"]
