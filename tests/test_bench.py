@@ -1,5 +1,5 @@
 """`setseq bench toyworld` (toyworld/bench.py) and the personalization variants it compares
-(train/personalize.py: single_stage, train_lora). One smoke bench on a random tiny base: 1 concept x
+(train/config.py: single_stage, train_lora). One smoke bench on a random tiny base: 1 concept x
 1 seed x 5 variants, a few steps each."""
 
 from __future__ import annotations

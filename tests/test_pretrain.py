@@ -341,12 +341,12 @@ def test_colour_binding_script_reads_both_kinds_of_clip(monkeypatch, capsys):
 def test_the_committed_base_reads_word_order():
     # The layout stage's point: near pure noise, swapping a two-object caption's objects must cost loss.
     from benchmarks.caption_order import order_losses, swapped_captions
-    from weights.checkpoint import load_checkpoint
+    from weights.base import load_base
 
     pairs = generate_batch(3, seed=1, cfg=ToyWorldConfig(two_object_prob=1.0))
     for caption, swapped in zip(pairs.captions, swapped_captions(pairs.scenes), strict=True):
         (first, second), background = caption.split(" on a ")[0].split(" and "), caption.split(" on a ")[1]
         assert swapped == f"{second} and {first} on a {background}", (caption, swapped)
-    base = load_checkpoint(Path(__file__).resolve().parents[1] / "assets" / "tiny")
+    base = load_base("tiny", device="cpu")
     [(_, right, swapped, hurt)] = order_losses(base, clips=4, seed=99, times=[1.0])
     assert swapped > 2 * right and hurt == 1.0, (right, swapped, hurt)

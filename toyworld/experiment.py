@@ -328,7 +328,7 @@ def personalize(
 
 def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyBudget, out: Path, work: Path,
                    *, name: str, seed: int, progress: bool, **extra) -> float:
-    """One personalization run of `concepts` (train.personalize.ConceptSpec; several train into one adapter,
+    """One personalization run of `concepts` (train.config.ConceptSpec; several train into one adapter,
     each budget step count multiplied by their number) with `variant`'s settings into OUT; returns the
     training seconds. `extra`: further PersonalizeConfig fields (e.g. stitch_prob). WORK is replaced."""
     from sample.sampler import sample_latents
