@@ -166,6 +166,17 @@ class Tokenizer:
                                  f"{have} here; load the recorded tokens before adding any other tokens")
         return self.add_tokens(ordered)
 
+    def unreadable_words(self, text: str) -> list[str]:
+        """Words of `text` the base's tokenizer cannot read: unknown, or spelled out from a bare word start
+        ("sprite" -> "▁", "s", "p", ...: a word the base never saw, common with a small vocabulary).
+        Concept tokens ([v], [u2], ...) are skipped."""
+        out = []
+        for word in dict.fromkeys(re.findall(r"\[[^\]\s]+\]|[\w'-]+", text)):
+            ids = [] if word.startswith("[") else self.sp.encode(word)
+            if self.sp.unk_id() in ids or (ids and self.sp.id_to_piece(ids[0]) == "\u2581"):
+                out.append(word)
+        return out
+
 
 def base_tokenizer(sp_path: str | Path, base_tokens: list[str], t5_rows: int) -> Tokenizer:
     """The base's tokenizer: tokens the base already knows keep their ids and new ones follow them;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from model.config import ModelConfig, parse_size
@@ -139,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     for path, alpha, beta in concepts:
         print(add_concept_file(pipe, path, identity=alpha, motion=beta))
     check_prompt_tokens(pipe, args.prompt)
+    if words := pipe.tokenizer.unreadable_words(args.prompt):
+        print(f"setseq generate: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
+              "(unknown, or spelled out piece by piece): say it with words of the base's captions",
+              file=sys.stderr)
     print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}, "
           f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
     video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)

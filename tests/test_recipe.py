@@ -1,14 +1,12 @@
-"""A base's recipe (train/recipe.py): one source, resolution with provenance, unreadable prompt words."""
+"""A base's recipe (train/recipe.py): one source, resolution with provenance."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from model.tokenizer import Tokenizer
 from toyworld.experiment import ToyBudget, toy_prior_prompts
 from train.config import ConceptSpec, PersonalizeConfig
-from train.recipe import RECIPES, recipe, resolve, unreadable_words
-from weights.base import COMMITTED
+from train.recipe import RECIPES, recipe, resolve
 
 
 def test_tiny_recipe_prior_prompts_are_the_toy_worlds():
@@ -36,9 +34,3 @@ def test_each_setting_names_where_it_came_from():
                   {"lr": 1e-4, "rank": 32, "steps1": 600, "seed": 0})
     assert got == {"lr": (3.0, "flag"), "rank": (4, "TOML"), "steps1": (600, "base recipe"),
                    "seed": (0, "default")}
-
-
-def test_a_word_the_tiny_tokenizer_cannot_read_is_named():
-    tok = Tokenizer(COMMITTED["tiny"] / "tokenizer.model")
-    assert unreadable_words(tok, "a [v] square moves [u] on a gray background") == []
-    assert unreadable_words(tok, "a [v] sprite on a gray background") == ["sprite"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +110,9 @@ def test_directory_with_spiece_model(sp_model_path):
 
     tok = Tokenizer(Path(sp_model_path).parent)
     assert tok.path.name == "spiece.model"
+
+
+def test_a_word_the_tiny_tokenizer_cannot_read_is_named():
+    tok = Tokenizer(Path(__file__).resolve().parents[1] / "assets" / "tiny" / "tokenizer.model")
+    assert tok.unreadable_words("a [v] square moves [u] on a gray background") == []
+    assert tok.unreadable_words("a [v] sprite on a gray background") == ["sprite"]

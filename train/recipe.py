@@ -8,8 +8,6 @@ a command-line flag, the TOML file, the base's recipe, the default (`resolve`).
 
 from __future__ import annotations
 
-import re
-
 from lora.inject import DEFAULT_TARGETS
 
 # The DiT's output head of the tiny base: a (dim -> out_channels x patch) linear whose 128 inputs span
@@ -57,25 +55,11 @@ def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[
     return out
 
 
-def unreadable_words(tokenizer, text: str) -> list[str]:
-    """Words of `text` the base's tokenizer cannot read: unknown, or spelled out from a bare word start
-    ("sprite" -> "▁", "s", "p", ...: a word the base never saw, common with a small vocabulary).
-    Concept tokens ([v], [u2], ...) are skipped."""
-    out = []
-    for word in dict.fromkeys(re.findall(r"\[[^\]\s]+\]|[\w'-]+", text)):
-        ids = [] if word.startswith("[") else tokenizer.sp.encode(word)
-        if tokenizer.sp.unk_id() in ids or (ids and tokenizer.sp.id_to_piece(ids[0]) == "\u2581"):
-            out.append(word)
-    return out
-
-
-
 def config_unreadable_words(cfg, tokenizer) -> list[str]:
-    """unreadable_words of every text a run trains on: both stages of each concept and the prior."""
+    """Tokenizer.unreadable_words of every text a run trains on: both stages of each concept and the prior."""
     texts = [c.text(s) for c in cfg.concepts for s in (1, 2)]
     texts += list(cfg.prior_prompts) if cfg.prior_count else []
-    return list(dict.fromkeys(w for t in texts for w in unreadable_words(tokenizer, t)))
+    return list(dict.fromkeys(w for t in texts for w in tokenizer.unreadable_words(t)))
 
 
-__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "unreadable_words",
-           "config_unreadable_words"]
+__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "config_unreadable_words"]
