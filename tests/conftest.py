@@ -81,3 +81,13 @@ def clip_folder(tmp_path_factory):
          "do_center_crop": True, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD),
          "resample": 3, "image_processor_type": "CLIPImageProcessor"}))
     return path, model
+
+
+@pytest.fixture(scope="session")
+def toy_clip():
+    """A one-object toy clip (17 x 64 x 64) that moves."""
+    from toyworld.world import generate
+
+    clips = generate(40, seed=0)
+    moving = ("left", "right", "clockwise")
+    return next(c for c in clips if len(c.objects) == 1 and c.objects[0].motion in moving)
