@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from lora.inject import (
     remove_concept,
     set_scales,
 )
+from model.safetensors_header import sort_metadata
 
 FORMAT = "setseq-concept"
 VERSION = 1
@@ -147,6 +149,7 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        sort_metadata(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -162,6 +165,7 @@ def load_concept(path: str | os.PathLike) -> Concept:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    check_finite(tensors, str(path))
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a setseq concept file (metadata format={metadata.get('format')!r})")
     if int(metadata.get("version", -1)) != VERSION:
@@ -185,6 +189,15 @@ def load_concept(path: str | os.PathLike) -> Concept:
         raise ValueError(f"{path}: metadata says rank {metadata.get('rank')}, "
                          f"its tensors have rank {concept.rank}")
     return concept
+
+
+def check_finite(tensors: dict[str, Tensor], where: str) -> None:
+    """NaN or inf in a concept (a diverged run, a damaged file) would turn every video it touches black."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not (finite := torch.isfinite(t)).all():
+            bad = int((~finite).sum())
+            raise ValueError(f"{where}: tensor {key!r} holds {bad} non-finite values (NaN or inf) of "
+                             f"{t.numel()}; the concept is broken: train it again")
 
 
 def check_base(concept: Concept, base: BaseIdentity) -> None:

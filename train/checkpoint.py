@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from model.safetensors_header import sort_metadata
+
 _NAME = re.compile(r"^stage(\d)-step(\d{6})\.safetensors$")
 
 
@@ -136,6 +138,7 @@ def save_checkpoint(
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    sort_metadata(tmp)  # byte-identical files across processes
     with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
         os.fsync(f.fileno())
     os.replace(tmp, path)

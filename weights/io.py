@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model.safetensors_header import sort_metadata
+
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -192,7 +194,12 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torc
         flat[k] = v.clone() if ptr in seen and v.numel() else v  # safetensors refuses shared storage
         seen.add(ptr)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        save_file(flat, tmp, metadata=meta)
+        sort_metadata(tmp)
+
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
