@@ -55,7 +55,29 @@ def base_config(base: str | Path, random_weights: bool = False) -> ModelConfig:
 
 
 def pick_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device` (default CUDA when available), refused unless this machine has it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu or cuda (cuda:N for one GPU of several)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine's PyTorch ({torch.__version__}) sees "
+                         f"{torch.cuda.device_count()} CUDA GPUs; use --device cpu or another GPU")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtype:
+    """`dtype` (default bf16 on CUDA, else fp32); bf16 on the CPU is refused: only CUDA runs our sampling and
+    training under bf16 autocast, so on the CPU fp32 activations would meet bf16 weights."""
+    dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    if dev.type == "cpu" and dt != torch.float32:
+        raise ValueError(f"--dtype {dtype}: the CPU runs fp32 only (bf16 weights need CUDA's autocast); "
+                         "drop --dtype or pass --dtype fp32")
+    return dt
 
 
 def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -65,7 +87,7 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
     `seed` fixes random weights."""
     folder = base_source(base, random_weights)
     dev = pick_device(device)
-    dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    dt = pick_dtype(dtype, dev)
     if folder is None:
         models = random_models(PRESETS[str(base)], seed, dt, dev)
     else:
@@ -82,4 +104,4 @@ def _bundle(models: BaseModels, sp_path: str | Path | None, base: str) -> Base:
     return Base(models.cfg, models.dit, models.vae, models.t5, tok, name=models.cfg.name)
 
 
-__all__ = ["COMMITTED", "base_source", "base_config", "pick_device", "load_base"]
+__all__ = ["COMMITTED", "base_source", "base_config", "pick_device", "pick_dtype", "load_base"]
