@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
-from dataclasses import dataclass, fields
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from lora.inject import DEFAULT_TARGETS
@@ -197,9 +200,67 @@ def read_toml_config(path: str | None, base_keys: tuple[str, ...]) -> tuple[dict
     if unknown := sorted(set(values) - known):
         every = ", ".join(sorted(known | set(base_keys)))
         raise ValueError(f"{path}: unknown keys {unknown}; known keys are {every}")
-    allowed = sorted(f.name for f in fields(ConceptSpec))
-    for c in values.get("concepts", []):
-        if set(c) - set(allowed):
-            raise ValueError(f"concept entry has unknown keys {sorted(set(c) - set(allowed))}; "
-                             f"use {', '.join(allowed)}")
+    check_types({k: v for k, v in values.items() if k != "concepts"}, PersonalizeConfig, str(path))
+    check_concepts(values.get("concepts", []), str(path))
     return values, extra
+
+
+def check_concepts(concepts, where: str) -> None:
+    """[[concepts]] tables: known keys, the required ones present, each of its type."""
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+        raise ValueError(f"{where}: concepts = {concepts!r}: expected [[concepts]] tables")
+    allowed = sorted(f.name for f in fields(ConceptSpec))
+    required = [f.name for f in fields(ConceptSpec) if f.default is MISSING]
+    for i, c in enumerate(concepts, 1):
+        if set(c) - set(allowed):
+            raise ValueError(f"{where}: concept {i} has unknown keys {sorted(set(c) - set(allowed))}; "
+                             f"use {', '.join(allowed)}")
+        if missing := [k for k in required if k not in c]:
+            raise ValueError(f"{where}: concept {i} lacks {', '.join(missing)}; each [[concepts]] table "
+                             f"needs {' and '.join(required)}")
+        check_types(c, ConceptSpec, f"{where}: concept {i}")
+
+
+def check_types(values: dict, cls: type, where: str) -> None:
+    """Each value against the type of its dataclass field (TOML arrays stand for tuples): an error naming
+    the key, the value and the type expected, before a wrong type fails deep inside a run."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not fits(value, hints[key]):
+            raise ValueError(f"{where}: {key} = {value!r}: expected {describe(hints[key])}")
+
+
+def fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if args[-1] is Ellipsis:
+            return all(fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args, strict=True))
+    if origin is list:
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+_NAMES = {int: "integer", float: "finite number", str: "string", bool: "true or false", type(None): "none"}
+
+
+def describe(hint) -> str:
+    """'integer', 'list of 2 integers', 'finite number or none': a field's type in words."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(describe(a) for a in args if a is not type(None))
+    if origin is tuple and args[-1] is Ellipsis:
+        return f"list of {describe(args[0])}s"
+    if origin is tuple and len(set(args)) == 1:
+        return f"list of {len(args)} {describe(args[0])}s"
+    if origin is tuple:
+        return f"list [{', '.join(describe(a) for a in args)}]"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
