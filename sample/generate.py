@@ -85,14 +85,22 @@ def add_concept(pipe: Pipeline, concept: Concept, *, identity: float = 1.0, moti
     return adapter
 
 
-def add_concept_file(pipe: Pipeline, path: Path, *, identity: float = 1.0, motion: float = 1.0) -> str:
-    """Load a concept file and apply it (add_concept); returns a line describing it. A missing or bad file
-    raises an error that names it."""
+def read_concept_file(path: Path) -> Concept:
+    """load_concept, its errors naming the --concept file: read before any base weights load."""
     try:
-        concept = load_concept(path)
-        adapter = add_concept(pipe, concept, identity=identity, motion=motion)
+        return load_concept(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file") from None
+    except ValueError as err:
+        raise ValueError(f"--concept {str(path)!r}: {err}") from None
+
+
+def add_concept_file(pipe: Pipeline, path: Path, concept: Concept, *, identity: float = 1.0,
+                     motion: float = 1.0) -> str:
+    """Apply the concept read from `path` (add_concept); returns a line describing it. One that does not fit
+    the base raises an error that names the file."""
+    try:
+        adapter = add_concept(pipe, concept, identity=identity, motion=motion)
     except ValueError as err:
         raise ValueError(f"--concept {str(path)!r}: {err}") from None
     tokens = " ".join(concept.tokens) or "no tokens"

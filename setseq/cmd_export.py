@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from setseq.args import check_new_files, finite_float
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -29,8 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="comfyui: Wan's original names (diffusion_model.blocks.0.self_attn.q...); "
                         "diffusers: WanTransformer3DModel names (transformer.blocks.0.attn1.to_q...)")
-    p.add_argument("--identity", type=float, default=1.0, help="identity scale alpha baked in (default 1)")
-    p.add_argument("--motion", type=float, default=1.0, help="motion scale beta baked in (default 1)")
+    p.add_argument("--identity", type=finite_float, default=1.0,
+                   help="identity scale alpha baked in (default 1)")
+    p.add_argument("--motion", type=finite_float, default=1.0,
+                   help="motion scale beta baked in (default 1)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32",
                    help="tensor dtype of the file (default fp32)")
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
@@ -45,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    check_new_files([out], "--out", args.force)
     concepts = [load_concept(path) for path in args.concepts]
     state = save_lora(out, concepts, args.format, args.identity, args.motion, _DTYPES[args.dtype])
     modules = len(state) // 2

@@ -21,9 +21,14 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.config import ModelConfig, parse_size
+from setseq.args import check_new_files, finite_float, nonnegative_float, positive_float
 from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
+
+if TYPE_CHECKING:
+    from lora.concept import Concept
 
 _SCALES = re.compile(r"^(?P<path>.+?):(?P<alpha>[^:]+):(?P<beta>[^:]+)$")
 
@@ -43,16 +48,16 @@ def register(subparsers) -> None:
                    help='e.g. "A [v] man in a cap on the moon. He does [u] dancing."')
     p.add_argument("--negative-prompt", default="",
                    help="the unconditional prompt of guidance (default: empty)")
-    p.add_argument("--identity", type=float, default=1.0,
+    p.add_argument("--identity", type=finite_float, default=1.0,
                    help="identity scale alpha of every concept (default 1)")
-    p.add_argument("--motion", type=float, default=1.0,
+    p.add_argument("--motion", type=finite_float, default=1.0,
                    help="motion scale beta of every concept (default 1)")
     p.add_argument("--steps", type=int,
                    help="Euler steps (default: the base model's own, ModelConfig.sample_steps)")
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--guidance", type=nonnegative_float,
                    help="classifier-free guidance scale (default: the base model's own, "
                         "ModelConfig.guidance, e.g. 5 for Wan 2.1, 1 (off) for tiny; the paper samples at 8)")
-    p.add_argument("--shift", type=float, help="timestep shift (default: the base model's own)")
+    p.add_argument("--shift", type=positive_float, help="timestep shift (default: the base model's own)")
     p.add_argument("--no-self-cond", dest="self_cond", action="store_false", default=None,
                    help="do not feed back the x0 estimate (default: on when the base has self-conditioning)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same seed gives the same video)")
@@ -61,8 +66,10 @@ def register(subparsers) -> None:
     p.add_argument("--base-seed", type=int, default=0, help="init seed of --random-weights")
     p.add_argument("--frames", type=int, help="frames, 1 + k * the VAE's time compression (default per base)")
     p.add_argument("--size", help="HxW in pixels, e.g. 480x832 (default per base)")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written files (default 8)")
+    p.add_argument("--fps", type=positive_float, default=8.0,
+                   help="frame rate of the written files (default 8)")
     p.add_argument("--out", required=True, help="the mp4 to write; the gif (and png) go beside it")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
     p.add_argument("--reference", help="a video to compare with: first row of the sheet, FILE.metrics.json")
     p.add_argument("--clip", help="a local HF CLIP folder (e.g. clip-vit-large-patch14): adds CLIP-T to "
@@ -83,10 +90,10 @@ def parse_concept(text: str, identity: float, motion: float) -> tuple[Path, floa
     if m is None or Path(text).is_file():
         return Path(text), identity, motion
     try:
-        return Path(m["path"]), float(m["alpha"]), float(m["beta"])
-    except ValueError:
-        raise ValueError(f"--concept {text!r}: ALPHA and BETA must be numbers, e.g. dancer.safetensors:1:0.5"
-                         ) from None
+        return Path(m["path"]), finite_float(m["alpha"]), finite_float(m["beta"])
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--concept {text!r}: ALPHA and BETA must be finite numbers ({err}), "
+                         "e.g. dancer.safetensors:1:0.5") from None
 
 
 def shape_of(args: argparse.Namespace, base_cfg: ModelConfig) -> tuple[int, tuple[int, int]]:
@@ -98,10 +105,14 @@ def shape_of(args: argparse.Namespace, base_cfg: ModelConfig) -> tuple[int, tupl
     return frames, size
 
 
-def check_out(path: Path) -> None:
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"--out {str(path)!r} must name an .mp4 file "
+def check_out(args: argparse.Namespace) -> None:
+    """--out names an .mp4; it and every file written beside it is new, or --force replaces it."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {str(out)!r} must name an .mp4 file "
                          "(the .gif and .png are written beside it)")
+    suffixes = [".mp4", ".gif"] + [".png"] * args.contact_sheet + [".metrics.json"] * wants_scores(args)
+    check_new_files([out.with_suffix(s) for s in suffixes], "--out", args.force)
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -112,15 +123,23 @@ def load_pipeline(args: argparse.Namespace):
                                  random_weights=args.random_weights, seed=args.base_seed))
 
 
-def check_args(args: argparse.Namespace) -> list[tuple[Path, float, float]]:
-    """Every check that needs no weights; returns the concepts as (path, alpha, beta)."""
-    check_out(Path(args.out))
+def check_args(args: argparse.Namespace) -> list[tuple[Path, Concept, float, float]]:
+    """Every check that needs no base weights; returns the concepts read as (path, concept, alpha, beta)."""
+    from sample.generate import read_concept_file
+
+    check_out(args)
     concepts = [parse_concept(text, args.identity, args.motion) for text in args.concept]
-    for path, _, _ in concepts:
-        if not path.is_file():
-            raise FileNotFoundError(f"--concept {str(path)!r}: no such concept file")
     check_scorer_args(args)
-    return concepts
+    return [(path, read_concept_file(path), alpha, beta) for path, alpha, beta in concepts]
+
+
+def read_reference(args: argparse.Namespace, size: tuple[int, int]):
+    """The --reference video (3, T, H, W), or None: read before sampling, so a bad one costs nothing."""
+    if args.reference is None:
+        return None
+    from train.video import read_video
+
+    return read_video(args.reference, frames=None, size=size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,10 +154,11 @@ def run(args: argparse.Namespace) -> int:
     gen = GenerateConfig(frames=frames, size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
                          seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
+    reference = read_reference(args, size)
 
     pipe = load_pipeline(args)
-    for path, alpha, beta in concepts:
-        print(add_concept_file(pipe, path, identity=alpha, motion=beta))
+    for path, concept, alpha, beta in concepts:
+        print(add_concept_file(pipe, path, concept, identity=alpha, motion=beta))
     check_prompt_tokens(pipe, args.prompt)
     if words := pipe.tokenizer.unreadable_words(args.prompt):
         print(f"setseq generate: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
@@ -149,11 +169,6 @@ def run(args: argparse.Namespace) -> int:
     video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)
 
     out = Path(args.out)
-    reference = None
-    if args.reference is not None:
-        from train.video import read_video
-
-        reference = read_video(args.reference, frames=None, size=size)
     label = f"seed {args.seed}: {args.prompt}" if args.contact_sheet else None
     written = write_video_files(out, video, args.fps, sheet_label=label, reference=reference)
     if wants_scores(args):

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from model.config import parse_size
+from setseq.args import check_folder, check_new_files, nonnegative_float, positive_float
+from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import NonFiniteLoss, main
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
@@ -32,13 +34,13 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "steps2": (int, "stage-2 steps (paper: 900; 2k-2.5k for complex motion or several concepts)"),
     "batch_size": (int, "items per step, prior-preservation items included (paper: 8)"),
     "rank": (int, "LoRA rank (high rank + B-dropout, paper 3.4.2)"),
-    "lr": (float, "learning rate of the LoRA (paper: 1e-4, constant)"),
-    "token_lr": (float, "learning rate of the [v]/[u] embeddings (paper: 1e-5)"),
+    "lr": (positive_float, "learning rate of the LoRA (paper: 1e-4, constant)"),
+    "token_lr": (nonnegative_float, "learning rate of the [v]/[u] embeddings (paper: 1e-5)"),
     "prior_count": (int, "prior-preservation generations per stage (0 = off)"),
-    "prior_weight": (float, "weight of the prior-preservation loss"),
+    "prior_weight": (nonnegative_float, "weight of the prior-preservation loss"),
     "prior_per_batch": (int, "prior-preservation items of each batch"),
     "frames": (int, "clip length in frames, 1 + k * the VAE's time compression (default: fit the video)"),
-    "fps": (float, "resample the video to this frame rate (default: its own)"),
+    "fps": (positive_float, "resample the video to this frame rate (default: its own)"),
     "seed": (int, "random seed (the same seed gives the same concept, resumed or not)"),
     "checkpoint_every": (int, "steps between training checkpoints"),
     "preview_every": (int, "write a short preview gif every N steps (0 = never)"),
@@ -127,7 +129,26 @@ def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict, dic
         raise ValueError("no concept given: pass VIDEO --prompt 'a [v] ...' or a --config with [[concepts]]")
     if "out" not in values:
         raise ValueError("no --out given: name the concept file to write, e.g. --out dancer.safetensors")
-    return PersonalizeConfig(**values), extra, settings
+    cfg = PersonalizeConfig(**values)
+    check_paths(cfg)
+    return cfg, extra, settings
+
+
+def check_paths(cfg: PersonalizeConfig) -> None:
+    """A concept file to write and a work folder: refused now if they cannot be, not after the base loads
+    (an existing --out without --force is the training loop's to refuse)."""
+    if Path(cfg.out).suffix != ".safetensors":
+        raise ValueError(f"--out {cfg.out!r} must end in .safetensors (the concept file)")
+    check_new_files([Path(cfg.out)], "--out", force=True)
+    check_folder(cfg.work, "--work-dir")
+
+
+def note_fresh_resume(cfg: PersonalizeConfig) -> None:
+    """--resume with no checkpoint yet (a run killed before its first one) starts at step 0: say so."""
+    folder = cfg.work / "checkpoints"
+    if cfg.resume and not list_checkpoints(folder):
+        print(f"setseq personalize: note: --resume: no checkpoint in {str(folder)!r} yet; starting at step 0",
+              file=sys.stderr)
 
 
 def settings_lines(settings: dict) -> list[str]:
@@ -144,6 +165,7 @@ def warn_unreadable(cfg: PersonalizeConfig, tokenizer) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
     print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
+    note_fresh_resume(cfg)
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
                      seed=cfg.seed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from setseq.args import check_folder, nonnegative_float, positive_float, probability
 from toyworld.build_base import Evaluation, build_base
 from toyworld.pretrain import PretrainConfig
 
@@ -27,22 +28,22 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "bank_size": (int, "training clips encoded once for the DiT"),
     "dit_steps": (int, "DiT steps"),
     "batch": (int, "DiT batch"),
-    "lr": (float, "DiT peak learning rate (cosine)"),
-    "ema": (float, "EMA decay of the saved DiT"),
-    "self_cond_prob": (float, "self-conditioning probability in training"),
+    "lr": (positive_float, "DiT peak learning rate (cosine)"),
+    "ema": (probability, "EMA decay of the saved DiT"),
+    "self_cond_prob": (probability, "self-conditioning probability in training"),
     "time_dist": (str, "training time distribution: logit_normal or uniform"),
-    "time_shift": (float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none; "
+    "time_shift": (positive_float, "shift training times toward noise, t' = s t / (1 + (s - 1) t) (1 = none; "
                          "default: the preset's sampling shift)"),
     "head_hidden": (int, "width of an MLP beside the DiT's Linear head (trained alone after the DiT; "
                            "with it: --head-joint)"),
     "head_steps": (int, "steps of that head MLP (0 = leave it at its zero init)"),
-    "head_lr": (float, "the head MLP's peak learning rate (cosine)"),
+    "head_lr": (positive_float, "the head MLP's peak learning rate (cosine)"),
     "layout_steps": (int, "steps of the layout stage after the DiT (0 = none): the T5 gains an absolute "
                           "position and half of each batch trains near pure noise, where only the caption "
                           "places the objects"),
-    "layout_share": (float, "share of each layout-stage batch at times in (layout_t, 1)"),
-    "layout_t": (float, "lower end of those times"),
-    "layout_lr": (float, "the layout stage's peak learning rate (cosine)"),
+    "layout_share": (probability, "share of each layout-stage batch at times in (layout_t, 1)"),
+    "layout_t": (probability, "lower end of those times"),
+    "layout_lr": (positive_float, "the layout stage's peak learning rate (cosine)"),
     "checkpoint_every": (int, "steps between checkpoints"),
 }
 
@@ -59,7 +60,8 @@ def register(subparsers) -> None:
                    help="train the --head-hidden MLP with the DiT from step 0 instead of alone after it")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out prompts to evaluate (0 = none)")
     p.add_argument("--eval-steps", type=int, default=25, help="Euler steps per evaluation sample")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0], help="guidance scales")
+    p.add_argument("--guidance", type=nonnegative_float, nargs="+", default=[1.0, 3.0, 5.0],
+                   help="guidance scales")
     for dest, (kind, text) in _FLAGS.items():
         p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
     p.set_defaults(func=run)
@@ -78,7 +80,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     evaluation = Evaluation(args.eval_samples, args.eval_steps, tuple(args.guidance))
-    report = build_base(config_from_args(args), out, evaluation)
+    cfg = config_from_args(args)
+    check_folder(out, "--out")  # before hours of training, not at the save
+    check_folder(Path(cfg.work_dir), "--work-dir")
+    report = build_base(cfg, out, evaluation)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)")
     if report is not None:
         print((out / "report.md").read_text())

@@ -189,7 +189,7 @@ def test_concept_argument_with_scales():
     path = parse_concept("a.safetensors", 0, 0)[0]
     assert parse_concept("a.safetensors:0.5:0", 1.0, 1.0) == (path, 0.5, 0.0)
     assert parse_concept("a.safetensors", 0.3, 0.7)[1:] == (0.3, 0.7)
-    with pytest.raises(ValueError, match="must be numbers"):
+    with pytest.raises(ValueError, match="must be finite numbers"):
         parse_concept("a.safetensors:x:1", 1.0, 1.0)
 
 

@@ -1,0 +1,62 @@
+"""What every command checks the same way, before any weights load: numbers while parsing (argparse types
+that refuse nan, inf and values out of range) and output paths (never a folder where a file goes, never a
+file where a folder goes, never an existing output without --force). Not a command: shared wiring."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def _number(text: str, ok: Callable[[float], bool], want: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):  # float() reads 'nan' and 'inf': no flag means them
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {want}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, lambda v: True, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: v > 0, "a finite number > 0")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def probability(text: str) -> float:
+    return _number(text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is a file (nothing can be written below it)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    return parent if parent is not None and not parent.is_dir() else None
+
+
+def check_new_files(paths: Iterable[Path], flag: str, force: bool) -> None:
+    """Output files: not a folder, not below a file, not an existing file unless `force`."""
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{flag}: {str(path)!r} is a folder; name a file")
+        if (above := _file_above(path)) is not None:
+            raise ValueError(f"{flag}: {str(above)!r} is a file, so {str(path)!r} cannot be written")
+        if path.exists() and not force:
+            raise ValueError(f"{flag}: {str(path)!r} exists; pass --force to overwrite it, or choose another "
+                             f"{flag}")
+
+
+def check_folder(path: Path, flag: str) -> None:
+    """A folder a command creates or reuses: not an existing file, not below a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a file; name a folder")
+    if (above := _file_above(path)) is not None:
+        raise ValueError(f"{flag}: {str(above)!r} is a file, so folder {str(path)!r} cannot be made")
