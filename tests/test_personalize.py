@@ -25,7 +25,7 @@ from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, res
 from train.config import ConceptSpec, PersonalizeConfig
 from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
 from train.personalize import NonFiniteLoss
-from train.stage_data import StageData, batch_context, draw_batch
+from train.stage_data import StageData, batch_context, draw_batch, stage_prompts
 from train.step import loss_step
 from train.video import read_frames, read_video, write_video
 
@@ -270,7 +270,42 @@ def test_several_concepts_share_one_adapter(sp_model_path, tmp_path):
     concept = load_concept(cfg.out)
     assert set(concept.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
     assert concept.prompts["static.1"] == "a [v2] square."
-    assert len(list((cfg.work / "cache").glob("stitched-stage*"))) == 2  # one stitched pair per stage
+    assert len(list((cfg.work / "cache").glob("stitched-stage*"))) == 4  # both orders of the pair, per stage
+
+
+def test_stitched_pairs_come_in_both_orders_in_the_layouts_grammar(sp_model_path, tmp_path, video):
+    concepts = [ConceptSpec(video, "a [v1] square on a gray background", "moves [u1]", "[v1]", "[u1]",
+                            full_prompt="a [v1] square moves [u1] on a gray background"),
+                ConceptSpec(video, "a [v2] circle on a gray background", "moves [u2]", "[v2]", "[u2]",
+                            full_prompt="a [v2] circle moves [u2] on a gray background")]
+    cfg = config(tmp_path, video, concepts=concepts, stitch_prob=0.5, pair_layout="halves")
+    assert cfg.pair_plan() == [(0, 1), (1, 0)]
+    assert stage_prompts(cfg, 2)[1] == [
+        "a [v1] square moves [u1] and a [v2] circle moves [u2] on a gray background",
+        "a [v2] circle moves [u2] and a [v1] square moves [u1] on a gray background"]
+    assert stage_prompts(cfg, 1)[1][1] == "a [v2] circle and a [v1] square on a gray background"
+    alone = dataclasses.replace(cfg, stitch_prob=0.0)
+    assert alone.pair_plan() == [] and stage_prompts(alone, 2)[1] == []
+    with_ordinary = dataclasses.replace(cfg, concepts=concepts[:1], companion_prompts=(
+        "a red circle on a gray background | a red circle moves up on a gray background",))
+    assert with_ordinary.pair_plan() == [(0, 1), (1, 0)]  # the concept beside the base's object, both orders
+    assert stage_prompts(with_ordinary, 2)[1][0] == (
+        "a [v1] square moves [u1] and a red circle moves up on a gray background")
+
+
+def test_a_concept_trains_beside_the_bases_own_generation_of_an_ordinary_object(sp_model_path, tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, square_video(frames=9, size=32), fps=8)
+    concept = ConceptSpec(str(path), "a [v] square on a gray background", "moves [u]",
+                          full_prompt="a [v] square moves [u] on a gray background")
+    companion = "a red circle on a gray background | a red circle moves up on a gray background"
+    cfg = config(tmp_path, str(path), concepts=[concept], stitch_prob=1.0, pair_layout="halves",
+                 companion_prompts=(companion,), prior_count=0, steps1=2, steps2=2)
+    P.main(cfg, make_base(sp_model_path), sample_fn=sample_latents)
+    cache = cfg.work / "cache"
+    assert len(list(cache.glob("companions-*"))) == 1  # generated once by the base
+    assert len(list(cache.glob("stitched-stage*"))) == 4  # concept | object and object | concept, per stage
+    assert load_concept(cfg.out).train_config["companion_prompts"] == [companion]
 
 
 def test_a_stitched_prompt_that_truncates_a_token_is_refused_before_any_work(sp_model_path, tmp_path, video):
@@ -384,6 +419,63 @@ motion_prompt = "{MOTION}"
     assert "loss.tsv" in capsys.readouterr().out
     log = (tmp_path / "cli.work" / "loss.tsv").read_text().splitlines()
     assert log[0].startswith("stage\tstep\tloss") and len(log) == 3  # header + one row per stage
+
+
+def test_cli_toml_with_two_concepts_trains_side_by_side_on_a_small_wan_config(sp_model_path, tmp_path,
+                                                                               monkeypatch):
+    """The real-scale recipe: two concepts in one TOML, stitched side by side in natural language (Wan's
+    pair layout, the default), on a small random Wan-architecture base."""
+    wan = PRESETS["wan2.1-1.3b"]
+    cfg = dataclasses.replace(
+        wan, dit=dataclasses.replace(wan.dit, dim=24, heads=2, layers=2, ffn_dim=40, text_dim=32),
+        vae=dataclasses.replace(wan.vae, base_channels=8),
+        t5=dataclasses.replace(wan.t5, vocab_size=TINY.t5.vocab_size, dim=32, head_dim=8, heads=4, ffn_dim=48,
+                               layers=1, max_length=128))
+
+    def small_wan(base, **kwargs):
+        torch.manual_seed(0)
+        dit = DiT(cfg.dit)
+        torch.nn.init.normal_(dit.head.head.weight, std=0.05)
+        tokenizer = Tokenizer(sp_model_path, first_added_id=cfg.t5.vocab_size)
+        return Base(cfg, dit, VAE(cfg.vae), T5Encoder(cfg.t5), tokenizer, "wan-small-test")
+
+    monkeypatch.setattr("setseq.cmd_personalize.load_base", small_wan)
+    videos = []
+    for i, shift in enumerate((0, 6)):
+        path = tmp_path / f"v{i}.mp4"
+        write_video(path, square_video(frames=9, size=32).roll(shift, dims=2), fps=8)
+        videos.append(path)
+    toml = tmp_path / "two.toml"
+    toml.write_text(f'''base = "wan2.1-1.3b"
+random_weights = true
+out = "{tmp_path / 'two.safetensors'}"
+steps1 = 2
+steps2 = 2
+batch_size = 2
+rank = 2
+prior_count = 0
+stitch_prob = 1.0
+progress = false
+
+[[concepts]]
+video = "{videos[0]}"
+prompt = "A [v1] dancer on a bridge."
+motion_prompt = "She performs [u1] motion."
+token = "[v1]"
+motion_token = "[u1]"
+
+[[concepts]]
+video = "{videos[1]}"
+prompt = "A [v2] campfire on a beach."
+motion_prompt = "The flames move in [u2] motion."
+token = "[v2]"
+motion_token = "[u2]"
+''')
+    assert cli_main(["personalize", "--config", str(toml), "--device", "cpu"]) == 0
+    concept = load_concept(tmp_path / "two.safetensors")
+    assert set(concept.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
+    assert concept.train_config["pair_layout"] == "side_by_side"
+    assert len(list((tmp_path / "two.work" / "cache").glob("stitched-stage*"))) == 4  # both orders, 2 stages
 
 
 def test_compile_flag_compiles_the_blocks_after_the_lora_is_in(sp_model_path, tmp_path, video, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora.inject import DEFAULT_TARGETS
 
+from .pairs import PairLayout, ordered_pairs
 from .prior import DEFAULT_PROMPTS
 
 
@@ -78,7 +79,15 @@ class PersonalizeConfig:
     # Where stage 2 puts a concept's motion prompt: inside its static prompt, before the first occurrence of
     # this text (a base whose captions name the motion mid-sentence); "" = after it. A full_prompt wins.
     motion_before: str = ""
-    stitch_prob: float = 0.25  # with several concepts: chance a step is a side-by-side pair
+    stitch_prob: float = 0.25  # with several concepts: chance a step is a stitched pair
+    # How the base shows two objects (train/pairs.py): "side_by_side" (natural-language bases, Wan) or
+    # "halves" (the toy base's grammar and geometry); pair_fit: how a clip fits a half ("halves" only).
+    pair_layout: str = "side_by_side"
+    pair_fit: str = "crop"
+    # Ordinary objects beside the concept: "STATIC | FULL" prompts the BASE generates once (no adapter);
+    # each concept's clip is stitched beside each generation, both orders, with a two-object prompt, and
+    # drawn among the stitched pairs (stitch_prob), so the concept's tokens learn to stay on their object.
+    companion_prompts: tuple[str, ...] = ()
     frames: int | None = None  # clip length; None = the longest 1 + k * time_compression <= the video, max 81
     fps: float | None = None  # None = the video's own rate
     size: tuple[int, int] | None = None  # (H, W); None = the video's size cropped to a multiple
@@ -101,7 +110,7 @@ class PersonalizeConfig:
         self.concepts = [c if isinstance(c, ConceptSpec) else ConceptSpec(**c) for c in self.concepts]
         self.stages = tuple(sorted(set(self.stages)))
         self.targets, self.betas = tuple(self.targets), tuple(self.betas)
-        self.prior_prompts = tuple(self.prior_prompts)
+        self.prior_prompts, self.companion_prompts = tuple(self.prior_prompts), tuple(self.companion_prompts)
         if self.size is not None:
             self.size = tuple(self.size)
         self._place_motion_words()
@@ -135,6 +144,7 @@ class PersonalizeConfig:
         dup = sorted({t for t in tokens if tokens.count(t) > 1})
         require(not dup, f"tokens {dup} are used by more than one concept; give each concept its own, "
                          "e.g. token '[v1]' / motion_token '[u1]', '[v2]' / '[u2]'")
+        self.layout()  # a pair layout or fit that does not exist fails here
 
     @property
     def work(self) -> Path:
@@ -170,6 +180,22 @@ class PersonalizeConfig:
     def train_shift(self, sample_shift: float) -> float:
         """The flow-time shift of training: `time_shift`, else the base's sampling shift."""
         return sample_shift if self.time_shift is None else self.time_shift
+
+    def layout(self) -> PairLayout:
+        return PairLayout(self.pair_layout, self.pair_fit)
+
+    def stitches(self) -> bool:
+        """Whether the run trains on stitched pairs (two concepts, or companions; and stitch_prob > 0)."""
+        return self.stitch_prob > 0 and (len(self.concepts) > 1 or bool(self.companion_prompts))
+
+    def pair_plan(self) -> list[tuple[int, int]]:
+        """(left, right) sources of the stitched pairs: concepts are 0..n-1, companions n..n+m-1. Every
+        ordered pair of two concepts, and each concept beside each companion in both orders."""
+        if not self.stitches():
+            return []
+        n, m = len(self.concepts), len(self.companion_prompts)
+        beside = [p for i in range(n) for k in range(n, n + m) for p in ((i, k), (k, i))]
+        return ordered_pairs(n) + beside
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

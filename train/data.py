@@ -4,7 +4,7 @@ Everything expensive is computed once at setup and then only indexed in the loop
 
     video (C, T, H, W) ──VAE.encode──► stage 1: every frame alone, (N, C', 1, h, w)   "frame set"
                        ──VAE.encode──► stage 2: clips of `frames` frames, (N, C', T', h, w)
-    several concepts ──side by side──► stitched pairs, (N, C', T', h, 2w), a prompt naming both
+    two concepts ──train/pairs.py──► stitched pairs in the base's two-object layout, a prompt naming both
     prompt texts ──tokenizer──► ids, mask (P, L) ──T5 (no grad)──► context (P, L, D)
 
 A batch is a few indices: which latents, which prompt. `LatentCache` keeps encoded latents on
@@ -70,23 +70,6 @@ def clip_items(video: Tensor, frames: int) -> Tensor:
     return torch.stack([video[:, i * frames : (i + 1) * frames] for i in range(n)])
 
 
-def stitch(left: Tensor, right: Tensor) -> Tensor:
-    """Side by side along the width: (N, C, T, H, W) x2 -> (N, C, T, H, 2W), N = the shorter."""
-    n = min(left.shape[0], right.shape[0])
-    return torch.cat([left[:n], right[:n]], dim=-1)
-
-
-def stitched_prompt(left: str, right: str) -> str:
-    """The prompt of a side-by-side pair: each concept's prompt, placed."""
-    return f"On the left, {_lower_first(left)} On the right, {_lower_first(right)}"
-
-
-def _lower_first(text: str) -> str:
-    text = text.strip()
-    return text[:1].lower() + text[1:] if text[:1].isupper() and text[1:2].islower() else text
-
-
-@torch.no_grad()
 def encode_items(encode: Callable[[Tensor], Tensor], items: Tensor, batch: int = 4) -> Tensor:
     """Encode (N, C, T, H, W) videos in chunks of `batch`; returns (N, C', T', h, w) on the CPU."""
     return torch.cat([encode(items[i : i + batch]).float().cpu() for i in range(0, items.shape[0], batch)])

@@ -45,7 +45,15 @@ from .config import PersonalizeConfig
 from .data import LatentCache
 from .log import LossLog, write_preview
 from .resume import load_adapter_state, resume_point, save_stage_checkpoint, seed_everything, start_stage
-from .stage_data import StageData, build_stage_data, check_prompts, prior_latents, read_videos, stage_latents
+from .stage_data import (
+    StageData,
+    build_stage_data,
+    check_prompts,
+    companion_videos,
+    prior_latents,
+    read_videos,
+    stage_latents,
+)
 from .step import build_optimizer, loss_step, trained_params
 
 
@@ -69,7 +77,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
 
         # -- data: videos -> cached latents; prior preservation from the base model (no adapter) ---
         videos, frames = read_videos(cfg, base.config)
-        latents = {s: stage_latents(cfg, base, videos, frames, s, cache) for s in cfg.stages}
+        companions = companion_videos(cfg, base, frames, tuple(videos[0].shape[2:]), sample_fn, cache)
+        latents = {s: stage_latents(cfg, base, videos, frames, s, cache, companions) for s in cfg.stages}
         priors = prior_latents(cfg, base, latents, sample_fn, cache)
 
         # -- model: the adapter (one shared basis for every concept), restored when resuming -------

@@ -2,8 +2,10 @@
 
     stage 1   each video's frames, one 1-frame latent each, with the static prompt
     stage 2   each video's clips, with static + dynamic prompt
-    both      every pair of concepts side by side (stitched) with a joined prompt, and the prior
-              preservation set: the base model's own generations (train/prior.py)
+    both      stitched pairs in the base's two-object layout (train/pairs.py): every ordered pair of
+              concepts, and each concept beside the base's own generation of an ordinary object
+              (companions), with a prompt naming both; and the prior preservation set: the base
+              model's own generations (train/prior.py)
 
 Latents are encoded once and cached on disk, keyed by the VAE's weights; T5 outputs are cached in
 the prompt table, except for prompts holding a token the stage trains.
@@ -33,10 +35,8 @@ from .data import (
     encode_items,
     file_key,
     frame_items,
-    stitch,
-    stitched_prompt,
 )
-from .prior import PriorSet, prior_sets
+from .prior import PriorSet, generate_prior, prior_sets, split_prompt
 from .video import read_video
 
 # ------------------------------------------------------------------------------------------- videos
@@ -87,8 +87,9 @@ def _encode_latents(vae: nn.Module, items: Tensor) -> Tensor:
 
 
 def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], frames: int, stage: int,
-                  cache: LatentCache) -> tuple[list[Tensor], list[Tensor]]:
-    """VAE latents of each concept's items and of each stitched pair (computed once, cached on disk)."""
+                  cache: LatentCache, companions: list[Tensor] = ()) -> tuple[list[Tensor], list[Tensor]]:
+    """VAE latents of each concept's items and of each stitched pair (computed once, cached on disk);
+    companions: the base's generations stitched beside the concepts (pixels, see companion_videos)."""
     key = {"vae": _weights_digest(base.vae), "base": base.name, "stage": stage, "frames": frames,
            "fps": cfg.fps, "size": list(videos[0].shape[2:]), "clips": cfg.text_stage(stage) == 2}
 
@@ -100,11 +101,40 @@ def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], fram
 
     singles = [encoded(f"latents-stage{stage}", {"video": file_key(c.video)}, lambda v=v: items(v))
                for c, v in zip(cfg.concepts, videos, strict=True)]
-    pairs = [encoded(f"stitched-stage{stage}",
-                     {"pair": [file_key(cfg.concepts[i].video), file_key(cfg.concepts[j].video)]},
-                     lambda i=i, j=j: stitch(items(videos[i]), items(videos[j])))
-             for i, j in concept_pairs(len(videos))]
+    layout, sources = cfg.layout(), [*videos, *companions]
+    names = [file_key(c.video) for c in cfg.concepts] + [
+        {"companion": p, "sum": float(v.double().sum())}
+        for p, v in zip(cfg.companion_prompts, companions, strict=True)]
+    pairs = [encoded(f"stitched-stage{stage}", {"pair": [names[i], names[j]],
+                                                "layout": [layout.name, layout.fit]},
+                     lambda i=i, j=j: items(layout.video(sources[i], sources[j])))
+             for i, j in cfg.pair_plan()]
     return singles, pairs
+
+
+def companion_videos(cfg: PersonalizeConfig, base: Base, frames: int, size: tuple[int, int],
+                     sample_fn: Callable[..., Tensor], cache: LatentCache) -> list[Tensor]:
+    """The base's own generations (no adapter) of the companion prompts' full parts, decoded:
+    (C, frames, H, W) each in [-1, 1]; none without companions. Call before any adapter is injected."""
+    if not (cfg.companion_prompts and cfg.stitches()):
+        return []
+    require(sample_fn is not None, "companion prompts need a sampler (sample_fn)")
+    shape = base.config.latent_shape(frames, size)
+    texts = [split_prompt(p)[1] for p in cfg.companion_prompts]
+    key = {"dit": _weights_digest(base.dit), "vae": _weights_digest(base.vae), "base": base.name,
+           "texts": texts, "shape": list(shape), "seed": cfg.seed, "steps": cfg.prior_steps}
+
+    @torch.no_grad()
+    def compute() -> dict[str, Tensor]:
+        z = generate_prior(base.dit, _encoder(base), sample_fn, texts, shape,
+                           steps=cfg.prior_steps or base.config.sample_steps, guidance=base.config.guidance,
+                           shift=base.config.sample_shift, seed=cfg.seed + 7)
+        weight = next(base.vae.parameters())
+        pixels = [base.vae.decode(z[i : i + 1].to(weight.device, weight.dtype), chunk="auto")[0].float().cpu()
+                  for i in range(len(z))]
+        return {"videos": torch.stack(pixels).clamp(-1, 1)}
+
+    return list(cache.get("companions", key, compute)["videos"])
 
 
 def prior_latents(cfg: PersonalizeConfig, base: Base, latents: dict[int, tuple[list[Tensor], list[Tensor]]],
@@ -135,15 +165,12 @@ def _encoder(base: Base) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def concept_pairs(n: int) -> list[tuple[int, int]]:
-    """Every pair of concepts (i < j), in the order of the stitched latents and prompts."""
-    return [(i, j) for i in range(n) for j in range(i + 1, n)]
-
-
 def stage_prompts(cfg: PersonalizeConfig, stage: int) -> tuple[list[str], list[str]]:
-    """Each concept's prompt in `stage`, and the stitched prompt of each pair (in `concept_pairs` order)."""
+    """Each concept's prompt in `stage`, and the stitched prompt of each pair (in `cfg.pair_plan` order)."""
     texts = [c.text(cfg.text_stage(stage)) for c in cfg.concepts]
-    return texts, [stitched_prompt(texts[i], texts[j]) for i, j in concept_pairs(len(texts))]
+    part = 0 if cfg.text_stage(stage) == 1 else 1  # a companion's static part in stage 1, all of it in 2
+    sources = texts + [split_prompt(p)[part] for p in cfg.companion_prompts]
+    return texts, [cfg.layout().prompt(sources[i], sources[j]) for i, j in cfg.pair_plan()]
 
 
 def check_prompts(cfg: PersonalizeConfig, base: Base) -> None:
@@ -155,16 +182,16 @@ def check_prompts(cfg: PersonalizeConfig, base: Base) -> None:
         if 2 in cfg.stages or cfg.single_stage:
             what = f"concept {i + 1} motion prompt" if len(cfg.concepts) > 1 else "--motion-prompt"
             check_prompt(c.text(2), c.motion_token, what, base.tokenizer, length)
-    if len(cfg.concepts) > 1 and cfg.stitch_prob > 0:
+    if cfg.stitches():
         _check_stitched_prompts(cfg, base)
 
 
 def _check_stitched_prompts(cfg: PersonalizeConfig, base: Base) -> None:
     """A stitched pair's prompt must hold both concepts' tokens (truncation could drop the second's)."""
     for stage in cfg.stages:
-        for (i, j), pair in zip(concept_pairs(len(cfg.concepts)), stage_prompts(cfg, stage)[1], strict=True):
+        for (i, j), pair in zip(cfg.pair_plan(), stage_prompts(cfg, stage)[1], strict=True):
             what = f"the stitched prompt of concepts {i + 1} and {j + 1} (stitch_prob > 0)"
-            for c in (cfg.concepts[i], cfg.concepts[j]):
+            for c in (cfg.concepts[k] for k in (i, j) if k < len(cfg.concepts)):
                 for token in (c.token, c.motion_token) if cfg.text_stage(stage) == 2 else (c.token,):
                     check_prompt(pair, token, what, base.tokenizer, base.config.t5.max_length)
 
