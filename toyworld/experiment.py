@@ -86,6 +86,8 @@ class ToyBudget:
     guidance: float | None = 1.0
     prior_steps: int | None = None
     targets: tuple[str, ...] = TOY_TARGETS  # LoRA targets of every LoRA row (HEAD_TARGET: why the head)
+    pair_layout: str = TINY["pair_layout"]  # stitched pairs in the world's two-object layout (train/pairs.py)
+    pair_fit: str = "crop"
 
     def __post_init__(self) -> None:
         for name in ("steps1", "steps2", "rank", "batch_size", "samples"):
@@ -355,6 +357,8 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         prior_weight=budget.prior_weight,
         prior_prompts=toy_prior_prompts(budget.prior_count, pairs=budget.prior_pairs),
         prior_steps=budget.prior_steps,
+        pair_layout=budget.pair_layout,
+        pair_fit=budget.pair_fit,
         checkpoint_every=10**9,
         keep_checkpoints=1,
         log_every=25,

@@ -38,6 +38,10 @@ RECIPES: dict[str, dict] = {
         prior_per_batch=2, prior_weight=0.25, targets=(*DEFAULT_TARGETS, HEAD_TARGET),
         prior_prompts=TOY_PRIOR_PROMPTS,
         motion_before=" on a ",  # stage 2 in the world's caption order: "a [v] square moves [u] on a ..."
+        # Stitched pairs as the world lays out two objects: one 64x64 frame, the first-named concept in the
+        # left half, in the world's two-object caption; side by side at 64x128 with "On the left, ..."
+        # (Wan's form) the second slot never read the learned tokens (`setseq bench compose`).
+        pair_layout="halves",
     ),
 }
 
