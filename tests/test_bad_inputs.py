@@ -54,6 +54,10 @@ ROWS = [
     ("convert-not-a-release", ["convert", "--from", "wan", "adir", "--out", "o"], "adir"),
     ("convert-pickle-with-code", ["convert", "--from", "wan", "release", "--out", "o", "--parts", "t5"],
      "models_t5_umt5-xxl-enc-bf16.pth"),
+    ("convert-out-not-empty", ["convert", "--from", "wan", "release", "--out", "adir", "--parts", "t5"],
+     "adir"),
+    ("convert-out-a-file", ["convert", "--from", "wan", "release", "--out", "notes.txt", "--parts", "t5"],
+     "notes.txt"),
     ("convert-unknown-layout", ["convert", "--from", "nope", "adir", "--out", "o"], "'nope'"),
     # personalize: numbers, paths, TOML types, inputs
     ("personalize-lr-nan", [*PERS, "--out", "p.safetensors", "--lr", "nan"], "'nan'"),
