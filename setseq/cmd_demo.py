@@ -12,7 +12,7 @@ from pathlib import Path
 
 from toyworld import demo
 
-BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs")  # flags that set ToyBudget fields
+BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs", "companions")  # flags that set ToyBudget fields
 
 
 def register(subparsers) -> None:
@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")
+    p.add_argument("--companions", type=int,
+                   help="ordinary objects the base generates to stitch beside the concept, in the toy base's "
+                   "two-object layout (default 0; never red, the edit's colour)")
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )

@@ -87,7 +87,12 @@ class ToyBudget:
     prior_steps: int | None = None
     targets: tuple[str, ...] = TOY_TARGETS  # LoRA targets of every LoRA row (HEAD_TARGET: why the head)
     pair_layout: str = TINY["pair_layout"]  # stitched pairs in the world's two-object layout (train/pairs.py)
-    pair_fit: str = "crop"
+    pair_fit: str = "crop"  # how a clip fits its half of a stitched pair
+    # Ordinary objects the base generates beside the concept (PersonalizeConfig.companion_prompts): the
+    # concept's clip stitched beside each in the two-object layout, on stitch_prob of the steps. Off: on
+    # the demo (two seeds) 8 companions + 4 two-object priors made the added object 4/8 (0/8 without)
+    # but lowered the worst reconstruction and background-edit frames (docs/results.md).
+    companions: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps1", "steps2", "rank", "batch_size", "samples"):
@@ -154,6 +159,19 @@ def toy_prior_prompts(n: int = 8, seed: int = 0, pairs: int = 0) -> tuple[str, .
         static = " and ".join(f"a {c} {s}" for c, s, _ in objs)
         out.append(f"{static} on a {bg} background | {caption_of(bg, objs)}")
     return tuple(out)
+
+
+def toy_companion_prompts(spec: ToyConcept, n: int, seed: int = 1, exclude: tuple[str, ...] = (EXTRA[0],)
+                          ) -> tuple[str, ...]:
+    """n ordinary objects on the concept's background, "STATIC | FULL" ('a cyan circle on a black
+    background | a cyan circle moves left on a black background'): every colour not in `exclude` in turn
+    (by default the edit's red: the edit must not be what the concept trained beside), shape and motion
+    drawn."""
+    rng = np.random.default_rng(seed)
+    cols = [c for c in COLOURS if c not in exclude]
+    objs = [(cols[i % len(cols)], *moving_object(rng, cols)[1:]) for i in range(n)]
+    bg = spec.background
+    return tuple(f"a {c} {s} on a {bg} background | {caption_of(bg, [(c, s, m)])}" for c, s, m in objs)
 
 
 def toy_captions(pairs: int = 500) -> list[str]:
@@ -323,8 +341,9 @@ def personalize(
     concept = ConceptSpec(
         video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]", full_prompt=full_prompt(spec)
     )
+    companions = toy_companion_prompts(spec, budget.companions) if budget.companions else ()
     seconds = train_concepts(base, [concept], variant, budget, out, folder / f"{variant.key}.work",
-                             name=spec.name, seed=seed, progress=progress)
+                             name=spec.name, seed=seed, progress=progress, companion_prompts=companions)
     return out, seconds
 
 
@@ -365,8 +384,8 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         force=True,
         progress=progress,
         device=base.device,
-        **extra,
     )
+    values.update(extra)
     values.update(variant.overrides)
     if values["prior_count"] == 0:
         values["prior_per_batch"] = 0
@@ -481,8 +500,9 @@ SAMPLING_FIELDS = ("samples", "sample_steps", "guidance")
 
 
 # What a field's absence from a saved record means, where that is not the field's default: records
-# written before `targets` existed trained the paper's targets, without the head.
-ABSENT_MEANS = {"targets": list(DEFAULT_TARGETS)}
+# written before `targets` existed trained the paper's targets, without the head; before `pair_layout`,
+# stitched pairs side by side.
+ABSENT_MEANS = {"targets": list(DEFAULT_TARGETS), "pair_layout": "side_by_side"}
 
 
 def saved_budget(values: dict) -> dict:
