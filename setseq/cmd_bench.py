@@ -23,7 +23,8 @@ from toyworld import bench
 from toyworld import experiment as X
 
 BUDGET_FLAGS = (  # flags that set ToyBudget fields
-    "samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "guidance", "sample_steps",
+    "samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "companions", "guidance",
+    "sample_steps",
 )
 
 
@@ -46,10 +47,13 @@ def register(subparsers) -> None:
         "(default 3)",
     )
     p.add_argument("--pair", help="compose: two concepts A,B (names or TOML files; default the first two "
-                   "of examples/concepts)")
+                   "of examples/concepts); several 'A,B;C,D' or 'all' (every pair of the shipped concepts) "
+                   "run each into OUT/A+B/ and pool the goals in OUT/compose-all.md")
     p.add_argument("--seeds", type=int, help="training seeds per concept (default: toyworld 2, compose 1)")
     p.add_argument("--variants", help=f"comma-separated rows (default {','.join(X.variants(X.ToyBudget()))}; "
-                   f"also {','.join(X.extra_variants(X.ToyBudget()))})")
+                   f"also {','.join(X.extra_variants(X.ToyBudget()))}); compose: methods (default "
+                   "joint+stitch,joint,post-hoc; also joint+stitch-sbs, joint+stitch-squeeze, "
+                   "joint+stitch-scale)")
     p.add_argument("--samples", type=int, help="generations per prompt (default 4, compose 2; quick 1)")
     p.add_argument(
         "--steps1", type=int, help="stage-1 steps (default 600, compose 200 per concept; single-stage rows "
@@ -61,6 +65,8 @@ def register(subparsers) -> None:
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
     p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")
+    p.add_argument("--companions", type=int,
+                   help="ordinary objects the base generates to stitch beside each concept (default 0)")
     p.add_argument("--guidance", type=float,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
                    "the tiny base's default before); a toyworld rerun that changes only --guidance, "

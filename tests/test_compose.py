@@ -14,6 +14,7 @@ import pytest
 from lora.concept import load_concept as load_concept_file
 from setseq.cli import main as cli_main
 from toyworld import compose as C
+from toyworld.compose_protocol import protocol_summary
 from toyworld.concepts import load_concept
 from toyworld.world import ToyWorldConfig, caption_of
 
@@ -104,7 +105,8 @@ def test_quick_bench_writes_every_methods_rows(smoke):
     assert data["pair"] == [A, B]
     for m in C.METHODS:
         jobs = data["table"]["rows"][m.key]
-        want = {"compose", "alone_a", "alone_b"} | ({"single_a", "single_b"} if not m.joint else set())
+        want = {"compose", "compose_ba", "alone_a", "alone_b"}
+        want |= {"single_a", "single_b"} if not m.joint else set()
         assert set(jobs) == want
         for key in ("a_id_crop", "a_id_crop_other", "a_crop_margin", "b_motion", "sides_right"):
             assert jobs["compose"][key]["n"] == C.QUICK.samples
@@ -121,6 +123,7 @@ def test_methods_train_what_they_say(smoke):
     plain = load_concept_file(work / "joint-s0" / "joint.safetensors")
     assert set(stitched.tokens) == set(plain.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
     assert stitched.train_config["stitch_prob"] == C.STITCH_PROB and plain.train_config["stitch_prob"] == 0
+    assert stitched.train_config["pair_layout"] == "halves"  # the tiny base's own two-object layout
     # same seed and data: only the stitched pairs drawn can make them differ
     assert any(not np.array_equal(stitched.lora[k].numpy(), plain.lora[k].numpy()) for k in plain.lora)
     assert stitched.train_config["steps2"] == 2 * C.QUICK.steps2  # joint: one run's steps per concept
@@ -145,3 +148,27 @@ def test_pair_is_validated_with_a_clear_error(tmp_path, capsys, text, named):
     err = capsys.readouterr().err
     assert named in err and "stripes_stutter" in err  # names the shipped choices
     assert not (tmp_path / "runs").exists()
+
+
+def test_swapped_order_reads_concept_a_in_the_right_half(pair):
+    a, b, (ref_a, ref_b) = pair
+    s = C.score_composition(C.render_pair(b, a, WORLD), ref_a, ref_b, swapped=True)  # B left, A right
+    assert s["a_crop_margin"] > 0.5 and s["b_crop_margin"] > 0.5 and s["sides_right"] == 1.0
+    assert C.composition_prompt(a, b, swapped=True).startswith("a [v2] circle moves [u2] and a [v1] square")
+
+
+def test_every_shipped_pair_and_the_pooled_goals():
+    assert C.pick_pairs("all") == [(A, B), (A, "stripes_stutter"), (B, "stripes_stutter")]
+    good = {"a_crop_margin": 0.5, "b_crop_margin": 0.4, "a_colour_margin": 0.1, "b_colour_margin": 0.1,
+            "a_motion": 0.9, "b_motion": 0.85}
+    bad = {**good, "b_crop_margin": -0.2}
+    rec = {"method": "joint+stitch", "scores": {"compose": [good] * 4, "compose_ba": [good] * 3 + [bad]}}
+    s = protocol_summary({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}})["joint+stitch"]
+    assert s["n"] == 8 and s["both_right"] == {"compose": 1.0, "compose_ba": 0.75}
+    assert not s["goal_margins"] and s["goal_motion"]  # 75% in one order misses the 80% goal
+
+
+def test_compose_methods_are_validated_with_a_clear_error():
+    assert [m.key for m in C.pick_methods("joint,joint+stitch-sbs")] == ["joint", "joint+stitch-sbs"]
+    with pytest.raises(ValueError, match="joint\\+stitch-squeeze"):
+        C.pick_methods("joint,nope")

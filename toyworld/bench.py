@@ -33,7 +33,8 @@ SUITES = ("toyworld", "compose")
 class BenchSettings:
     """What a bench runs. None: the suite's default (seeds: toyworld 2, compose 1; out: runs/bench,
     runs/bench-compose); `budget`: the ToyBudget fields that change the suite's (or, with quick, the
-    smoke) budget. concepts, variants, shard and clip are toyworld's; pair is compose's."""
+    smoke) budget. concepts and clip are toyworld's; pair is compose's; variants are either suite's rows
+    (compose: its methods)."""
 
     suite: str = "toyworld"
     base: str | None = None
@@ -64,9 +65,7 @@ class BenchSettings:
     def check_compose(self) -> None:
         if self.clip is not None:
             raise ValueError("--clip belongs to `bench toyworld` (compose has no C-T column)")
-        given = {"concepts": self.concepts != "3", "variants": self.variants is not None,
-                 "shard": self.shard is not None}
-        unused = [f"--{k}" for k, v in given.items() if v]
+        unused = ["--concepts"] if self.concepts != "3" else []
         if unused:
             raise ValueError(f"{', '.join(unused)} belong to `bench toyworld`; compose takes --pair")
 

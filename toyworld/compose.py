@@ -81,13 +81,38 @@ class Method:
     label: str
     joint: bool  # one run for both concepts (else two single runs mixed at generation)
     stitch_prob: float = 0.0
+    layout: str | None = None  # stitched pairs' layout (train/pairs.py); None = the base's (the budget's)
+    fit: str = "crop"  # how each clip fits its half
 
 
 METHODS = (
-    Method("joint+stitch", f"joint, stitched pairs (p {STITCH_PROB:g})", True, STITCH_PROB),
+    Method("joint+stitch", f"joint, stitched pairs in the base's layout (p {STITCH_PROB:g})", True,
+           STITCH_PROB),
     Method("joint", "joint, no stitched pairs", True, 0.0),
     Method("post-hoc", "post-hoc mix of two single runs", False),
 )
+# Run when named (--variants): the other stitching geometries, measured against the default's crop.
+EXTRA_METHODS = (
+    Method("joint+stitch-sbs", f"joint, side-by-side 64x128 pairs, 'On the left, ...' (p {STITCH_PROB:g})",
+           True, STITCH_PROB, layout="side_by_side"),
+    Method("joint+stitch-squeeze", f"joint, pairs squeezed into halves (p {STITCH_PROB:g})", True,
+           STITCH_PROB, fit="squeeze"),
+    Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
+           STITCH_PROB, fit="scale"),
+)
+
+
+def pick_methods(text: str | None) -> tuple[Method, ...]:
+    """--variants for compose: method keys, comma-separated (default METHODS)."""
+    if text is None:
+        return METHODS
+    table = {m.key: m for m in METHODS + EXTRA_METHODS}
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in table]
+    if unknown or not keys:
+        raise ValueError(f"--variants {text!r}: unknown {unknown or 'empty'}; compose methods: "
+                         f"{', '.join(table)}")
+    return tuple(table[k] for k in keys)
 
 
 def pick_pair(text: str | None) -> tuple[str, str]:
@@ -108,6 +133,14 @@ def pick_pair(text: str | None) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def pick_pairs(text: str | None) -> list[tuple[str, str]]:
+    """'all' (every unordered pair of the shipped concepts), 'a,b;c,d', or one 'a,b' (pick_pair)."""
+    if text == "all":
+        names = list_concepts()
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    return [pick_pair(p) for p in (text.split(";") if text else [None])]
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 
@@ -116,9 +149,12 @@ def with_tokens(prompt: str, k: int) -> str:
     return prompt.replace("[v]", TOKENS[k][0]).replace("[u]", TOKENS[k][1])
 
 
-def composition_prompt(a: ToyConcept, b: ToyConcept) -> str:
-    """The world's two-object caption with concept tokens: A named first (left half), B second (right)."""
+def composition_prompt(a: ToyConcept, b: ToyConcept, swapped: bool = False) -> str:
+    """The world's two-object caption with concept tokens: A named first (left half), B second (right);
+    swapped: B first (left), A second, on B's background (a stitched pair keeps its left clip's)."""
     (v1, u1), (v2, u2) = TOKENS
+    if swapped:
+        return f"a {v2} {b.shape} moves {u2} and a {v1} {a.shape} moves {u1} on a {b.background} background"
     return f"a {v1} {a.shape} moves {u1} and a {v2} {b.shape} moves {u2} on a {a.background} background"
 
 
@@ -218,11 +254,14 @@ def object_scores(frames: np.ndarray, mask: np.ndarray, own: Reference, other: R
     return out
 
 
-def score_composition(video, ref_a: Reference, ref_b: Reference) -> dict[str, float]:
+def score_composition(video, ref_a: Reference, ref_b: Reference, swapped: bool = False) -> dict[str, float]:
     """A two-concept video: the left half's object against A (own) and B (other), the right half's
-    against B (own) and A (other). Keys 'a_*' (left), 'b_*' (right), 'sides_right'."""
+    against B (own) and A (other); swapped (B asked for on the left): A is read in the right half.
+    Keys 'a_*' (concept A's half), 'b_*' (B's), 'sides_right'."""
     frames = np.clip(np.round(ins.as_frames(video)), 0, 255)
     left, right = ins.object_masks(frames, 2)
+    if swapped:
+        left, right = right, left
     out = {f"a_{k}": v for k, v in object_scores(frames, left, ref_a, ref_b).items()}
     out.update({f"b_{k}": v for k, v in object_scores(frames, right, ref_b, ref_a).items()})
     out["sides_right"] = float(out["a_crop_margin"] > 0 and out["b_crop_margin"] > 0)
@@ -253,7 +292,8 @@ def widen_context(base: X.ToyBase) -> X.ToyBase:
 
 
 def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.ToyBudget, out: Path,
-          work: Path, *, seed: int, stitch_prob: float, progress: bool) -> float:
+          work: Path, *, seed: int, stitch_prob: float, progress: bool, layout: str | None = None,
+          fit: str = "crop") -> float:
     """One personalization run (variant `ours`) of one or several concepts into one concept file;
     specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
     Returns the training seconds."""
@@ -265,7 +305,7 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
                 for k, spec, video in specs]
     return X.train_concepts(base, concepts, X.variants(budget)["ours"], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
-                            stitch_prob=stitch_prob)
+                            stitch_prob=stitch_prob, pair_layout=layout or budget.pair_layout, pair_fit=fit)
 
 
 def pipeline_with(base: X.ToyBase, files: list[Path]):
@@ -306,6 +346,8 @@ class Pair:
     def jobs(self, samples: tuple[int, ...]) -> dict[str, X.Job]:
         return {
             "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples),
+            "compose_ba": X.Job("compose_ba", composition_prompt(self.a, self.b, swapped=True),
+                                seeds=samples),
             "alone_a": X.Job("alone_a", with_tokens(X.full_prompt(self.a), 0), seeds=samples),
             "alone_b": X.Job("alone_b", with_tokens(X.full_prompt(self.b), 1), seeds=samples),
         }
@@ -322,8 +364,8 @@ def scorer(pair: Pair):
     ref_a, ref_b = pair.refs()
 
     def score(job: X.Job, videos) -> list[dict[str, float]]:
-        if job.name.endswith("compose"):
-            return [score_composition(v, ref_a, ref_b) for v in videos]
+        if job.name.startswith("compose"):
+            return [score_composition(v, ref_a, ref_b, swapped=job.name.endswith("_ba")) for v in videos]
         own, other = (ref_a, ref_b) if job.name.endswith("_a") else (ref_b, ref_a)
         return [score_alone(v, own, other) for v in videos]
 
@@ -346,7 +388,8 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
     if method.joint:
         files = [work / "joint.safetensors"]
         seconds = {"joint": train(base, specs, budget, files[0], work / "joint.work", seed=seed,
-                                  stitch_prob=method.stitch_prob, progress=progress)}
+                                  stitch_prob=method.stitch_prob, progress=progress, layout=method.layout,
+                                  fit=method.fit)}
     else:
         files, seconds = [], {}
         for k, spec, video in specs:
@@ -365,6 +408,7 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
             firsts.update(v)
     record = {
         "method": method.key, "label": method.label, "seed": seed, "stitch_prob": method.stitch_prob,
+        "layout": method.layout or budget.pair_layout, "fit": method.fit,
         "train_seconds": sum(seconds.values()), "train_seconds_per_run": seconds,
         "generate_seconds": time.perf_counter() - t0, "prompts": {k: j.prompt for k, j in jobs.items()},
         "scores": scores, "concept_files": [str(f) for f in files],
@@ -383,6 +427,7 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
     samples = X.seeds(budget.samples, offset=10_000)
     jobs = {
         "compose": X.Job("compose", caption_of(pair.a.background, [wa, wb]), seeds=samples),
+        "compose_ba": X.Job("compose_ba", caption_of(pair.b.background, [wb, wa]), seeds=samples),
         "alone_a": X.Job("alone_a", caption_of(pair.a.background, [wa]), seeds=samples),
         "alone_b": X.Job("alone_b", caption_of(pair.b.background, [wb]), seeds=samples),
     }
@@ -394,6 +439,7 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
         "words": scores, "words_prompts": {k: j.prompt for k, j in jobs.items()},
         "target": score_composition(target, ref_a, ref_b),
         "target_vae": score_composition(roundtrip, ref_a, ref_b),
+        "target_ba": score_composition(render_pair(pair.b, pair.a, pair.world), ref_a, ref_b, swapped=True),
         "reference_a": score_alone(pair.ref_a, ref_a, ref_b),
         "reference_b": score_alone(pair.ref_b, ref_b, ref_a),
         "flat_colour_a": flat_colour_floor(ref_a.frames, ref_a.mask),
@@ -405,5 +451,6 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
     return out, firsts
 
 
-__all__ = ["METHODS", "COMPOSE", "QUICK", "TOKENS", "pick_pair", "composition_prompt", "render_pair",
+__all__ = ["METHODS", "EXTRA_METHODS", "pick_methods", "COMPOSE", "QUICK", "TOKENS", "pick_pair",
+           "pick_pairs", "composition_prompt", "render_pair",
            "motion_match", "Reference", "score_composition", "score_alone", "run_method", "floors"]

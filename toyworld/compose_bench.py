@@ -65,47 +65,64 @@ class ComposeBench:
         return keyed(C.floors(self.base, self.pair, self.budget), self.key)
 
     def planned(self, method: C.Method, seed: int) -> Planned:
-        name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed}
+        name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed, "method": dataclasses.asdict(method)}
         return Planned(name, key_fits(key), lambda _: keyed(self.make_run(name, method, seed), key))
 
     def make_run(self, name: str, method: C.Method, seed: int) -> tuple[dict, dict]:
         work = self.out / "work" / name
         record, firsts = C.run_method(self.base, method, self.pair, self.budget, work, seed, self.progress)
-        c = pooled([record], "compose")
-        print(f"  {name}: crop own − other {c['a_crop_margin']['mean']:.3g} (left) / "
-              f"{c['b_crop_margin']['mean']:.3g} (right), motion {c['a_motion']['mean']:.3g} / "
+        c, d = pooled([record], "compose"), pooled([record], "compose_ba")
+        print(f"  {name}: crop own − other, A|B {c['a_crop_margin']['mean']:.3g} / "
+              f"{c['b_crop_margin']['mean']:.3g}, B|A {d['b_crop_margin']['mean']:.3g} / "
+              f"{d['a_crop_margin']['mean']:.3g}; motion A|B {c['a_motion']['mean']:.3g} / "
               f"{c['b_motion']['mean']:.3g} ({record['train_seconds']:.0f} s training)")
         return record, firsts
 
 
 def run(s: BenchSettings) -> dict:
-    """Every (method, seed) not saved yet, then OUT/compose.md, OUT/compose.json and OUT/compose.png; the
-    report data, with the paths it wrote ('paths')."""
+    """Every pair --pair names (several: each into OUT/<a>+<b>/, then OUT/compose-all.md pooled over
+    them); the report data of the one pair, or of the pooled protocol, with the paths written ('paths')."""
+    from toyworld.bench import parse_shard
+
+    budget = dataclasses.replace(C.QUICK if s.quick else C.COMPOSE, **s.budget)
+    pairs, methods = C.pick_pairs(s.pair), C.pick_methods(s.variants)
+    base_arg, out = resolve_base_arg(s.base, s.quick), Path(s.out or "runs/bench-compose")
+    shard = parse_shard(s.shard)
+    if len(pairs) == 1:
+        return run_pair(s, base_arg, pairs[0], budget, methods, out, shard)
+    per_pair = {f"{a}+{b}": run_pair(s, base_arg, (a, b), budget, methods, out / f"{a}+{b}", shard)
+                for a, b in pairs}
+    return protocol_report(per_pair, out)
+
+
+def run_pair(s: BenchSettings, base_arg: str, pair_names: tuple[str, str], budget: X.ToyBudget,
+             methods: tuple, out: Path, shard: tuple[int, int]) -> dict:
+    """Every (method, seed) of one pair not saved yet, then OUT/compose.md, .json and .png."""
     from toyworld.concepts import load_concept
     from toyworld.report import write_report
 
-    budget = dataclasses.replace(C.QUICK if s.quick else C.COMPOSE, **s.budget)
-    pair_names = C.pick_pair(s.pair)
-    base_arg = resolve_base_arg(s.base, s.quick)
     start = time.perf_counter()
     a, b = (load_concept(n) for n in pair_names)  # a bad name fails here, before any training
     if a.name == b.name:
         raise ValueError(f"--pair: both concepts are named {a.name!r}; give two different concepts")
-    bench, seeds = ComposeBench.setup(s, base_arg, (a, b), budget), 1 if s.seeds is None else s.seeds
-    print(f"bench compose: {a.name} (left) + {b.name} (right), {len(C.METHODS)} methods x {seeds} seeds "
+    bench = ComposeBench.setup(dataclasses.replace(s, out=str(out)), base_arg, (a, b), budget)
+    seeds = 1 if s.seeds is None else s.seeds
+    print(f"bench compose: {a.name} + {b.name} (both orders), {len(methods)} methods x {seeds} seeds "
           f"on base {base_arg}")
     store = Store(bench.out / "runs", fresh=s.fresh, videos=True)
     floor, floor_videos = fetch(store, bench.floors())
-    done = run_plan([bench.planned(m, seed) for seed in range(seeds) for m in C.METHODS], store,
-                    table_only=s.table_only, progress=s.progress, desc="compose runs")
+    plan = [bench.planned(m, seed) for seed in range(seeds) for m in methods]
+    mine = run_plan(plan[shard[0]::shard[1]], store, table_only=s.table_only, progress=s.progress,
+                    desc="compose runs")
+    others = [p for i, p in enumerate(plan) if i % shard[1] != shard[0]]  # other shards': saved or missing
+    done = mine.merged(run_plan(others, store, table_only=True, progress=False))
     data = {
         "command": "setseq bench compose", "base": base_arg, "random_base": bench.base.random,
         "pair": [a.name, b.name], "seeds": seeds, "budget": X.describe_budget(budget),
         "max_length": bench.base.cfg.t5.max_length, "stitch_prob": C.STITCH_PROB,
-        "methods": [{"key": m.key, "label": m.label, "joint": m.joint, "stitch_prob": m.stitch_prob}
-                    for m in C.METHODS],
+        "methods": [dataclasses.asdict(m) for m in methods],
         "prompts": {k: j.prompt for k, j in bench.pair.jobs((0,)).items()}, "floors": floor,
-        "table": aggregate(done.records, floor), "records": done.records, "missing": done.missing,
+        "table": aggregate(done.records, floor, methods), "records": done.records, "missing": done.missing,
     }
     data["seconds"] = time.perf_counter() - start
     sheet = contact_sheet(bench.out, bench.pair, {"floors": floor_videos, **done.videos})
@@ -113,9 +130,24 @@ def run(s: BenchSettings) -> dict:
     return data | {"paths": {"markdown": str(md), "json": str(js), "sheet": str(sheet)}}
 
 
+def protocol_report(per_pair: dict[str, dict], out: Path) -> dict:
+    """OUT/compose-all.md / .json: the goals pooled over pairs (toyworld/compose_protocol.py)."""
+    from toyworld.compose_protocol import protocol_summary, render_protocol
+    from toyworld.report import write_report
+
+    summary_ = protocol_summary(per_pair)
+    md, js = write_report(out, render_protocol(per_pair, summary_), {"pairs": list(per_pair),
+                                                                     "summary": summary_}, stem="compose-all")
+    return {"protocol": True, "summary": summary_, "per_pair": per_pair,
+            "paths": {"markdown": str(md), "json": str(js)}}
+
+
 def summary(data: dict) -> str:
-    """What `setseq bench compose` prints when it is done: both tables, the time, where the reports are."""
+    """What `setseq bench compose` prints when it is done: both tables (or the pooled protocol), the time,
+    where the reports are."""
     p = data["paths"]
+    if data.get("protocol"):
+        return "\n".join([Path(p["markdown"]).read_text(), f"table: {p['markdown']}", f"json: {p['json']}"])
     return "\n".join(["\n\n".join(render_markdown(data).split("\n\n")[2:6]),
                       f"bench compose finished in {data['seconds']:.0f} s",
                       f"contact sheet: {p['sheet']}", f"table: {p['markdown']}", f"json: {p['json']}"])

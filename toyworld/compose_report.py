@@ -32,11 +32,11 @@ def pooled(records: list[dict], job: str) -> dict:
                       for r in records for s in r["scores"].get(job, [])])
 
 
-def aggregate(records: list[dict], floor: dict) -> dict:
+def aggregate(records: list[dict], floor: dict, methods: tuple = METHODS) -> dict:
     rows = {}
-    for m in METHODS:
+    for m in methods:
         mine = [r for r in records if r["method"] == m.key]
-        jobs = ("compose", "alone_a", "alone_b", "single_a", "single_b")
+        jobs = ("compose", "compose_ba", "alone_a", "alone_b", "single_a", "single_b")
         rows[m.key] = {job: pooled(mine, job) for job in jobs if pooled(mine, job)}
     words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
     return {"rows": rows, "words": words}
@@ -56,10 +56,11 @@ def setup(data: dict) -> list[str]:
         f"token lr {b['token_lr']:g}, prior "
         f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
         f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
-        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched side-by-side pair on "
-        f"{STITCH_PROB:.0%} of its steps",
+        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched pair (layout "
+        f"{b.get('pair_layout', 'side_by_side')}, both orders) on {STITCH_PROB:.0%} of its steps",
         f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
-        f"- composition prompt: `{data['prompts']['compose']}`; alone: `{data['prompts']['alone_a']}`, "
+        f"- composition prompt: `{data['prompts']['compose']}`; swapped order: "
+        f"`{data['prompts'].get('compose_ba', '-')}`; alone: `{data['prompts']['alone_a']}`, "
         f"`{data['prompts']['alone_b']}`",
         f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "
         f"`{fl['words_prompts']['alone_a']}`; `{fl['words_prompts']['alone_b']}`",
@@ -68,48 +69,59 @@ def setup(data: dict) -> list[str]:
     ]
 
 
-def halves(data: dict) -> tuple[tuple[str, str], tuple[str, str]]:
-    """(key prefix, 'left: A') and (key prefix, 'right: B')."""
-    a_name, b_name = data["pair"]
-    return ("a", f"left: {a_name}"), ("b", f"right: {b_name}")
+# (job, order, the halves in it: (key prefix of the concept asked for there, side))
+ORDERS = (("compose", "A left, B right", (("a", "left"), ("b", "right"))),
+          ("compose_ba", "B left, A right", (("b", "left"), ("a", "right"))))
+
+
+def half_rows(label: str, order: str, halves: tuple, cells, sides: str, tail: str, names: dict
+              ) -> list[list[str]]:
+    """Two rows, one per half; the label, order, both-sides-right and tail cells on the first."""
+    return [[label if n == 0 else "", order if n == 0 else "", f"{side}: {names[half]}"] + cells(half)
+            + ([sides, tail] if n == 0 else ["", ""]) for n, (half, side) in enumerate(halves)]
 
 
 def method_rows(data: dict) -> list[list[str]]:
-    """Two rows per method (left half, right half); both sides right and train seconds on the first."""
-    rows = []
+    """Per method and order, a row per half; both sides right and train seconds on the first."""
+    names, rows = dict(zip("ab", data["pair"], strict=True)), []
     for m in data["methods"]:
-        comp = data["table"]["rows"].get(m["key"], {}).get("compose", {})
         secs = [r["train_seconds"] for r in data["records"] if r["method"] == m["key"]]
-        for half, where in halves(data):
-            rows.append([m["label"] if half == "a" else "", where]
-                        + [fmt_pm(comp.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS]
-                        + ([fmt_pm(comp.get("sides_right")), fmt(sum(secs) / len(secs)) if secs else "n/a"]
-                           if half == "a" else ["", ""]))
+        for job, order, halves in ORDERS:
+            comp = data["table"]["rows"].get(m["key"], {}).get(job, {})
+            if comp:
+                label = m["label"] if job == "compose" else ""
+                tail = fmt(sum(secs) / len(secs)) if secs and job == "compose" else ""
+                rows += half_rows(label, order, halves,
+                                  lambda h, c=comp: [fmt_pm(c.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
+                                  fmt_pm(comp.get("sides_right")), tail, names)
     return rows
 
 
 def reference_rows(data: dict) -> list[list[str]]:
-    """The base model's nearest-words floor, the world's rendering (target) and its VAE round trip
-    (ceiling), two rows each, then the flat floors."""
-    fl, words = data["floors"], data["table"]["words"]["compose"]
-    rows = []
-    for label, src in (("floor: base model, nearest words", None),
-                       ("world's rendering (target)", fl["target"]),
-                       ("its VAE round trip (ceiling)", fl["target_vae"])):
-        for half, where in halves(data):
-            cells = ([fmt_pm(words.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS] if src is None
-                     else [fmt(src.get(f"{half}_{k}")) for k, _ in COMPOSE_COLUMNS])
-            side = (fmt_pm(words.get("sides_right")) if src is None else fmt(src.get("sides_right")))
-            tail = [side, ""] if half == "a" else ["", ""]
-            rows.append([label if half == "a" else "", where] + cells + tail)
-    flat = ["floor: flat colour / flat video", ""] + [
+    """Per order: the base model's nearest-words floor, the world's rendering (target) and, A left, its
+    VAE round trip (ceiling), a row per half; then the flat floors."""
+    fl, names, rows = data["floors"], dict(zip("ab", data["pair"], strict=True)), []
+    for job, order, halves in ORDERS:
+        words = data["table"]["words"].get(job, {})
+        if words:
+            rows += half_rows("floor: base model, nearest words", order, halves,
+                              lambda h, w=words: [fmt_pm(w.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
+                              fmt_pm(words.get("sides_right")), "", names)
+        suffix = "" if job == "compose" else "_ba"
+        for label, src in (("world's rendering (target)", fl.get(f"target{suffix}")),
+                           ("its VAE round trip (ceiling)", fl.get(f"target_vae{suffix}"))):
+            if src is not None:
+                rows += half_rows(label, order, halves,
+                                  lambda h, x=src: [fmt(x.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
+                                  fmt(src.get("sides_right")), "", names)
+    flat = ["floor: flat colour / flat video", "", ""] + [
         f"{fmt(fl['flat_colour_a'])} / {fmt(fl['flat_colour_b'])}; flat video 0" if k == "id_crop" else
         ("0" if k in ("motion", "detection") else "-") for k, _ in COMPOSE_COLUMNS] + ["0", ""]
     return rows + [flat]
 
 
 def composition_table(data: dict) -> str:
-    header = ["method", "half"] + [h for _, h in COMPOSE_COLUMNS] + ["both sides right", "train s"]
+    header = ["method", "order", "half"] + [h for _, h in COMPOSE_COLUMNS] + ["both sides right", "train s"]
     return markdown_table(header, method_rows(data) + reference_rows(data))
 
 
@@ -158,7 +170,8 @@ def render_markdown(data: dict) -> str:
         "leakage), and own − other > 0 means the object looks more like its own concept. Motion = per-axis "
         "velocity correlation (stride 2) with the own reference trajectory, averaged over the axes the "
         "reference moves along (translation- and scale-free: a composed object traces a smaller path in its "
-        "half). Halves: the left half's foreground (x < W/2) is A, the right half's is B. 'both sides "
+        "half). Halves: the left half's foreground (x < W/2) is the first-named concept, the right "
+        "half's the second ('A left, B right', then the swapped prompt 'B left, A right'). 'both sides "
         "right': both halves' crop margins > 0. Floors: the base model without any concept, prompted with "
         "the nearest vocabulary words; the reference with its sprite flattened to its mean colour "
         "(flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor (in the "

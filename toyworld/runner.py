@@ -155,6 +155,10 @@ class Done:
     videos: dict[str, Videos | None] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
+    def merged(self, other: Done) -> Done:
+        videos = {**self.videos, **other.videos}
+        return Done(self.records + other.records, videos, self.missing + other.missing)
+
 
 def run_plan(plan: list[Planned], store: Store, *, table_only: bool = False, progress: bool = True,
              desc: str = "runs") -> Done:
