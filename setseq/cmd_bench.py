@@ -4,14 +4,15 @@
     setseq bench toyworld                        # 3 held-out concepts x 2 seeds x 5 variants
     setseq bench toyworld --concepts 1 --seeds 1 --variants ours,dblora --samples 2
     setseq bench toyworld --quick --base tiny    # smoke run on a random base
-    setseq bench compose                         # checker_eight (left) + split_hop_spin (right), 1 seed
+    setseq bench compose                         # checker_eight + split_hop_spin, both orders, 1 seed
     setseq bench compose --pair stripes_stutter,checker_eight --seeds 2 --out runs/compose-sc
+    setseq bench compose --pair all --seeds 2    # the protocol: every shipped pair, pooled goals
     setseq bench compose --quick --base tiny     # smoke run on a random base
 
 What the rows, columns and floors are: toyworld/bench.py and toyworld/compose.py. Each finished run is
 saved in OUT/runs/, so a rerun skips it (--fresh redoes all). compose's default budget, `ours` at
-200 + 400 steps per concept and 2 generations per prompt, is 3600 training steps per seed, about 9
-minutes on 2 cores; --quick takes about 15 s.
+300 + 1200 steps per concept (joint runs 600 + 2400) and 4 generations per prompt and order, takes
+about 25 minutes a seed on 2 cores; --quick takes about 15 s.
 OUT: toyworld bench.md, bench.json; compose compose.md, compose.json, compose.png; runs/ and work/.
 """
 
@@ -54,12 +55,12 @@ def register(subparsers) -> None:
                    f"also {','.join(X.extra_variants(X.ToyBudget()))}); compose: methods (default "
                    "joint+stitch,joint,post-hoc; also joint+stitch-sbs, joint+stitch-squeeze, "
                    "joint+stitch-scale)")
-    p.add_argument("--samples", type=int, help="generations per prompt (default 4, compose 2; quick 1)")
+    p.add_argument("--samples", type=int, help="generations per prompt (default 4; quick 1)")
     p.add_argument(
-        "--steps1", type=int, help="stage-1 steps (default 600, compose 200 per concept; single-stage rows "
+        "--steps1", type=int, help="stage-1 steps (default 600, compose 300 per concept; single-stage rows "
         "get steps1 + steps2)"
     )
-    p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 400 per concept)")
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 1200 per concept)")
     p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")

@@ -2,11 +2,10 @@
 toyworld/compose.py trained and scored once (saved in OUT/runs/ by toyworld/runner.py, with the first video
 of each job), the floors once, then OUT/compose.md, OUT/compose.json and OUT/compose.png.
 
-The default budget, `ours` at 200 + 400 steps per concept (joint runs 400 + 800) and 2 generations per
-prompt, is 3600 training steps per seed: about 9 minutes on 2 cores (a 150 + 300 single run took 60 s on
-a loaded machine, 0.13 s a step; 12 minutes at 0.18 s a step). At 300 + 600 (--steps1 300 --steps2 600)
-it took about 13-18 minutes, and the single-concept 600 + 1200 should take twice that. --quick takes
-about 15 s.
+The default budget, `ours` at 300 + 1200 steps per concept (joint runs 600 + 2400) and 4 generations per
+prompt and order, takes about 25 minutes a seed on 2 cores (a joint run ~8 minutes, 0.2 s a stage-2
+step). `--pair all --seeds 2` (the full protocol: 3 pairs x 2 seeds) takes about 2.5 hours; `--shard I/N`
+splits it over processes, and a last run without --shard tabulates. --quick takes about 15 s.
 """
 
 from __future__ import annotations
