@@ -9,6 +9,7 @@ import torch
 
 from toyworld.concepts import (
     CONCEPT_MOTIONS,
+    EXAMPLES_DIR,
     ConceptSpec,
     concept_prompt,
     list_concepts,
@@ -151,6 +152,18 @@ def test_at_least_three_example_concepts_load_with_unnameable_motions():
     assert len(names) >= 3
     specs = [load_concept(n) for n in names]
     assert all(s.motion in CONCEPT_MOTIONS and s.pattern != "solid" for s in specs)
+
+
+def test_the_unseen_concepts_render_inside_the_frame_unlike_the_shipped_ones():
+    unseen = sorted((EXAMPLES_DIR / "unseen").glob("*.toml"))
+    assert len(unseen) >= 3
+    specs = [load_concept(p) for p in unseen]
+    shipped = [load_concept(n) for n in list_concepts()]
+    for spec in specs:
+        clip = render_concept(spec)[0]  # a path that leaves the frame raises here
+        assert clip.video.shape[0] == ToyWorldConfig().frames
+        assert spec.background != "black" and (spec.pattern, spec.motion, spec.background) not in {
+            (s.pattern, s.motion, s.background) for s in shipped}
 
 
 def test_unknown_concept_name_says_what_ships():
