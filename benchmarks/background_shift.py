@@ -23,6 +23,7 @@ import numpy as np
 
 from toyworld import experiment as X
 from toyworld import instruments as ins
+from toyworld import prompts as P
 from toyworld.concepts import load_concept
 from toyworld.world import BACKGROUNDS, ToyWorldConfig
 
@@ -60,7 +61,7 @@ def main() -> None:
     print("| background | adapter | sprite mean | nearer colour 1 | nearer colour 2 |\n|---|---|---|---|---|")
     for bg in BACKGROUNDS:
         for label, scale in (("on", 1.0), ("off", 0.0)):
-            job = X.Job(bg, X.full_prompt(spec, bg), scale, scale, seeds=X.seeds(args.seeds))
+            job = X.Job(bg, P.full_prompt(spec, bg), scale, scale, seeds=X.seeds(args.seeds))
             reads = [sprite_colours(np.clip(np.round(ins.as_frames(v)), 0, 255), spec.colours)
                      for v in X.generate_videos(pipe, adapter, job, world, budget)]
             mean = found_mean([r[0] for r in reads])

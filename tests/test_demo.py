@@ -13,6 +13,7 @@ import torch
 
 from setseq.cli import main as cli_main
 from toyworld import experiment as X
+from toyworld import prompts as P
 from toyworld import report as R
 from toyworld.concepts import load_concept, render_concept
 from toyworld.world import BACKGROUNDS, COLOURS, ToyWorldConfig, caption_of
@@ -112,16 +113,16 @@ def test_demo_on_cuda_without_a_gpu_says_so(tmp_path, capsys):
 
 
 def test_prompts_follow_the_worlds_caption_template():
-    assert X.full_prompt(SPEC) == "a [v] square moves [u] on a gray background"
-    assert X.full_prompt(SPEC, extra=X.EXTRA) == (
-        "a [v] square moves [u] and " + caption_of("gray", [X.EXTRA])
+    assert P.full_prompt(SPEC) == "a [v] square moves [u] on a gray background"
+    assert P.full_prompt(SPEC, extra=P.EXTRA) == (
+        "a [v] square moves [u] and " + caption_of("gray", [P.EXTRA])
     )
-    assert X.static_prompt(SPEC, "blue") == "a [v] square on a blue background"
-    assert all(" | " in p for p in X.toy_prior_prompts())
+    assert P.static_prompt(SPEC, "blue") == "a [v] square on a blue background"
+    assert all(" | " in p for p in P.toy_prior_prompts())
 
 
 def test_prior_pairs_are_two_object_world_captions_of_two_colours():
-    one, mixed = X.toy_prior_prompts(8), X.toy_prior_prompts(8, pairs=3)
+    one, mixed = P.toy_prior_prompts(8), P.toy_prior_prompts(8, pairs=3)
     assert mixed[:5] == one[:5]  # pairs are appended, the one-object prompts stay as they were
     for prompt in mixed[5:]:
         static, full = prompt.split(" | ")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from toyworld.experiment import ToyBudget, toy_prior_prompts
+from toyworld.experiment import ToyBudget
+from toyworld.prompts import toy_prior_prompts
 from train.config import ConceptSpec, PersonalizeConfig
 from train.recipe import RECIPES, recipe, resolve
 

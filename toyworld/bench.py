@@ -23,6 +23,7 @@ from pathlib import Path
 
 from toyworld import compose_bench
 from toyworld import experiment as X
+from toyworld import prompts as P
 from toyworld.bench_report import aggregate, render_markdown, table
 from toyworld.runner import Planned, Store, ceiling, generate_jobs, resolve_base_arg, run_plan, same_key
 
@@ -186,8 +187,8 @@ def one_run(base, spec, variant, budget, world, folder: Path, seed: int, progres
     concept_file, seconds = trained
     pipe, adapter = X.concept_pipeline(base, concept_file)
     s = X.seeds(budget.samples, offset=100 * seed)
-    jobs = [X.Job("recon", X.full_prompt(spec), seeds=s),
-            X.Job("edit_background", X.full_prompt(spec, X.edit_background(spec)), seeds=s)]
+    jobs = [X.Job("recon", P.full_prompt(spec), seeds=s),
+            X.Job("edit_background", P.full_prompt(spec, P.edit_background(spec)), seeds=s)]
     t0 = time.perf_counter()
     score = scorer(spec, ref.video, targets, clip_scorer)
     recon, edit = generate_jobs(pipe, adapter, jobs, world, budget, score)

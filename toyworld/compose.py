@@ -47,6 +47,7 @@ import numpy as np
 
 from toyworld import experiment as X
 from toyworld import instruments as ins
+from toyworld import prompts as P
 from toyworld.concepts import ConceptSpec as ToyConcept
 from toyworld.concepts import concept_path, list_concepts, slot_path
 from toyworld.runner import generate_jobs
@@ -302,9 +303,9 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
     Returns the training seconds."""
     from train.config import ConceptSpec
 
-    concepts = [ConceptSpec(video=str(video), prompt=with_tokens(X.static_prompt(spec), k),
+    concepts = [ConceptSpec(video=str(video), prompt=with_tokens(P.static_prompt(spec), k),
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
-                            motion_token=TOKENS[k][1], full_prompt=with_tokens(X.full_prompt(spec), k))
+                            motion_token=TOKENS[k][1], full_prompt=with_tokens(P.full_prompt(spec), k))
                 for k, spec, video in specs]
     return X.train_concepts(base, concepts, X.variants(budget)["ours"], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
@@ -351,8 +352,8 @@ class Pair:
             "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples),
             "compose_ba": X.Job("compose_ba", composition_prompt(self.a, self.b, swapped=True),
                                 seeds=samples),
-            "alone_a": X.Job("alone_a", with_tokens(X.full_prompt(self.a), 0), seeds=samples),
-            "alone_b": X.Job("alone_b", with_tokens(X.full_prompt(self.b), 1), seeds=samples),
+            "alone_a": X.Job("alone_a", with_tokens(P.full_prompt(self.a), 0), seeds=samples),
+            "alone_b": X.Job("alone_b", with_tokens(P.full_prompt(self.b), 1), seeds=samples),
         }
 
 

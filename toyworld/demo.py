@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from toyworld import experiment as X
+from toyworld import prompts as P
 from toyworld.concepts import ConceptSpec
 from toyworld.demo_report import render_markdown, report_data
 from toyworld.runner import Generated, ceiling, generate_jobs, resolve_base_arg
@@ -64,12 +65,12 @@ DemoJob = tuple[str, str, X.Job]
 def demo_jobs(spec, budget: X.ToyBudget) -> list[DemoJob]:
     """What the demo generates with each trained concept."""
     s = X.seeds(budget.samples)
-    recon = X.full_prompt(spec)
-    edit_bg = X.full_prompt(spec, X.edit_background(spec))
+    recon = P.full_prompt(spec)
+    edit_bg = P.full_prompt(spec, P.edit_background(spec))
     ours = [
         ("ours", "recon", X.Job("recon", recon, seeds=s)),
         ("ours", "edit_background", X.Job("edit_background", edit_bg, seeds=s)),
-        ("ours", "edit_object", X.Job("edit_object", X.full_prompt(spec, extra=X.EXTRA), seeds=s)),
+        ("ours", "edit_object", X.Job("edit_object", P.full_prompt(spec, extra=P.EXTRA), seeds=s)),
         ("ours", "recon", X.Job("style_identity_only", recon, identity=1.0, motion=0.0, seeds=s)),
         ("ours", "recon", X.Job("style_half_identity", recon, identity=0.5, motion=1.0, seeds=s)),
         ("ours", "recon", X.Job("base_adapter_off", recon, identity=0.0, motion=0.0, seeds=s)),
@@ -158,7 +159,7 @@ def contact_sheet(scene: Scene, results: list[tuple[str, str, Generated]]) -> Pa
 
     rows = [scene.ref.video, scene.targets["edit_background"], scene.targets["edit_object"]]
     labels = ["reference (the concept's clip)",
-              f"target of edit 1: {X.edit_background(scene.spec)} background",
+              f"target of edit 1: {P.edit_background(scene.spec)} background",
               "target of edit 2: + red square moving up"]
     for run, _, g in results:
         for seed, v in zip(g.job.seeds, g.videos, strict=True):

@@ -6,6 +6,7 @@ import operator
 from typing import TYPE_CHECKING
 
 from toyworld import experiment as X
+from toyworld import prompts as P
 from toyworld.report import fmt, fmt_pm, markdown_table, mean_of, summarize
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def report_data(scene: Scene, results: list[tuple[str, str, Generated]], timing:
         "random_base": scene.base.random,
         "concept": {"name": spec.name, "description": spec.description, "pattern": spec.pattern,
                     "motion": spec.motion, "background": spec.background},
-        "prompts": {"stage1": X.static_prompt(spec), "stage2": X.full_prompt(spec)},
+        "prompts": {"stage1": P.static_prompt(spec), "stage2": P.full_prompt(spec)},
         "budget": X.describe_budget(scene.budget),
         "concept_files": {k: str(v) for k, v in files.items()},
         "timing": timing,
