@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -60,3 +61,12 @@ def check_folder(path: Path, flag: str) -> None:
         raise ValueError(f"{flag}: {str(path)!r} is a file; name a folder")
     if (above := _file_above(path)) is not None:
         raise ValueError(f"{flag}: {str(above)!r} is a file, so folder {str(path)!r} cannot be made")
+
+
+def warn_unreadable(command: str, words: list[str]) -> None:
+    """One warning naming the prompt words the base's tokenizer cannot read (Tokenizer.unreadable_words)."""
+    if words:
+        print(f"setseq {command}: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
+              "(unknown, or spelled out piece by piece): say it with words of the base's captions",
+              file=sys.stderr)
+

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.config import ModelConfig, parse_size
-from setseq.args import check_new_files, finite_float, nonnegative_float, positive_float
+from setseq.args import check_new_files, finite_float, nonnegative_float, positive_float, warn_unreadable
 from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
 
 if TYPE_CHECKING:
@@ -160,10 +159,7 @@ def run(args: argparse.Namespace) -> int:
     for path, concept, alpha, beta in concepts:
         print(add_concept_file(pipe, path, concept, identity=alpha, motion=beta))
     check_prompt_tokens(pipe, args.prompt)
-    if words := pipe.tokenizer.unreadable_words(args.prompt):
-        print(f"setseq generate: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
-              "(unknown, or spelled out piece by piece): say it with words of the base's captions",
-              file=sys.stderr)
+    warn_unreadable("generate", pipe.tokenizer.unreadable_words(args.prompt))
     print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}, "
           f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
     video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)

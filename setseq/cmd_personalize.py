@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model.config import parse_size
-from setseq.args import check_folder, check_new_files, nonnegative_float, positive_float
+from setseq.args import check_folder, check_new_files, nonnegative_float, positive_float, warn_unreadable
 from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import NonFiniteLoss, main
@@ -156,12 +156,6 @@ def settings_lines(settings: dict) -> list[str]:
     return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
 
 
-def warn_unreadable(cfg: PersonalizeConfig, tokenizer) -> None:
-    if words := config_unreadable_words(cfg, tokenizer):
-        print(f"setseq personalize: warning: the base's tokenizer cannot read {', '.join(map(repr, words))} "
-              "(unknown, or split into pieces): say it with words of the base's captions", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
     print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
@@ -169,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
                      seed=cfg.seed)
-    warn_unreadable(cfg, base.tokenizer)
+    warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))
     from sample.sampler import sample_latents
 
     try:

@@ -239,6 +239,15 @@ def test_cli_on_the_tiny_base_adds_the_toy_world_instruments(tmp_path):
     assert all(isinstance(scores[k], float) for k in ("mse", "id", "id_crop", "motion_fidelity"))
 
 
+def test_cli_names_a_prompt_word_the_tiny_base_cannot_read(tmp_path, capsys):
+    out = tmp_path / "w.mp4"
+    rc = cli_main(["generate", "--base", "tiny", "--prompt", "a red sprite moves left on a blue background",
+                   "--steps", "1", "--frames", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "'sprite'" in warnings[0] and "'red'" not in warnings[0]
+
+
 def test_cli_with_clip_adds_clip_t_of_the_video_and_prompt(files, clip_folder, tmp_path):
     from sample.clip import ClipTextScorer
     from weights.clip import load_clip

@@ -37,7 +37,7 @@ def aggregate(records: list[dict], floor: dict, methods: tuple = METHODS) -> dic
     for m in methods:
         mine = [r for r in records if r["method"] == m.key]
         jobs = ("compose", "compose_ba", "alone_a", "alone_b", "single_a", "single_b")
-        rows[m.key] = {job: pooled(mine, job) for job in jobs if pooled(mine, job)}
+        rows[m.key] = {job: table for job in jobs if (table := pooled(mine, job))}
     words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
     return {"rows": rows, "words": words}
 
