@@ -17,22 +17,10 @@ from model.t5 import T5Encoder
 from model.tokenizer import Tokenizer
 from model.vae import VAE, patchify, unpatchify
 from toyworld.evaluate import contact_sheet, motion_quality, report_markdown
-from toyworld.pretrain import (
-    Bank,
-    Log,
-    PretrainConfig,
-    all_captions,
-    build_tokenizer,
-    caption_length,
-    dit_loss,
-    latent_stats,
-    model_config,
-    psnr,
-    train_dit,
-    train_head,
-    train_layout,
-    train_vae,
-)
+from toyworld.pretrain import PretrainConfig, all_captions, build_tokenizer, caption_length, model_config
+from toyworld.pretrain_dit import Bank, dit_loss, train_dit, train_head, train_layout
+from toyworld.pretrain_loop import Log
+from toyworld.pretrain_vae import latent_stats, psnr, train_vae
 from toyworld.world import ToyWorldConfig, generate_batch, to_model_video
 
 LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset

@@ -1,0 +1,150 @@
+"""Pretraining stage 1, the tiny base's VAE: a linear VAE fitted in closed form (the PCA of patchified toy
+clips) or a conv VAE trained on crops then whole clips; then its latent statistics."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from model.config import ModelConfig
+from model.vae import VAE, patchify
+from toyworld.pretrain_loop import (
+    STAGE_VAE,
+    Log,
+    clip_seed,
+    cosine_lr,
+    optimizer_step,
+    resume_stage,
+    save_stage,
+)
+from toyworld.world import generate_batch, to_model_video
+
+if TYPE_CHECKING:
+    from toyworld.pretrain import PretrainConfig
+
+_EPS = 1e-4  # floor on a latent channel's std (a dead channel must not blow up when normalized)
+
+
+def vae_batch(cfg: PretrainConfig, step: int) -> Tensor:
+    """The VAE's step-`step` batch: crops during the first vae_steps, whole clips after. (B, 3, T, H, W)."""
+    full = step >= cfg.vae_steps
+    n = cfg.vae_full_batch if full else cfg.vae_batch
+    video = to_model_video(generate_batch(n, seed=clip_seed(cfg.seed, STAGE_VAE, step), cfg=cfg.world).video)
+    if full:
+        return video
+    frames, size = cfg.vae_crop
+    rng = np.random.default_rng(clip_seed(cfg.seed, STAGE_VAE + 10, step))
+    t0 = int(rng.integers(0, cfg.world.frames - frames + 1))
+    y0, x0 = (int(v) for v in rng.integers(0, cfg.world.size - size + 1, 2))
+    return video[:, :, t0 : t0 + frames, y0 : y0 + size, x0 : x0 + size]
+
+
+def psnr(rec: Tensor, video: Tensor) -> float:
+    """PSNR in dB of [-1, 1] videos, on the [0, 1] scale (peak 1)."""
+    mse = ((rec.clamp(-1, 1) - video) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def fit_linear_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
+    """A linear VAE set to the PCA of patchified toy clips (saved in work_dir; a rerun loads it).
+
+    Encoder rows are the top `latent_channels` eigenvectors of the patch covariance (sign fixed so each
+    vector's largest entry is positive), the decoder their transpose; biases centre on the patch mean.
+    """
+    vae = VAE(mc.vae)
+    path = Path(cfg.work_dir) / "vae-linear.safetensors"
+    if path.is_file():
+        vae.load_state_dict(load_file(str(path)), strict=True)
+        return vae
+    t0, k, n = time.time(), mc.vae.latent_channels, 0
+    total, outer = 0.0, 0.0
+    for i in tqdm(range(0, cfg.vae_fit_clips, 64), desc="VAE (PCA)"):
+        seed = clip_seed(cfg.seed, STAGE_VAE, i)
+        video = to_model_video(generate_batch(min(64, cfg.vae_fit_clips - i), seed=seed, cfg=cfg.world).video)
+        x = patchify(video, mc.vae.patch, first=True).transpose(0, 1).flatten(1).double()  # (D, N)
+        total, outer, n = total + x.sum(1), outer + x @ x.T, n + x.shape[1]
+    mean = total / n
+    evals, evecs = torch.linalg.eigh(outer / n - torch.outer(mean, mean))  # ascending
+    basis = evecs[:, -k:].flip(1).T  # (k, D), largest variance first
+    basis *= torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))
+    eye = torch.eye(k).view(k, k, 1, 1, 1)
+    vae.encoder.proj.weight.copy_(basis.float().view(k, -1, 1, 1, 1))
+    vae.encoder.proj.bias.copy_(-(basis @ mean).float())
+    vae.decoder.proj.weight.copy_(basis.T.float().reshape(-1, k, 1, 1, 1))
+    vae.decoder.proj.bias.copy_(mean.float())
+    for conv in (vae.quant_conv, vae.post_quant_conv):
+        conv.weight.copy_(eye)
+        conv.bias.zero_()
+    kept = float(evals[-k:].sum() / evals.sum())
+    held = generate_batch(64, seed=clip_seed(cfg.seed, 11, 0), split="heldout", cfg=cfg.world)
+    held = to_model_video(held.video)
+    log("vae", fit="pca", clips=cfg.vae_fit_clips, variance_kept=round(kept, 5),
+        heldout_psnr=round(psnr(vae(held)[0], held), 2), seconds=round(time.time() - t0, 1))
+    tmp = path.with_suffix(".tmp")
+    save_file({k_: v.contiguous() for k_, v in vae.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return vae
+
+
+def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
+    """Stage 1; resumes from the newest stage-1 checkpoint and skips when the stage is done."""
+    if mc.vae.arch == "linear":
+        return fit_linear_vae(cfg, mc, log)
+    torch.manual_seed(cfg.seed)
+    vae = VAE(mc.vae)
+    total = cfg.vae_steps + cfg.vae_full_steps
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    start = resume_stage(cfg, STAGE_VAE, {"vae": vae}, opt, g)
+    if start >= total:
+        return vae
+    bar = tqdm(range(start, total), desc="VAE", initial=start, total=total)
+    t0, window = time.time(), []
+    for step in bar:
+        x = vae_batch(cfg, step)
+        crop = step < cfg.vae_steps
+        lr = cosine_lr(step, cfg.vae_schedule_steps or total, 50, cfg.vae_lr) if crop else cfg.vae_full_lr
+        rec, _, _ = vae(x)
+        loss = F.mse_loss(rec, x) + cfg.vae_l1 * F.l1_loss(rec, x)
+        hint = f"lower vae_lr (now {cfg.vae_lr})" if crop else f"lower vae_full_lr (now {cfg.vae_full_lr})"
+        optimizer_step(opt, params, loss, lr, f"VAE loss at step {step}", hint)
+        window.append(psnr(rec.detach(), x))
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{window[-1]:.1f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            log("vae", step=step + 1, loss=loss.item(), psnr=float(np.mean(window)),
+                crop=step < cfg.vae_steps, seconds=round(time.time() - t0, 1))
+            window = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            save_stage(cfg, STAGE_VAE, step + 1, {"vae": vae}, opt, g)
+    return vae
+
+
+@torch.no_grad()
+def latent_stats(cfg: PretrainConfig, vae: VAE) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the raw latents of `stats_clips` toy clips (both splits' statistics
+    are the world's; drawn from the training split). A linear VAE gets one pooled std for every channel:
+    its channels are orthonormal directions in pixel space, so the DiT's latent MSE stays pixel MSE
+    (per-channel scaling would weigh a faint edge-detail component like the object's colour)."""
+    zs = []
+    for i in range(0, cfg.stats_clips, 32):
+        n, seed = min(32, cfg.stats_clips - i), clip_seed(cfg.seed, 7, i)
+        zs.append(vae.encode_dist(to_model_video(generate_batch(n, seed=seed, cfg=cfg.world).video))[0])
+    z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N)
+    mean, std = z.mean(1), z.std(1).clamp_min(_EPS)
+    if vae.cfg.arch == "linear":
+        std = std.square().mean().sqrt().expand_as(std)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+__all__ = ["vae_batch", "psnr", "fit_linear_vae", "train_vae", "latent_stats"]
