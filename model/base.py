@@ -18,7 +18,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class Base:
     config: ModelConfig
-    dit: nn.Module
+    dit: nn.Module  # a two-expert base (Wan 2.2 A14B): model.experts.ExpertPair, both experts in one module
     vae: nn.Module
     t5: nn.Module
     tokenizer: Tokenizer

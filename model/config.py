@@ -202,11 +202,25 @@ class ModelConfig:
     sample_shift: float = 1.0  # timestep shift s: t' = s t / (1 + (s - 1) t)
     guidance: float = 5.0
     sample_steps: int = 50
+    # Wan 2.2 A14B: a second DiT of the same config, the low-noise expert, denoises t < boundary; the first
+    # (high-noise) expert t >= boundary (model/experts.py compares as Wan does). None = one DiT. T2V 0.875,
+    # I2V 0.9 (Wan-Video/Wan2.2 wan/configs/wan_{t2v,i2v}_A14B.py).
+    boundary: float | None = None
+    low_noise_guidance: float | None = None  # guidance on the low-noise stage; None = `guidance`
 
     def __post_init__(self) -> None:
+        _check(self.boundary is None or 0.0 < self.boundary < 1.0,
+               f"expert boundary {self.boundary} must lie strictly between 0 and 1 (Wan 2.2 T2V: 0.875)")
+        _check(self.low_noise_guidance is None or self.boundary is not None,
+               f"low_noise_guidance {self.low_noise_guidance} needs a second expert: set boundary too")
         _check(self.dit.in_channels == self.vae.latent_channels,
                f"DiT in_channels {self.dit.in_channels} != VAE latent_channels {self.vae.latent_channels}")
         _check(self.dit.text_dim == self.t5.dim, f"DiT text_dim {self.dit.text_dim} != T5 dim {self.t5.dim}")
+
+    @property
+    def experts(self) -> int:
+        """How many DiTs the base samples with: 2 for Wan 2.2 A14B (high- and low-noise), else 1."""
+        return 1 if self.boundary is None else 2
 
     # ------------------------------------------------------------------ valid clips (the one rule)
 
@@ -355,6 +369,12 @@ PRESETS: dict[str, ModelConfig] = {
                                t5=_UMT5_XXL, sample_shift=5.0, guidance=5.0, sample_steps=50),
     "wan2.1-14b": ModelConfig(name="wan2.1-14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE,
                               t5=_UMT5_XXL, sample_shift=5.0, guidance=5.0, sample_steps=50),
+    # Two Wan-2.1-14B-shaped experts on the Wan 2.1 VAE and umT5 (Wan-Video/Wan2.2
+    # wan/configs/wan_t2v_A14B.py: boundary 0.875, sample_shift 12, 40 steps, sample_guide_scale (3.0, 4.0) =
+    # (low noise, high noise)).
+    "wan2.2-t2v-a14b": ModelConfig(name="wan2.2-t2v-a14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE,
+                                   t5=_UMT5_XXL, sample_shift=12.0, guidance=4.0, sample_steps=40,
+                                   boundary=0.875, low_noise_guidance=3.0),
 }
 
 
@@ -365,6 +385,7 @@ DEFAULT_CLIPS: dict[str, tuple[int, int, int]] = {
     "paper": (121, 576, 1024),  # 5 s at 24 fps, 16:9 (paper §8)
     "wan2.1-1.3b": (81, 480, 832),
     "wan2.1-14b": (81, 720, 1280),
+    "wan2.2-t2v-a14b": (81, 720, 1280),
 }
 
 

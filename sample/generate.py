@@ -139,6 +139,8 @@ class GenerateConfig:
     seed: int = 0
     negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
     self_cond: bool | None = None  # None = when the DiT has self-conditioning
+    # Two-expert bases (Wan 2.2 A14B): guidance of the low-noise stage; `guidance` is the high-noise stage's.
+    low_noise_guidance: float | None = None
 
     def resolved(self, cfg: ModelConfig) -> GenerateConfig:
         out = GenerateConfig(
@@ -146,14 +148,30 @@ class GenerateConfig:
             steps=cfg.sample_steps if self.steps is None else self.steps,
             guidance=cfg.guidance if self.guidance is None else self.guidance,
             shift=cfg.sample_shift if self.shift is None else self.shift,
-            self_cond=cfg.dit.self_cond if self.self_cond is None else self.self_cond)
+            self_cond=cfg.dit.self_cond if self.self_cond is None else self.self_cond,
+            low_noise_guidance=self._low_noise_guidance(cfg))
         if out.steps < 1:
             raise ValueError(f"steps must be >= 1, got {out.steps}")
-        if out.guidance < 1.0:
-            raise ValueError(f"guidance must be >= 1 (1 = no classifier-free guidance), got {out.guidance}")
+        for name in ("guidance", "low_noise_guidance"):
+            if (value := getattr(out, name)) is not None and value < 1.0:
+                raise ValueError(f"{name} must be >= 1 (1 = no classifier-free guidance), got {value}")
         if out.self_cond and not cfg.dit.self_cond:
             raise ValueError(f"self-conditioning asked, but base {cfg.name} has no self-conditioning input")
         return out
+
+    def _low_noise_guidance(self, cfg: ModelConfig) -> float | None:
+        """The low-noise stage's guidance: given, else the base's own, else the high-noise stage's; None for a
+        one-DiT base (and an error when one was asked of it)."""
+        if cfg.boundary is None:
+            if self.low_noise_guidance is not None:
+                raise ValueError(f"low-noise guidance asked, but base {cfg.name} has one DiT "
+                                 "(no expert switch)")
+            return None
+        if self.low_noise_guidance is not None:
+            return self.low_noise_guidance
+        if self.guidance is not None:  # the user set one guidance: it rules both stages, as in diffusers
+            return self.guidance
+        return cfg.guidance if cfg.low_noise_guidance is None else cfg.low_noise_guidance
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -186,7 +204,8 @@ def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequ
         cond = encode_prompts(pipe, [prompt] * len(seeds))
         uncond = encode_prompts(pipe, [gen.negative_prompt])
         z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps, guidance=gen.guidance,
-                           shift=gen.shift, self_cond=gen.self_cond, progress=progress)
+                           shift=gen.shift, self_cond=gen.self_cond, progress=progress,
+                           low_noise_guidance=gen.low_noise_guidance)
         vae_dtype = next(pipe.vae.parameters()).dtype
         video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (B, 3, T, H, W); long clips stream
     return [v.float().cpu() for v in video]

@@ -7,6 +7,10 @@ self_cond (B, C, T', H', W') or None. A LoRA-wrapped DiT is such a callable too;
 knows nothing of adapters. Flow convention as in model/flow.py: t = 1 is noise, t = 0 is data,
 v = eps - x0, and the ODE dx/dt = v is integrated from t = 1 down to t = 0.
 
+Two experts (Wan 2.2 A14B, model/experts.py): the model is an ExpertPair that routes each step to the
+expert serving its t, and the guidance follows the same switch: `guidance` while the high-noise expert
+denoises, `low_noise_guidance` after (`serves_high`, the one comparison both use).
+
 Precision: the state x, the time grid and the guidance mix are float32; the model may compute in
 lower precision (autocast) and its output is cast to float32 before it touches the state.
 """
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from model.experts import serves_high
 from model.flow import shift_time, x0_from_velocity
 
 
@@ -72,6 +77,8 @@ def euler_sample(
     self_cond: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    boundary: float | None = None,
+    low_noise_guidance: float | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps; returns x0 (float32).
 
@@ -84,6 +91,8 @@ def euler_sample(
     Self-conditioning: the first step gets self_cond=None (the model's zeros); every later step
     gets the previous step's x0 estimate x_t - t * v of the GUIDED velocity, the same tensor for
     the cond and uncond halves.
+    Expert switch: with `boundary`, steps at t below it (serves_high false) guide with `low_noise_guidance`
+    (None: `guidance`); the model itself picks its expert from t.
     """
     if isinstance(noise, Tensor):
         x = noise.float()
@@ -92,7 +101,11 @@ def euler_sample(
     b = x.shape[0]
     if context.shape[0] != b:
         raise ValueError(f"context batch {context.shape[0]} != noise batch {b}")
-    use_cfg = guidance != 1.0
+    scales = (guidance, guidance if low_noise_guidance is None else low_noise_guidance)
+    if boundary is None and scales[1] != guidance:
+        raise ValueError(f"low_noise_guidance {low_noise_guidance} needs an expert boundary; "
+                         "this model has one DiT")
+    use_cfg = scales != (1.0, 1.0)
     if use_cfg:
         if uncond_context is None:
             raise ValueError(f"guidance {guidance} needs uncond_context (the encoded empty prompt); "
@@ -106,11 +119,12 @@ def euler_sample(
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = ts[i].expand(b)  # (B,)
         sc = x0_est if self_cond else None
+        g = scales[0] if boundary is None or bool(serves_high(ts[i], boundary)) else scales[1]
         if use_cfg:
             sc2 = None if sc is None else torch.cat([sc, sc])
             out = model(torch.cat([x, x]), torch.cat([t, t]), ctx, context_mask=ctx_mask, self_cond=sc2)
             v_c, v_u = out.float().chunk(2)  # (B, ...) each
-            v = v_u + guidance * (v_c - v_u)
+            v = v_u + g * (v_c - v_u)
         else:
             v = model(x, t, ctx, context_mask=ctx_mask, self_cond=sc).float()
         if self_cond:
@@ -124,11 +138,15 @@ Text = tuple[Tensor, Tensor | None]  # encoded prompt tokens (B, L, D) and their
 
 def sample_latents(dit, noise: Tensor | tuple[int, ...], cond: Text, uncond: Text, *, steps: int,
                    guidance: float, shift: float, self_cond: bool | None = None,
-                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+                   generator: torch.Generator | None = None, progress: bool = False,
+                   low_noise_guidance: float | None = None) -> Tensor:
     """The one way callers sample: `euler_sample` with the prompts as (tokens, mask) pairs and
-    self-conditioning on whenever the DiT has it (None), unless the caller turns it off."""
+    self-conditioning on whenever the DiT has it (None), unless the caller turns it off. A two-expert DiT
+    (ExpertPair) switches experts at its boundary, guiding the low-noise stage with `low_noise_guidance`
+    (None: `guidance`)."""
     if self_cond is None:
         self_cond = bool(getattr(dit.cfg, "self_cond", False))
     return euler_sample(dit, noise, steps=steps, shift=shift, guidance=guidance, context=cond[0],
                         context_mask=cond[1], uncond_context=uncond[0], uncond_mask=uncond[1],
-                        self_cond=self_cond, generator=generator, progress=progress)
+                        self_cond=self_cond, generator=generator, progress=progress,
+                        boundary=getattr(dit, "boundary", None), low_noise_guidance=low_noise_guidance)

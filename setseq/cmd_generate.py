@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=nonnegative_float,
                    help="classifier-free guidance scale (default: the base model's own, "
                         "ModelConfig.guidance, e.g. 5 for Wan 2.1, 1 (off) for tiny; the paper samples at 8)")
+    p.add_argument("--low-noise-guidance", type=nonnegative_float,
+                   help="two-expert bases (Wan 2.2 A14B): guidance of the low-noise stage (default: the "
+                        "base's own, 3 for A14B; --guidance alone sets both stages)")
     p.add_argument("--shift", type=positive_float, help="timestep shift (default: the base model's own)")
     p.add_argument("--no-self-cond", dest="self_cond", action="store_false", default=None,
                    help="do not feed back the x0 estimate (default: on when the base has self-conditioning)")
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     frames, size = shape_of(args, base_cfg)
     base_cfg.latent_shape(frames, size)  # bad --frames / --size: an error before any weights load
     gen = GenerateConfig(frames=frames, size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                         seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond)
+                         seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond,
+                         low_noise_guidance=args.low_noise_guidance)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
     reference = read_reference(args, size)
 
@@ -160,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
         print(add_concept_file(pipe, path, concept, identity=alpha, motion=beta))
     check_prompt_tokens(pipe, args.prompt)
     warn_unreadable("generate", pipe.tokenizer.unreadable_words(args.prompt))
-    print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}, "
+    experts = "" if g.low_noise_guidance is None else \
+        f" (high-noise expert; low-noise expert below t {base_cfg.boundary:g} at {g.low_noise_guidance:g})"
+    print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}{experts}, "
           f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
     video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)
 

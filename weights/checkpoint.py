@@ -4,6 +4,7 @@
     DIR/dit.safetensors              DiT state dict (our module names)
     DIR/vae.safetensors              VAE state dict
     DIR/text_encoder.safetensors     T5 encoder state dict
+    DIR/dit_low.safetensors          two-expert bases (Wan 2.2 A14B): the low-noise expert; dit = high-noise
     DIR/tokenizer.model              optional: the sentencepiece model the T5 was trained with
     DIR/added_tokens.json            optional: tokens appended after the sentencepiece vocab, in id order
 
@@ -39,6 +40,9 @@ FORMAT = "setseq-checkpoint"
 FORMAT_VERSION = 1
 PARTS = ("dit", "vae", "t5")
 PART_FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "t5": "text_encoder.safetensors"}
+# A two-expert base's low-noise DiT: not a part a user names; it travels with "dit" (expert_parts).
+LOW_EXPERT = "dit_low"
+FILES = {**PART_FILES, LOW_EXPERT: "dit_low.safetensors"}  # every file a folder may hold
 TOKENIZER_FILE = "tokenizer.model"
 ADDED_TOKENS_FILE = "added_tokens.json"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -57,10 +61,30 @@ class BaseModels:
     source: str = ""  # the folder, or "preset NAME (random init, seed S)"
 
 
+def expert_parts(cfg: ModelConfig, parts: Sequence[str]) -> tuple[str, ...]:
+    """`parts` with the low-noise expert after "dit" when the base has two experts."""
+    if cfg.experts == 1 or "dit" not in parts:
+        return tuple(parts)
+    return tuple(p for part in parts for p in ((part, LOW_EXPERT) if part == "dit" else (part,)))
+
+
+def part_config(cfg: ModelConfig, part: str):
+    """The family config of one part; both experts share the DiT's."""
+    return cfg.dit if part == LOW_EXPERT else getattr(cfg, part)
+
+
+def pair_experts(models: BaseModels, low: nn.Module | None) -> None:
+    """Put the two experts in `models.dit` as one ExpertPair (the DiT everything downstream takes)."""
+    if low is not None:
+        from model.experts import ExpertPair
+
+        models.dit = ExpertPair(models.dit, low, models.cfg.boundary)
+
+
 def part_ctor(part: str, family_cfg) -> Callable[[], nn.Module]:
     """Constructor of one part's module from its family config (DiTConfig, VAEConfig or T5Config).
     Model modules are imported lazily: a DiT-only checkpoint needs only model/dit.py."""
-    if part == "dit":
+    if part in ("dit", LOW_EXPERT):
         from model.dit import DiT
 
         return lambda: DiT(family_cfg)
@@ -89,7 +113,7 @@ def check_parts(parts: Sequence[str]) -> tuple[str, ...]:
 def save_part(folder: str | Path, part: str, state: nn.Module | Mapping[str, torch.Tensor]) -> Path:
     """Write one part's safetensors file (atomically); returns its path."""
     sd = state.state_dict() if isinstance(state, nn.Module) else state
-    path = Path(folder) / PART_FILES[part]
+    path = Path(folder) / FILES[part]
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "part": part}
     write_safetensors_atomic(path, sd, metadata)
     return path
@@ -106,7 +130,7 @@ def write_config(folder: str | Path, cfg: ModelConfig, parts: Sequence[str], *, 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": cfg.to_dict(),
-        "parts": {p: PART_FILES[p] for p in PARTS if p in parts},
+        "parts": {p: FILES[p] for p in FILES if p in parts},
         "dtype": DTYPE_NAMES[parse_dtype(dtype)],
         "tokenizer": TOKENIZER_FILE if tokenizer else None,
         "added_tokens": ADDED_TOKENS_FILE if added_tokens else None,
@@ -132,9 +156,12 @@ def save_checkpoint(folder: str | Path, cfg: ModelConfig, dit: nn.Module | None 
     """
     folder = Path(folder)
     models = {"dit": dit, "vae": vae, "t5": t5}
+    if hasattr(dit, "boundary"):  # an ExpertPair: one file per expert
+        models.update(dit=dit.high, dit_low=dit.low)
+        cfg = dataclasses.replace(cfg, boundary=dit.boundary)
     for part, module in models.items():
         own = getattr(module, "cfg", None)
-        if own is not None and own != getattr(cfg, part):
+        if own is not None and part != LOW_EXPERT and own != getattr(cfg, part):
             cfg = dataclasses.replace(cfg, **{part: own})
     parts = [p for p, m in models.items() if m is not None]
     if not parts:
@@ -212,7 +239,8 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype | str = torch.float32
     cfg = checkpoint_config(folder)
     parts = check_parts(parts)
     models = BaseModels(cfg=cfg, source=str(folder))
-    for part in parts:
+    low = None
+    for part in expert_parts(cfg, parts):
         name = meta["parts"].get(part)
         if name is None:
             raise ValueError(f"{folder} has no {part} weights (it holds {sorted(meta['parts'])}); "
@@ -222,8 +250,12 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype | str = torch.float32
             raise FileNotFoundError(f"{path} is missing: {folder / 'config.json'} lists it as the "
                                     f"{part} weights")
         sd = read_safetensors(path)
-        module = load_into(part_ctor(part, getattr(cfg, part)), sd, dtype, device, source=str(path))
-        setattr(models, part, module)
+        module = load_into(part_ctor(part, part_config(cfg, part)), sd, dtype, device, source=str(path))
+        if part == LOW_EXPERT:
+            low = module
+        else:
+            setattr(models, part, module)
+    pair_experts(models, low)
     if meta.get("tokenizer"):
         models.tokenizer_path = folder / meta["tokenizer"]
     if meta.get("added_tokens"):
@@ -235,10 +267,16 @@ def random_models(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype | str = to
                   device: torch.device | str = "cpu", parts: Sequence[str] = PARTS) -> BaseModels:
     """Randomly initialized parts from a fixed seed (part i uses seed + i, so each is reproducible alone)."""
     models = BaseModels(cfg=cfg, source=f"preset {cfg.name} (random init, seed {seed})")
-    for part in check_parts(parts):
-        part_seed = seed + PARTS.index(part)
-        ctor = part_ctor(part, getattr(cfg, part))
-        setattr(models, part, random_init(ctor, part_seed, dtype, device, source=models.source))
+    low = None
+    for part in expert_parts(cfg, check_parts(parts)):
+        part_seed = seed + list(FILES).index(part)
+        ctor = part_ctor(part, part_config(cfg, part))
+        module = random_init(ctor, part_seed, dtype, device, source=models.source)
+        if part == LOW_EXPERT:
+            low = module
+        else:
+            setattr(models, part, module)
+    pair_experts(models, low)
     return models
 
 
@@ -263,7 +301,11 @@ def describe_checkpoint(folder: str | Path) -> list[str]:
         f"  t5: dim {cfg.t5.dim}, {cfg.t5.layers} layers, vocab {cfg.t5.vocab_size}",
         f"  sampling: shift {cfg.sample_shift}, guidance {cfg.guidance}, {cfg.sample_steps} steps",
     ]
-    for part in PARTS:
+    if cfg.experts == 2:
+        low_g = cfg.guidance if cfg.low_noise_guidance is None else cfg.low_noise_guidance
+        lines.append(f"  experts: 2 DiTs of the config above: high-noise (dit) for t >= {cfg.boundary} at "
+                     f"guidance {cfg.guidance}, low-noise ({LOW_EXPERT}) below at guidance {low_g}")
+    for part in expert_parts(cfg, PARTS):
         name = meta["parts"].get(part)
         if name is None:
             lines.append(f"  [{part}] not included")
@@ -293,4 +335,4 @@ def _numel(shape: Sequence[int]) -> int:
 __all__ = ["FORMAT", "FORMAT_VERSION", "PARTS", "PART_FILES", "BaseModels", "save_checkpoint", "save_part",
            "write_config", "copy_tokenizer", "load_checkpoint", "read_checkpoint_config", "checkpoint_config",
            "is_checkpoint", "random_models", "describe_checkpoint", "part_ctor",
-           "check_parts"]
+           "check_parts", "expert_parts", "part_config", "LOW_EXPERT"]
