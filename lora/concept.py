@@ -35,6 +35,7 @@ from lora.inject import (
     set_scales,
 )
 from model.safetensors_header import sort_metadata
+from model.tempfiles import kill_point, publish, remove_stale, temp_path
 
 FORMAT = "setseq-concept"
 VERSION = 1
@@ -146,11 +147,13 @@ def save_concept(path: str | os.PathLike, concept: Concept) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale(path.parent, path.name)  # a killed earlier write's temporary
+    tmp = temp_path(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         sort_metadata(tmp)
-        os.replace(tmp, path)
+        kill_point("concept")
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

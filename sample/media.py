@@ -10,13 +10,14 @@ video with a still stretch reads back with fewer gif frames; the mp4 keeps every
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from model.tempfiles import publish, remove_stale, temp_path
 
 SHEET_PAD = 2  # pixels between cells
 SHEET_BACKGROUND = (24, 24, 24)
@@ -48,11 +49,11 @@ def to_uint8(video) -> np.ndarray:
 
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffix: it picks the format
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    remove_stale(path.parent, path.name)  # a killed earlier write's temporary
+    tmp = temp_path(path, keep_suffix=True)  # the suffix picks the format
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

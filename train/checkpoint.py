@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from model.safetensors_header import sort_metadata
+from model.tempfiles import kill_point, publish, temp_path
 
 _NAME = re.compile(r"^stage(\d)-step(\d{6})\.safetensors$")
 
@@ -136,12 +137,13 @@ def save_checkpoint(
         "rng_numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
         "rng_python": json.dumps([version, list(py_state), gauss]),
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)  # a killed write's temporary is removed by the next run (resume_point)
     save_file(tensors, str(tmp), metadata=meta)
     sort_metadata(tmp)  # byte-identical files across processes
     with open(tmp, "rb+") as f:  # the bytes are on disk before the name points at them
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    kill_point("checkpoint")
+    publish(tmp, path)
     return path
 
 

@@ -200,6 +200,13 @@ class PersonalizeConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict:
+        """What a concept file keeps: the settings without how this invocation ran (INVOCATION), so a
+        resumed run's file equals an uninterrupted run's byte for byte."""
+        return {k: v for k, v in self.to_dict().items() if k not in INVOCATION}
+
+
+INVOCATION = ("resume", "force", "progress")
 
 # Fields that may change between an interrupted run and its resume without changing the result.
 RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from model.tempfiles import publish
+
 
 @dataclass
 class LatentSet:
@@ -170,7 +172,7 @@ class LatentCache:
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"key": json.dumps(key, sort_keys=True, default=str)})
-        tmp.replace(path)
+        publish(tmp, path)  # umask permissions (the library writes 0600)
         return tensors
 
 

@@ -20,17 +20,22 @@ from .video import write_video
 
 
 class LossLog:
-    """A TSV a person can read: one row per `log_every` steps, loss overall, concept and prior,
-    gradient norm, and the concept loss per flow-time bin (which noise levels are learned)."""
+    """A TSV a person can read: one row per `log_every` steps (and at each checkpoint, so a resumed run
+    averages the same steps into each row), loss overall, concept and prior, gradient norm, and the
+    concept loss per flow-time bin (which noise levels are learned).
 
-    def __init__(self, path: Path, bins: int, enabled: bool):
+    `until` (stage, step): where the run starts; rows after it, written by a run that was killed before
+    its next checkpoint, are dropped so the resumed run does not write them twice."""
+
+    def __init__(self, path: Path, bins: int, enabled: bool, until: tuple[int, int] = (0, 0)):
         self.path, self.bins, self.enabled = path, bins, enabled
         self.labels = bin_labels(bins)
         self._reset()
-        if enabled and not path.exists():
+        if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\t".join(["stage", "step", "loss", "concept", "prior", "grad_norm", "seconds",
-                                       *self.labels]) + "\n")
+            header = "\t".join(["stage", "step", "loss", "concept", "prior", "grad_norm", "seconds",
+                                *self.labels])
+            path.write_text("".join(f"{line}\n" for line in [header, *_rows_until(path, until)]))
 
     def _reset(self) -> None:
         self.n, self.loss, self.concept, self.prior, self.gnorm = 0, 0.0, [], [], 0.0
@@ -61,6 +66,14 @@ class LossLog:
                 f.write("\t".join(cells) + "\n")
         self._reset()
         return row
+
+
+def _rows_until(path: Path, until: tuple[int, int]) -> list[str]:
+    """The rows of an earlier loss table at or before (stage, step)."""
+    if not path.is_file():
+        return []
+    rows = path.read_text().splitlines()[1:]
+    return [r for r in rows if (cells := r.split("\t"))[1:] and (int(cells[0]), int(cells[1])) <= until]
 
 
 def _mean(values: list[float]) -> float:

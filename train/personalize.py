@@ -83,7 +83,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
 
         # -- model: the adapter (one shared basis for every concept), restored when resuming -------
         _add_adapter(cfg, base.dit)
-        log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc)
+        start = (ckpt.stage, ckpt.step) if ckpt else (0, 0)
+        log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
         if ckpt is not None:
             load_adapter_state(cfg, base.dit, tokens, ckpt.params)
 
@@ -144,7 +145,7 @@ def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Con
         prompts[f"dynamic{suffix}"] = c.motion_prompt
     return concept_from_model(base.dit, cfg.name, base_identity(base.dit, base.name), adapter=cfg.name,
                               targets=tuple(cfg.targets), tokens=tokens.state(), prompts=prompts,
-                              train_config=cfg.to_dict())
+                              train_config=cfg.record())
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -169,7 +170,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
             out = loss_step(cfg, base.dit, base.t5, data, g, shift)
         log.add(out, _descend(cfg, optimizer, lora + emb, out.loss, stage, step))
         done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == steps:
             row = log.flush(stage, done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", concept=f"{row['concept']:.4f}")
         if main_proc and cfg.preview_every and done % cfg.preview_every == 0:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lora.inject import concept_state_dict, load_concept_state_dict
 from lora.tokens import AddedTokens
+from model.tempfiles import remove_stale
 
 from .checkpoint import (
     Checkpoint,
@@ -91,6 +92,8 @@ def resume_point(cfg: PersonalizeConfig) -> Checkpoint | None:
     same work dir (from an earlier `--stage 1` run). Otherwise existing checkpoints are an error,
     so a new run never mixes with an old one.
     """
+    remove_stale(cfg.work / "checkpoints")  # temporaries of killed runs (model/tempfiles.py)
+    remove_stale(Path(cfg.out).parent, Path(cfg.out).name)
     ckpt = _start_checkpoint(cfg)
     if ckpt is None:
         return None

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from model.config import PRESETS, DiTConfig, ModelConfig, T5Config
+from model.tempfiles import kill_point, remove_stale, temp_path
 
 from .checkpoint import PARTS, check_parts, copy_tokenizer, part_ctor, save_part, write_config
 from .io import INDEX_SUFFIX, find_weights_file, preview, read_state_dict
@@ -303,7 +304,8 @@ def prepare_out(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output {out} already exists and is not empty; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale(out.parent, out.name)  # a killed conversion's folder
+    tmp = temp_path(out, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -339,6 +341,7 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             expected = expected_shapes(build_meta(part_ctor(part, configs[part])))
             check_state_dict(expected, ours, source=f"{files[part].weights} (after mapping to setseq names)")
             save_part(tmp, part, cast(ours, dtype))
+            kill_point("convert")
             del ours
         cfg = model_config(configs, notes)
         if tok is not None:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.safetensors_header import sort_metadata
+from model.tempfiles import publish
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -176,7 +177,7 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)  # with the umask's permissions: mkstemp made it 0600
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
