@@ -116,6 +116,14 @@ class VAEConfig:
     # Per-channel latent normalization z' = (z - mean) / std (Wan ships these); None = identity.
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    # Wan 2.2 (diffusers' `is_residual`): parameter-free shortcuts around every resampling stage. Encoder:
+    # around each level's blocks and downsampler, the input averaged over groups of its space-to-depth
+    # channels; decoder: around a level's blocks and the upsampler after them, the input's channels repeated
+    # and moved depth-to-space. The decoder's spatial upsamplers then keep their width (Wan 2.1 halves it).
+    residual: bool = False
+    decoder_base_channels: int | None = None  # decoder width base (Wan 2.2: 256, encoder 160); None = same
+    # Channel order of the space-to-depth stem: "hw" (C, pt, h, w), or Wan 2.2's "wh" (C, pt, w, h).
+    patch_order: str = "hw"
 
     def __post_init__(self) -> None:
         n = len(self.channel_mult)
@@ -142,6 +150,30 @@ class VAEConfig:
             v = getattr(self, name)
             _check(v is None or len(v) == self.latent_channels,
                    f"VAE {name} has {0 if v is None else len(v)} values for {self.latent_channels} channels")
+        _check(self.patch_order in ("hw", "wh"), f"unknown VAE patch_order {self.patch_order!r}; "
+               "choose 'hw' or 'wh'")
+        if self.residual:
+            self._check_residual()
+
+    def _check_residual(self) -> None:
+        """Each shortcut regroups channels: in * factor must split evenly into out (and back)."""
+        enc, dec = self.encoder_widths, self.decoder_widths
+        for i, (ts, ss) in enumerate(zip(self.time_strides, self.space_strides, strict=True)):
+            cin, f = ([self.base_channels] + enc)[i], ts * ss * ss
+            _check(cin * f % enc[i] == 0, f"VAE residual shortcut of encoder level {i}: {cin} channels x "
+                   f"{f} (strides) do not split into {enc[i]}; choose channel_mult so they do")
+            below, f = (dec[1:] + dec[-1:])[i], self.time_strides[i - 1] * self.space_strides[i - 1] ** 2
+            if i > 0 and f > 1:  # the decoder's shortcut over level i's blocks and level i - 1's upsampler
+                _check(dec[i] * f % below == 0, f"VAE residual shortcut of decoder level {i}: {dec[i]} "
+                       f"channels x {f} (strides) are no multiple of {below}; choose channel_mult so")
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        return [self.base_channels * m for m in self.channel_mult]
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        return [(self.decoder_base_channels or self.base_channels) * m for m in self.channel_mult]
 
     @property
     def time_compression(self) -> int:
@@ -315,13 +347,31 @@ _WAN_VAE = VAEConfig(
     latents_mean=_WAN_LATENTS_MEAN, latents_std=_WAN_LATENTS_STD,
 )
 
+# Wan 2.2 VAE (TI2V-5B): 2x2 space-to-depth stem, residual resampling, 48 channels, 4x16x16; its latent
+# statistics from Wan-Video/Wan2.2 wan/modules/vae2_2.py (diffusers' vae22 config holds the same).
+_WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+_WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
+_WAN22_VAE = dataclasses.replace(
+    _WAN_VAE, latent_channels=48, base_channels=160, decoder_base_channels=256, patch=(1, 2),
+    patch_order="wh", residual=True, latents_mean=_WAN22_LATENTS_MEAN, latents_std=_WAN22_LATENTS_STD)
+
 # umT5-XXL, the text encoder of Wan 2.1.
 _UMT5_XXL = T5Config(vocab_size=256384, dim=4096, head_dim=64, heads=64, ffn_dim=10240, layers=24,
                      ffn="gated-gelu", per_layer_position_bias=True)
 
 
-def _wan_dit(dim: int, heads: int, layers: int, ffn_dim: int) -> DiTConfig:
-    return DiTConfig(in_channels=16, out_channels=16, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim,
+def _wan_dit(dim: int, heads: int, layers: int, ffn_dim: int, channels: int = 16) -> DiTConfig:
+    return DiTConfig(in_channels=channels, out_channels=channels, dim=dim, heads=heads, layers=layers,
+                     ffn_dim=ffn_dim,
                      text_dim=4096, text_proj=True, modulation="shared", qk_norm="rms_across_heads",
                      cross_attn_norm=True, rope_split=None, window=None, self_cond=False)
 
@@ -375,6 +425,11 @@ PRESETS: dict[str, ModelConfig] = {
     "wan2.2-t2v-a14b": ModelConfig(name="wan2.2-t2v-a14b", dit=_wan_dit(5120, 40, 40, 13824), vae=_WAN_VAE,
                                    t5=_UMT5_XXL, sample_shift=12.0, guidance=4.0, sample_steps=40,
                                    boundary=0.875, low_noise_guidance=3.0),
+    # Wan 2.2 TI2V-5B (wan/configs/wan_ti2v_5B.py): one DiT on the 48-channel Wan 2.2 VAE; text- and
+    # image-to-video (the image is a clean first latent frame at timestep 0).
+    "wan2.2-ti2v-5b": ModelConfig(name="wan2.2-ti2v-5b", dit=_wan_dit(3072, 24, 30, 14336, channels=48),
+                                  vae=_WAN22_VAE, t5=_UMT5_XXL, sample_shift=5.0, guidance=5.0,
+                                  sample_steps=50),
 }
 
 
@@ -386,6 +441,7 @@ DEFAULT_CLIPS: dict[str, tuple[int, int, int]] = {
     "wan2.1-1.3b": (81, 480, 832),
     "wan2.1-14b": (81, 720, 1280),
     "wan2.2-t2v-a14b": (81, 720, 1280),
+    "wan2.2-ti2v-5b": (121, 704, 1280),  # 5 s at 24 fps (Wan 2.2's 1280*704)
 }
 
 

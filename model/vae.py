@@ -27,7 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VAEConfig
-from model.vae_blocks import Attention, CausalConv3d, Down, Norm, ResBlock, StreamCache, Up, resize_cond
+from model.vae_blocks import (
+    Attention,
+    CausalConv3d,
+    Down,
+    Norm,
+    ResBlock,
+    StreamCache,
+    Up,
+    avg_down,
+    dup_up,
+    resize_cond,
+)
 
 # Above this many pixel-frames (T * H * W) `stream_chunks` streams: a whole-clip pass holds every frame's
 # activations at once (Wan 2.1's 81 x 480 x 832 would need tens of GB). On the CPU (benchmarks/bench_vae.py)
@@ -65,38 +76,39 @@ class EncoderLevel(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    def __init__(self, cin: int, cout: int, blocks: int, norm: dict, padding: str, ts: int, ss: int):
+    def __init__(self, cin: int, cout: int, blocks: int, norm: dict, padding: str, ts: int, ss: int,
+                 keep_width: bool = False):
         super().__init__()
-        self.up = Up(cin, ss == 2, ts == 2, padding) if (ts, ss) != (1, 1) else None
+        self.up = Up(cin, ss == 2, ts == 2, padding, keep_width) if (ts, ss) != (1, 1) else None
         cin = self.up.out_channels if self.up is not None else cin
         self.blocks = nn.ModuleList(ResBlock(c, cout, norm, padding) for c in [cin] + [cout] * (blocks - 1))
-
-
-def _widths(cfg: VAEConfig) -> list[int]:
-    return [cfg.base_channels * m for m in cfg.channel_mult]
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        norm, pad, ch = {"kind": cfg.norm, "groups": cfg.norm_groups}, cfg.padding, _widths(cfg)
+        norm, pad, ch = {"kind": cfg.norm, "groups": cfg.norm_groups}, cfg.padding, cfg.encoder_widths
         self.conv_in = CausalConv3d(cfg.patched_channels, cfg.base_channels, 3, pad)
         cins = [cfg.base_channels] + ch[:-1]
         ts, ss = cfg.time_strides, cfg.space_strides
         nb = cfg.encoder_blocks
         self.levels = nn.ModuleList(EncoderLevel(cins[i], ch[i], nb[i], norm, pad, ts[i], ss[i])
                                     for i in range(len(ch)))
+        self.residual, self.strides = cfg.residual, list(zip(ts, ss, strict=True))
         self.mid = MidBlock(ch[-1], norm, pad, cfg.mid_attention)
         self.norm_out = Norm(channels=ch[-1], **norm)
         self.conv_out = CausalConv3d(ch[-1], cfg.latent_channels * (2 if cfg.kl else 1), 3, pad)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         x = self.conv_in(x, cache)  # (B, C0, T, H, W)
-        for level in self.levels:
+        for level, (ts, ss) in zip(self.levels, self.strides, strict=True):
+            skip = x
             for block in level.blocks:
                 x = block(x, cache)
             if level.down is not None:
                 x = level.down(x, cache)
+            if self.residual:  # Wan 2.2: the level's input, averaged down to the level's output grid
+                x = x + avg_down(skip, x.shape[1], ts, ss)
         x = self.mid(x, cache)
         return self.conv_out(F.silu(self.norm_out(x)), cache)  # (B, Z or 2Z, T', H', W')
 
@@ -104,7 +116,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, n, pad = _widths(cfg), len(cfg.channel_mult), cfg.padding
+        ch, n, pad = cfg.decoder_widths, len(cfg.channel_mult), cfg.padding
         norm = {"kind": cfg.norm, "groups": cfg.norm_groups,
                 "cond_channels": cfg.latent_channels if cfg.decoder_adaptive_norm else None}
         self.adaptive = cfg.decoder_adaptive_norm
@@ -115,19 +127,23 @@ class Decoder(nn.Module):
         below = ch[1:] + ch[-1:]  # width arriving at level i from the level beneath it (or the mid block)
         ts, ss = cfg.time_strides, cfg.space_strides
         nb = cfg.decoder_blocks
-        self.levels = nn.ModuleList(DecoderLevel(below[i], ch[i], nb[i], norm, pad, ts[i], ss[i])
-                                    for i in range(n))
+        self.levels = nn.ModuleList(
+            DecoderLevel(below[i], ch[i], nb[i], norm, pad, ts[i], ss[i], cfg.residual) for i in range(n))
+        self.residual, self.strides = cfg.residual, list(zip(ts, ss, strict=True))
         self.norm_out = Norm(channels=ch[0], **norm)
         self.conv_out = CausalConv3d(ch[0], cfg.patched_channels, 3, pad)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         x = self.conv_in(z, cache)  # (B, C, T', H', W')
         x = self.mid(x, cache, z if self.adaptive else None)
-        cond = None
+        cond = skip = None
         for i in reversed(range(len(self.levels))):
             level = self.levels[i]
             if level.up is not None:
                 x = level.up(x, cache)
+                if skip is not None:  # Wan 2.2: the previous level's input, duplicated up to this grid
+                    x = x + dup_up(skip, x.shape[1], *self.strides[i], frames=x.shape[2])
+            skip = x if self.residual else None
             if self.adaptive:
                 cond = resize_cond(z, tuple(x.shape[2:]), self.time_scale[i])
             for block in level.blocks:
@@ -155,8 +171,9 @@ class LinearDecoder(nn.Module):
         return self.proj(z)
 
 
-def patchify(x: torch.Tensor, patch: tuple[int, int], first: bool) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, C * pt * ps * ps, T', H / ps, W / ps), channels ordered (C, pt, ps, ps).
+def patchify(x: torch.Tensor, patch: tuple[int, int], first: bool, order: str = "hw") -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C * pt * ps * ps, T', H / ps, W / ps), channels ordered (C, pt, h, w), or
+    (C, pt, w, h) with order "wh" (Wan 2.2's).
 
     first: x starts with frame 0, which is repeated pt - 1 times in front so it fills a time group
     alone (T = 1 + k * pt -> 1 + k groups); otherwise T is a multiple of pt."""
@@ -167,17 +184,19 @@ def patchify(x: torch.Tensor, patch: tuple[int, int], first: bool) -> torch.Tens
         x = torch.cat([x[:, :, :1].expand(-1, -1, pt - 1, -1, -1), x], dim=2)
     B, C, T, H, W = x.shape
     x = x.reshape(B, C, T // pt, pt, H // ps, ps, W // ps, ps)
-    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, C * pt * ps * ps, T // pt, H // ps, W // ps)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6) if order == "hw" else x.permute(0, 1, 3, 7, 5, 2, 4, 6)
+    return x.reshape(B, C * pt * ps * ps, T // pt, H // ps, W // ps)
 
 
-def unpatchify(x: torch.Tensor, patch: tuple[int, int], first: bool) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, patch: tuple[int, int], first: bool, order: str = "hw") -> torch.Tensor:
     """Inverse of `patchify`; with `first`, frame 0 is the mean of its group's pt frames."""
     pt, ps = patch
     if (pt, ps) == (1, 1):
         return x
     B, CP, t, h, w = x.shape
     C = CP // (pt * ps * ps)
-    x = x.reshape(B, C, pt, ps, ps, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    x = x.reshape(B, C, pt, ps, ps, t, h, w)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4) if order == "hw" else x.permute(0, 1, 5, 2, 6, 4, 7, 3)
     x = x.reshape(B, C, t * pt, h * ps, w * ps)
     if first and pt > 1:
         x = torch.cat([x[:, :, :pt].mean(2, keepdim=True), x[:, :, pt:]], dim=2)
@@ -249,7 +268,7 @@ class VAE(nn.Module):
             return None
         if chunk < step or chunk % step:
             raise ValueError(f"chunk {chunk} must be a positive multiple of {step}")
-        return [x[:, :, :1], *x[:, :, 1:].split(chunk, dim=2)]
+        return [x[:, :, :1], *(x[:, :, 1:].split(chunk, dim=2) if x.shape[2] > 1 else ())]
 
     def stream_chunks(self, frames: int, height: int, width: int) -> tuple[int | None, int | None]:
         """(encode chunk, decode chunk) for a video of this size: None (whole clip) up to STREAM_ABOVE
@@ -271,12 +290,12 @@ class VAE(nn.Module):
         if chunk == "auto":
             chunk = self.stream_chunks(*video.shape[2:])[0]
         pieces = self._pieces(video, chunk, self.cfg.time_compression)
-        patch = self.cfg.patch
+        patch, order = self.cfg.patch, self.cfg.patch_order
         if pieces is None:
-            h = self.encoder(patchify(video, patch, first=True))
+            h = self.encoder(patchify(video, patch, first=True, order=order))
         else:
             cache = StreamCache()
-            h = torch.cat([self.encoder(patchify(p, patch, first=i == 0), cache)
+            h = torch.cat([self.encoder(patchify(p, patch, first=i == 0, order=order), cache)
                            for i, p in enumerate(pieces)], dim=2)
         h = self.quant_conv(h)
         if not self.cfg.kl:
@@ -311,11 +330,11 @@ class VAE(nn.Module):
             chunk = self.stream_chunks(1 + (z.shape[2] - 1) * tc, z.shape[3] * sc, z.shape[4] * sc)[1]
         z = self.post_quant_conv(z)
         pieces = self._pieces(z, chunk, 1)
-        patch = self.cfg.patch
+        patch, order = self.cfg.patch, self.cfg.patch_order
         if pieces is None:
-            return unpatchify(self.decoder(z), patch, first=True)
+            return unpatchify(self.decoder(z), patch, first=True, order=order)
         cache = StreamCache()
-        return torch.cat([unpatchify(self.decoder(p, cache), patch, first=i == 0)
+        return torch.cat([unpatchify(self.decoder(p, cache), patch, first=i == 0, order=order)
                           for i, p in enumerate(pieces)], dim=2)
 
     def decode(self, z: torch.Tensor, *, chunk: int | str | None = None, clamp: bool = True) -> torch.Tensor:

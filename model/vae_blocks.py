@@ -216,15 +216,16 @@ class Up(nn.Module):
 
     time: frame 0 passes alone; later frames go through a causal Conv3d (3, 1, 1) to 2C channels,
     read as two frames each (Wan 2.1's scheme: 1 + k frames become 1 + 2k). space: nearest x2,
-    then Conv2d k3 from C to C // 2 channels per frame.
+    then Conv2d k3 from C to C // 2 channels per frame (C with keep_width).
     """
 
-    def __init__(self, channels: int, space: bool, time: bool, padding: str):
+    def __init__(self, channels: int, space: bool, time: bool, padding: str, keep_width: bool = False):
         super().__init__()
         self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1), padding) if time else None
         self.spatial = None
-        if space:
-            self.spatial = nn.Conv2d(channels, channels // 2, 3, padding=1, padding_mode=padding)
+        if space:  # Wan 2.1 halves the width here; Wan 2.2 (keep_width) does not
+            out = channels if keep_width else channels // 2
+            self.spatial = nn.Conv2d(channels, out, 3, padding=1, padding_mode=padding)
 
     @property
     def out_channels(self) -> int:
@@ -251,3 +252,31 @@ class Up(nn.Module):
             h = F.interpolate(h, scale_factor=2.0, mode="nearest-exact")
             x = self.spatial(h).reshape(B, T, -1, 2 * H, 2 * W).transpose(1, 2)
         return x
+
+
+def avg_down(x: torch.Tensor, channels: int, time: int, space: int) -> torch.Tensor:
+    """Wan 2.2's encoder shortcut: space-to-depth by (time, space, space), then the mean of each run of
+    consecutive channels, down to `channels`: (B, C, T, H, W) -> (B, channels, T / time, H / s, W / s).
+
+    Zero frames pad the front up to a multiple of `time`: 1 + 2k frames pair frame 0 with a zero frame,
+    and so does a streamed chunk holding frame 0 alone, while later chunks (whole groups) need none; so
+    whole and streamed agree, and output frame j reads input frames <= time * j."""
+    B, C, T, H, W = x.shape
+    pad = -T % time
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, pad, 0))
+    t = (T + pad) // time
+    x = x.reshape(B, C, t, time, H // space, space, W // space, space)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, channels, -1, t, H // space, W // space)
+    return x.mean(2)
+
+
+def dup_up(x: torch.Tensor, channels: int, time: int, space: int, frames: int) -> torch.Tensor:
+    """Wan 2.2's decoder shortcut: each channel repeated, then depth-to-space by (time, space, space), down to
+    `channels`; the last `frames` frames are kept (an upsampler turns frame 0 into one frame, not `time`).
+    (B, C, T, H, W) -> (B, channels, frames, H * space, W * space)."""
+    B, C, T, H, W = x.shape
+    x = x.repeat_interleave(channels * time * space * space // C, dim=1)
+    x = x.reshape(B, channels, time, space, space, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    x = x.reshape(B, channels, T * time, H * space, W * space)
+    return x[:, :, x.shape[2] - frames:]

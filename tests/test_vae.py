@@ -18,6 +18,9 @@ TINY = {
     "wan": dict(norm="rms", padding="zeros", decoder_adaptive_norm=False, mid_attention=True),
     "patched": dict(norm="rms", padding="zeros", patch=(2, 2), time_strides=(2, 1, 1),
                     space_strides=(2, 1, 1)),
+    # Wan 2.2: residual resampling behind a 2x2 (w, h)-ordered stem, and its own decoder width
+    "wan22": dict(norm="rms", padding="zeros", mid_attention=True, residual=True, patch=(1, 2),
+                  patch_order="wh", decoder_base_channels=12, space_strides=(2, 1, 1)),
     "linear": dict(arch="linear", patch=(4, 4), channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,),
                    time_strides=(1,), space_strides=(1,)),
 }
