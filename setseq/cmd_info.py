@@ -55,7 +55,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             module = ctor(sub_cfg)
         return sum(p.numel() for p in module.parameters())
 
-    return {"dit_params": count(DiT, cfg.dit), "vae_params": count(VAE, cfg.vae),
+    # A two-expert base (Wan 2.2 A14B) holds two DiTs of one config.
+    return {"dit_params": cfg.experts * count(DiT, cfg.dit), "vae_params": count(VAE, cfg.vae),
             "text_encoder_params": count(T5Encoder, cfg.t5)}
 
 
@@ -108,13 +109,21 @@ def format_report(info: dict, cfg: ModelConfig) -> str:
                          f"{cfg.vae.time_compression}x{cfg.vae.space_compression}x{cfg.vae.space_compression}"),
         ("video tokens", f"{info['video_tokens']:,} (patch {pt}x{ph}x{pw}), {window}"),
         ("text tokens", f"{info['text_tokens']} (T5 max_length)"),
-        ("DiT", params(info["dit_params"])),
+        ("DiT", params(info["dit_params"]) + _experts(cfg)),
         ("VAE", params(info["vae_params"])),
         ("text encoder", params(info["text_encoder_params"])),
         ("train FLOPs", f"{flops_text(step)} per step at batch {info['batch']} ({step:.3g}; "
                         f"3 x forward, see model/flops.py)"),
     ]
     return "\n".join(f"{k:<14}{v}" for k, v in rows)
+
+
+def _experts(cfg: ModelConfig) -> str:
+    if cfg.experts == 1:
+        return ""
+    low = cfg.guidance if cfg.low_noise_guidance is None else cfg.low_noise_guidance
+    return (f", 2 experts of one shape: high-noise for t >= {cfg.boundary:g} (guidance {cfg.guidance:g}), "
+            f"low-noise below (guidance {low:g}); one runs per step")
 
 
 def run(args: argparse.Namespace) -> int:

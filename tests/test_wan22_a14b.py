@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,166 @@ def test_generate_cli_switches_experts(pair_base, tmp_path, capsys):
     assert "4 steps, guidance 4 (high-noise expert; low-noise expert below t 0.875 at 3)" in out
     assert main([*args[:-1], str(tmp_path / "w.mp4"), "--guidance", "5"]) == 0
     assert "guidance 5 (high-noise expert; low-noise expert below t 0.875 at 5)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ converters
+
+# diffusers' AutoencoderKLWan / transformers' UMT5 configs the tiny releases carry (configs only: the
+# tests convert the two experts, and the other parts lend their config.json as in a --parts dit run).
+_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+            latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+_UMT5 = dict(vocab_size=100, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2)
+
+
+def _convert(src, out, layout, *extra) -> int:
+    from setseq.cli import main
+
+    return main(["convert", "--from", layout, str(src), "--out", str(out), "--dtype", "fp32", *extra])
+
+
+def _diffusers_release(root: Path, boundary: float | None = 0.9) -> tuple[Path, dict]:
+    transformers = pytest.importorskip("transformers")
+    refs = {"high": _reference(0), "low": _reference(1)}
+    refs["high"].save_pretrained(root / "transformer")
+    refs["low"].save_pretrained(root / "transformer_2", max_shard_size="20KB")  # sharded, as the real one
+    diffusers.AutoencoderKLWan(**_VAE).save_config(root / "vae")
+    transformers.UMT5Config(**_UMT5).save_pretrained(root / "text_encoder")
+    index = {"_class_name": "WanPipeline", "boundary_ratio": boundary,
+             "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root, refs
+
+
+@torch.no_grad()
+def test_diffusers_a14b_release_converts_both_experts(tmp_path, capsys):
+    from weights.checkpoint import load_checkpoint
+
+    src, refs = _diffusers_release(tmp_path / "Wan2.2-T2V-tiny-Diffusers")
+    out = tmp_path / "ckpt"
+    assert _convert(src, out, "diffusers", "--parts", "dit") == 0
+    assert "two experts (high- and low-noise), boundary 0.9: a custom size" in capsys.readouterr().out
+    m = load_checkpoint(out, parts=("dit",))
+    assert isinstance(m.dit, ExpertPair) and m.cfg.boundary == 0.9 and m.cfg.name == "wan2.2-custom"
+    assert (m.cfg.guidance, m.cfg.low_noise_guidance, m.cfg.sample_shift) == (4.0, 3.0, 12.0)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 2, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
+    for t, ref in ((0.95, refs["high"]), (0.3, refs["low"])):  # each time reaches its own expert
+        want = ref(x, torch.tensor([t * 1000]), ctx, return_dict=False)[0]
+        err = (m.dit(x, torch.tensor([t]), ctx) - want).abs().max().item()
+        # diffusers' fp32 sinusoidal time embedding vs our float64 one (tests/test_weights_dit.py)
+        assert err <= 1e-4, f"expert at t {t}: max abs error {err:.2e} > 1e-4"
+
+
+def _original_release(root: Path, sp_model_path) -> tuple[Path, ExpertPair]:
+    from model.t5 import T5Encoder
+    from weights.io import write_safetensors_atomic
+
+    cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, dim=24, heads=2, layers=2, ffn_dim=40, text_dim=32)
+    pair = ExpertPair(DiT(cfg), DiT(cfg), 0.875)
+    with torch.no_grad():
+        for p in pair.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    for sub, expert in (("high_noise_model", pair.high), ("low_noise_model", pair.low)):
+        (root / sub).mkdir(parents=True)
+        write_safetensors_atomic(root / sub / "diffusion_pytorch_model.safetensors", expert.state_dict())
+        (root / sub / "config.json").write_text(json.dumps({
+            "_class_name": "WanModel", "dim": 24, "eps": 1e-6, "ffn_dim": 40, "freq_dim": 256, "in_dim": 16,
+            "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512,
+            "text_dim": 32}))
+    t5_cfg = dataclasses.replace(PRESETS["tiny"].t5, vocab_size=50, dim=32, per_layer_position_bias=True)
+    t5 = T5Encoder(t5_cfg)
+    torch.save(t5.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
+    (root / "google" / "umt5-xxl").mkdir(parents=True)
+    shutil.copy(sp_model_path, root / "google" / "umt5-xxl" / "spiece.model")
+    return root, pair
+
+
+@torch.no_grad()
+def test_original_a14b_release_converts_both_experts(tmp_path, sp_model_path, capsys):
+    from weights.checkpoint import load_checkpoint
+
+    src, pair = _original_release(tmp_path / "Wan2.2-T2V-tiny", sp_model_path)
+    out = tmp_path / "ckpt"
+    assert _convert(src, out, "wan", "--parts", "dit,t5") == 0
+    assert "boundary 0.875" in capsys.readouterr().out
+    m = load_checkpoint(out, parts=("dit", "t5"))
+    assert isinstance(m.dit, ExpertPair) and m.cfg.boundary == 0.875
+    for ours, theirs in ((m.dit.high, pair.high), (m.dit.low, pair.low)):
+        assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.state_dict().items())
+    assert main_info(out).count("dit_low.safetensors") == 1
+
+
+def main_info(folder: Path) -> str:
+    import contextlib
+    import io
+
+    from setseq.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["info", str(folder), "--frames", "5", "--size", "32x32"]) == 0
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("layout, remove, message", [
+    ("wan", "low_noise_model", r"no low_noise_model/ folder for the low-noise expert; expected both "
+                               r"high_noise_model/ and low_noise_model/"),
+    ("wan", "high_noise_model", r"no high_noise_model/ folder for the high-noise expert"),
+    ("wan", "low_noise_model/config.json", r"low_noise_model has no config\.json for the low-noise expert"),
+    ("diffusers", "transformer_2", r"no transformer_2/ folder for the low-noise expert; expected both "
+                                   r"transformer/ and transformer_2/"),
+    ("diffusers", "transformer/diffusion_pytorch_model.safetensors",
+     r"transformer holds no weights for the high-noise expert"),
+])
+def test_a_missing_expert_is_named(tmp_path, sp_model_path, capsys, layout, remove, message):
+    src = tmp_path / "src"
+    if layout == "wan":
+        _original_release(src, sp_model_path)
+    else:
+        _diffusers_release(src)
+    target = src / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert _convert(src, tmp_path / "out", layout, "--parts", "dit") == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a14b_key_coverage_full_size():
+    """Both experts of the full-size preset, built on the meta device: the diffusers and original key maps
+    take every key of transformer/ and transformer_2/ (high_noise_model/, low_noise_model/) onto the pair's
+    keys, each once, shapes equal; the releases' configs are recognised as the preset."""
+    from weights.convert import model_config
+    from weights.wan_dit import dit_config_from_diffusers, dit_config_from_wan, wan_dit_keymap
+
+    preset = PRESETS["wan2.2-t2v-a14b"]
+    cfg = preset.dit
+    with torch.device("meta"):
+        ref = diffusers.WanTransformer3DModel(
+            patch_size=cfg.patch, num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+            freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.layers)
+        pair = ExpertPair(DiT(cfg), DiT(cfg), preset.boundary)
+    ours = {k: tuple(v.shape) for k, v in pair.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    for layout in ("diffusers", "wan"):
+        keymap = wan_dit_keymap(cfg, layout)
+        src_shapes = theirs if layout == "diffusers" else {o: ours[f"high.{o}"] for o in keymap.values()}
+        assert keymap.keys() == src_shapes.keys()
+        mapped = [f"{expert}.{o}" for expert in ("high", "low") for o in keymap.values()]
+        assert sorted(mapped) == sorted(ours)  # every key of the pair, each once
+        assert all(src_shapes[k] == ours[f"{e}.{o}"] for e in ("high", "low") for k, o in keymap.items())
+    wan_json = {"_class_name": "WanModel", "dim": 5120, "eps": 1e-6, "ffn_dim": 13824, "freq_dim": 256,
+                "in_dim": 16, "model_type": "t2v", "num_heads": 40, "num_layers": 40, "out_dim": 16,
+                "text_len": 512}  # the release's high_noise_model/config.json (low_noise_model/ the same)
+    assert dit_config_from_wan(wan_json) == cfg and dit_config_from_diffusers(ref.config) == cfg
+    notes = []
+    assert model_config({"dit": cfg, "dit_low": cfg, "vae": preset.vae, "t5": preset.t5}, notes) == preset
+    assert notes == ["two experts (high- and low-noise), boundary 0.875: the DiT matches preset "
+                     "wan2.2-t2v-a14b"]
+    # and `setseq info --preset` counts both experts
+    from setseq.cmd_info import collect
+
+    info = collect(preset, 81, 720, 1280)
+    assert info["dit_params"] == 2 * sum(p.numel() for p in pair.high.parameters())

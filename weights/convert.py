@@ -13,6 +13,10 @@ Source layouts (local files only; nothing is downloaded):
       SRC/vae/config.json + diffusion_pytorch_model.safetensors
       SRC/text_encoder/config.json + model.safetensors (or shards + index json)
       SRC/tokenizer/spiece.model
+    Wan 2.2 T2V-A14B, two experts of the Wan 2.1 14B shape (the VAE, umT5 and tokenizer as above):
+      original: SRC/high_noise_model/ and SRC/low_noise_model/, each config.json + its DiT weights
+      diffusers: SRC/transformer/ (high-noise expert) and SRC/transformer_2/ (low-noise expert);
+                 model_index.json's boundary_ratio gives the boundary when present
 
 Each part is read, sniffed (is this the model we expect, in the layout we were told?), mapped to our
 names by the family's key map (weights/wan_dit.py, wan_vae.py, t5.py), checked key by key and shape by
@@ -35,12 +39,15 @@ import torch
 from model.config import PRESETS, DiTConfig, ModelConfig, T5Config
 from model.tempfiles import kill_point, remove_stale, temp_path
 
-from .checkpoint import PARTS, check_parts, copy_tokenizer, part_ctor, save_part, write_config
+from .checkpoint import LOW_EXPERT, PARTS, check_parts, copy_tokenizer, part_ctor, save_part, write_config
 from .io import INDEX_SUFFIX, find_weights_file, preview, read_state_dict
 from .load import build_meta, check_state_dict, expected_shapes, parse_dtype
 
 LAYOUTS = ("wan", "diffusers")
 WAN_PRESETS = ("wan2.1-1.3b", "wan2.1-14b")
+A14B = "wan2.2-t2v-a14b"  # the two-expert preset: its boundary and per-stage guidance go to converted pairs
+# Each expert's folder, (high-noise, low-noise), per layout: the dit part and the LOW_EXPERT part.
+EXPERT_DIRS = {"wan": ("high_noise_model", "low_noise_model"), "diffusers": ("transformer", "transformer_2")}
 WAN_FILES = {"dit": "diffusion_pytorch_model", "vae": "Wan2.1_VAE.pth",
              "t5": "models_t5_umt5-xxl-enc-bf16.pth"}
 WAN_TOKENIZER = "google/umt5-xxl/spiece.model"
@@ -60,7 +67,13 @@ SIGNATURES = {
 }
 # Repackaged single-file DiTs (ComfyUI and others) prefix every key; the DiT key map accepts these too.
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-PART_NAMES = {"dit": "Wan 2.1 DiT", "vae": "Wan 2.1 VAE", "t5": "umT5 text encoder"}
+PART_NAMES = {"dit": "Wan 2.1 DiT", "vae": "Wan 2.1 VAE", "t5": "umT5 text encoder",
+              LOW_EXPERT: "Wan 2.2 low-noise expert DiT"}
+
+
+def family(part: str) -> str:
+    """The model family a part belongs to: the low-noise expert is a DiT."""
+    return "dit" if part == LOW_EXPERT else part
 
 
 @dataclass
@@ -91,7 +104,43 @@ def locate(src: Path, layout: str, parts: Sequence[str]) -> dict[str, SourcePart
         raise FileNotFoundError(f"source folder {src} does not exist")
     found = {}
     for part in parts:
-        found[part] = _locate_wan(src, part) if layout == "wan" else _locate_diffusers(src, part)
+        if part == "dit" and has_experts(src, layout):
+            found.update(_locate_experts(src, layout))
+        else:
+            found[part] = _locate_wan(src, part) if layout == "wan" else _locate_diffusers(src, part)
+    return found
+
+
+def has_experts(src: Path, layout: str) -> bool:
+    """A Wan 2.2 A14B release: either expert's folder, or a model_index.json that names a boundary."""
+    high, low = EXPERT_DIRS[layout]
+    if layout == "wan":
+        return (src / high).is_dir() or (src / low).is_dir()
+    index = src / "model_index.json"
+    return (src / low).is_dir() or (index.is_file() and read_json(index).get("boundary_ratio") is not None)
+
+
+def _locate_experts(src: Path, layout: str) -> dict[str, SourcePart]:
+    """Both experts' weights and config.json, or an error naming the folder that is missing or incomplete."""
+    found = {}
+    for part, sub in zip(("dit", LOW_EXPERT), EXPERT_DIRS[layout], strict=True):
+        folder = src / sub
+        role = "high-noise" if part == "dit" else "low-noise"
+        if not folder.is_dir():
+            high, low = EXPERT_DIRS[layout]
+            raise ValueError(f"{src} is a two-expert Wan 2.2 release but has no {sub}/ folder for the {role} "
+                             f"expert; expected both {high}/ and {low}/, each a config.json and "
+                             "diffusion_pytorch_model.safetensors (or its shard index and shards)")
+        weights = _weights_in(folder, WAN_FILES["dit"])
+        if weights is None:
+            raise ValueError(f"{folder} holds no weights for the {role} expert: expected "
+                             f"{WAN_FILES['dit']}.safetensors or {WAN_FILES['dit']}{INDEX_SUFFIX} with its "
+                             "shards")
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{folder} has no config.json for the {role} expert; each expert folder needs "
+                             "one")
+        found[part] = SourcePart(part, weights, config)
     return found
 
 
@@ -206,6 +255,7 @@ def wan_t5_config_from_shapes(sd: Mapping[str, torch.Tensor], path: Path) -> T5C
 def family_config(part: str, layout: str, src: SourcePart | None, sd: Mapping[str, torch.Tensor] | None):
     """The config of one part: from its config.json or tensors when there are any, else the Wan preset's
     (Wan2.1_VAE.pth ships no config: every Wan 2.1 release uses the same VAE)."""
+    part = family(part)
     if src is not None and src.config is not None:
         try:
             return _config_from_json(part, layout, read_json(src.config))
@@ -239,8 +289,15 @@ def _config_from_json(part: str, layout: str, d: dict):
     return t5_config_from_hf(d)
 
 
-def model_config(configs: Mapping[str, object], notes: list[str]) -> ModelConfig:
-    """Bundle the family configs, named after the Wan preset whose DiT they match (its sampling too)."""
+def model_config(configs: Mapping[str, object], notes: list[str],
+                 boundary: float | None = None) -> ModelConfig:
+    """Bundle the family configs, named after the Wan preset whose DiT they match (its sampling too). With a
+    low-noise expert (configs[LOW_EXPERT]) the base has two experts: A14B's sampling, boundary `boundary` or
+    A14B's."""
+    configs = dict(configs)
+    low = configs.pop(LOW_EXPERT, None)
+    if low is not None:
+        return _expert_config(configs, low, notes, boundary)
     match = next((n for n in WAN_PRESETS if PRESETS[n].dit == configs["dit"]), None)
     base = PRESETS[match or "wan2.1-1.3b"]
     if match:
@@ -253,6 +310,31 @@ def model_config(configs: Mapping[str, object], notes: list[str]) -> ModelConfig
         return dataclasses.replace(base, name=match or "wan2.1-custom", **configs)
     except ValueError as err:
         raise ValueError(f"the source's parts do not fit together: {err}") from None
+
+
+def _expert_config(configs: dict, low: DiTConfig, notes: list[str], boundary: float | None) -> ModelConfig:
+    if low != configs["dit"]:
+        raise ValueError(f"the two experts' DiT configs differ: high-noise {configs['dit']}, low-noise "
+                         f"{low}; "
+                         "a Wan 2.2 A14B release has two experts of one shape")
+    preset = PRESETS[A14B]
+    match = preset.dit == configs["dit"]
+    notes.append(f"two experts (high- and low-noise), boundary {boundary or preset.boundary}: "
+                 + (f"the DiT matches preset {A14B}" if match else "a custom size with A14B's sampling"))
+    try:
+        return dataclasses.replace(preset, name=A14B if match else "wan2.2-custom", **configs,
+                                   boundary=boundary or preset.boundary)
+    except ValueError as err:
+        raise ValueError(f"the source's parts do not fit together: {err}") from None
+
+
+def source_boundary(src: Path, layout: str) -> float | None:
+    """model_index.json's boundary_ratio (diffusers' WanPipeline), when the release states one."""
+    index = src / "model_index.json"
+    if layout != "diffusers" or not index.is_file():
+        return None
+    value = read_json(index).get("boundary_ratio")
+    return None if value is None else float(value)
 
 
 # ------------------------------------------------------------------------------------- state dicts
@@ -329,12 +411,12 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
         notes.append(f"not converted: {', '.join(skipped)} (config from the source if present, else Wan 2.1)")
     tmp = prepare_out(out)
     try:
-        for part in progress(parts, desc="convert", unit="part") if progress else parts:
+        for part in progress(list(files), desc="convert", unit="part") if progress else files:
             sd = read_state_dict(files[part].weights)
-            sniff(sd, part, layout, files[part].weights)
+            sniff(sd, family(part), layout, files[part].weights)
             configs[part] = family_config(part, layout, files[part], sd)
             try:
-                ours = to_ours(part, layout, sd, configs[part])
+                ours = to_ours(family(part), layout, sd, configs[part])
             except ValueError as err:  # the key maps do not know the file name: add it
                 raise ValueError(f"{files[part].weights}: {err}") from None
             del sd
@@ -343,12 +425,12 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             save_part(tmp, part, cast(ours, dtype))
             kill_point("convert")
             del ours
-        cfg = model_config(configs, notes)
+        cfg = model_config(configs, notes, source_boundary(src, layout))
         if tok is not None:
             copy_tokenizer(tmp, tok)
         else:
             notes.append("no tokenizer file found; commands that read prompts will need one")
-        write_config(tmp, cfg, parts, dtype=dtype, tokenizer=tok is not None,
+        write_config(tmp, cfg, tuple(files), dtype=dtype, tokenizer=tok is not None,
                      source={"layout": layout, "path": str(src.resolve())})
         if out.exists():
             out.rmdir()  # empty (checked above); renaming onto a folder is not portable
@@ -362,10 +444,13 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
 def _config_only(src: Path, layout: str, part: str) -> SourcePart | None:
     """A part that is not converted still lends its config.json, so the parts fit together."""
     config = src / "config.json" if layout == "wan" else src / DIFFUSERS_DIRS[part][0] / "config.json"
+    if layout == "wan" and not config.is_file():  # a Wan 2.2 A14B release: the high-noise expert's
+        config = src / EXPERT_DIRS["wan"][0] / "config.json"
     if config.is_file() and (layout == "diffusers" or part == "dit"):
         return SourcePart(part, config.parent, config)
     return None
 
 
-__all__ = ["convert", "Conversion", "locate", "sniff", "model_config", "wan_dit_config_from_shapes",
+__all__ = ["convert", "Conversion", "locate", "sniff", "model_config", "has_experts", "EXPERT_DIRS",
+           "wan_dit_config_from_shapes",
            "wan_t5_config_from_shapes", "LAYOUTS", "SIGNATURES"]
