@@ -76,9 +76,10 @@ class Modulation:
 
 
 def split_modulation(m: torch.Tensor) -> tuple[Modulation, Modulation]:
-    """(B, 6, D) -> (self-attn, ffn). The ONE place that knows Wan's chunk order:
-    shift, scale, gate for self-attention, then shift, scale, gate for the MLP."""
-    c = m.float().chunk(6, dim=1)  # each (B, 1, D)
+    """(B, 6, D), or per token (B, L, 6, D) -> (self-attn, ffn). The ONE place that knows Wan's chunk
+    order: shift, scale, gate for self-attention, then shift, scale, gate for the MLP."""
+    m = m.float()
+    c = (m if m.ndim == 4 else m.unsqueeze(1)).unbind(-2)  # each (B, 1, D), or (B, L, D) per token
     return Modulation(c[0], c[1], c[2]), Modulation(c[3], c[4], c[5])
 
 
@@ -162,13 +163,13 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D)
-        time: torch.Tensor,  # (B, 6, D) shared projection, or (B, D) time embedding for per-block adaLN
+        time: torch.Tensor,  # (B, 6, D) shared projection or (B, D) for adaLN; per token (B, L, ...)
         context: torch.Tensor,  # (B, N, D or text_dim)
         freqs: torch.Tensor,  # (L, hd/2, 2) RoPE (cos, sin)
         context_mask: torch.Tensor | None,  # (B, N)
     ) -> torch.Tensor:
         if hasattr(self, "adaLN"):
-            m = self.adaLN(F.silu(time.to(self.adaLN.weight.dtype))).unflatten(1, (6, -1))
+            m = self.adaLN(F.silu(time.to(self.adaLN.weight.dtype))).unflatten(-1, (6, -1))
         else:
             m = self.modulation.float() + time.float()
         sa, ff = split_modulation(m)
@@ -193,8 +194,9 @@ class Head(nn.Module):
                                          nn.Linear(cfg.head_hidden, out))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), e (B, D) time embedding -> (B, L, C_out * pt * ph * pw)."""
-        shift, scale = (self.modulation.float() + e.float()[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        """x (B, L, D), e (B, D) time embedding, or (B, L, D) per token -> (B, L, C_out * pt * ph * pw)."""
+        mod = self.modulation.float() + e.float().unsqueeze(-2)  # (B, 2, D), or (B, L, 2, D) per token
+        shift, scale = (mod if mod.ndim == 4 else mod.unsqueeze(1)).unbind(-2)  # (B, 1 or L, D) each
         x = modulate(self.norm(x), shift, scale)
         out = self.head(x)
         return out + self.mlp(x) if hasattr(self, "mlp") else out
@@ -292,8 +294,12 @@ class DiT(nn.Module):
         if any(n % p for n, p in zip(grid, cfg.patch, strict=True)):
             raise ValueError(f"latent grid (T, H, W) = {tuple(grid)} is not divisible by patch {cfg.patch}; "
                              "crop or pad the video so each latent size is a multiple of the patch")
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}; pass one flow time per sample")
+        tokens = math.prod(n // p for n, p in zip(grid, cfg.patch, strict=True))
+        if t.shape not in ((b,), (b, tokens)):
+            raise ValueError(f"t must have shape ({b},) or per token ({b}, {tokens}), got {tuple(t.shape)}; "
+                             "pass one flow time per sample (or per token)")
+        if t.ndim == 2 and cfg.prediction != "velocity":
+            raise ValueError(f"per-token times need a velocity head; this DiT predicts {cfg.prediction!r}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be (B={b}, N, text_dim={cfg.text_dim}), got "
                              f"{tuple(context.shape)}; check T5Config.dim against DiTConfig.text_dim")
@@ -315,7 +321,11 @@ class DiT(nn.Module):
 
     def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 island: t (B,) -> e (B, D) time embedding, and the blocks' time input: (B, 6, D) shared
-        projection ("shared") or e itself ("per_block")."""
+        projection ("shared") or e itself ("per_block"). Per token, t (B, L) -> (B, L, D), (B, L, ...)."""
+        if t.ndim == 2:  # Wan 2.2 TI2V: each distinct time is embedded once, then gathered per token
+            values, index = torch.unique(t, return_inverse=True)
+            e, time = self._time(values)
+            return e[index], time[index]
         with torch.autocast(device_type=t.device.type, enabled=False):
             w = self.time_embedding[0].weight
             sinusoid = timestep_embedding(t * self.cfg.time_scale, self.cfg.freq_dim)  # (B, freq_dim) float64
@@ -347,7 +357,7 @@ class DiT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, C, T, H, W) noisy latents x_t
-        t: torch.Tensor,  # (B,) flow time in [0, 1] (1 = noise)
+        t: torch.Tensor,  # (B,) flow time in [0, 1] (1 = noise), or (B, L) per token (a clean first frame: 0)
         context: torch.Tensor,  # (B, N, text_dim) text tokens
         context_mask: torch.Tensor | None = None,  # (B, N) bool, True = real; None = attend all (Wan)
         self_cond: torch.Tensor | None = None,  # (B, C, T, H, W) previous x0 estimate; None = zeros

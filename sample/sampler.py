@@ -79,6 +79,7 @@ def euler_sample(
     progress: bool = True,
     boundary: float | None = None,
     low_noise_guidance: float | None = None,
+    first_frame: Tensor | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps; returns x0 (float32).
 
@@ -93,6 +94,9 @@ def euler_sample(
     the cond and uncond halves.
     Expert switch: with `boundary`, steps at t below it (serves_high false) guide with `low_noise_guidance`
     (None: `guidance`); the model itself picks its expert from t.
+    First frame (image-to-video, Wan 2.2 TI2V): `first_frame` (B or 1, C, 1, H', W'), the clean latent of
+    frame 0, replaces x's first latent frame before every step and in the result, and that frame's tokens
+    get flow time 0 (a per-token t (B, L); diffusers' expand_timesteps); the model must take per-token t.
     """
     if isinstance(noise, Tensor):
         x = noise.float()
@@ -115,9 +119,13 @@ def euler_sample(
         ctx, ctx_mask = context, context_mask
 
     ts = time_grid(steps, shift, device=x.device)
+    keep = None if first_frame is None else _first_frame(first_frame, x, model)
     x0_est: Tensor | None = None
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = ts[i].expand(b)  # (B,)
+        if keep is not None:
+            x[:, :, :1] = keep[0]
+            t = t[:, None] * keep[1]  # (B, L): frame 0's tokens at t = 0
         sc = x0_est if self_cond else None
         g = scales[0] if boundary is None or bool(serves_high(ts[i], boundary)) else scales[1]
         if use_cfg:
@@ -128,9 +136,28 @@ def euler_sample(
         else:
             v = model(x, t, ctx, context_mask=ctx_mask, self_cond=sc).float()
         if self_cond:
-            x0_est = x0_from_velocity(x, v, t)
+            x0_est = x0_from_velocity(x, v, ts[i].expand(b))
+            if keep is not None:
+                x0_est[:, :, :1] = keep[0]
         x = x + (ts[i + 1] - ts[i]) * v
+    if keep is not None:
+        x[:, :, :1] = keep[0]
     return x
+
+
+def _first_frame(first: Tensor, x: Tensor, model) -> tuple[Tensor, Tensor]:
+    """(the clean first latent frame (B, C, 1, H', W') float32, a (1, L) token mask: 0 on its tokens)."""
+    b, c, _, h, w = x.shape
+    if first.ndim != 5 or first.shape[0] not in (1, b) or tuple(first.shape[1:]) != (c, 1, h, w):
+        raise ValueError(f"first_frame must be the latent of one frame, ({b} or 1, {c}, 1, {h}, {w}); got "
+                         f"{tuple(first.shape)}")
+    pt, ph, pw = model.cfg.patch
+    if pt != 1:
+        raise ValueError(f"a first-frame condition needs a DiT time patch of 1 (its own tokens); got {pt}")
+    per_frame = (h // ph) * (w // pw)
+    mask = torch.ones(1, x.shape[2] * per_frame, device=x.device)
+    mask[:, :per_frame] = 0
+    return first.to(x.device, torch.float32).expand(b, -1, -1, -1, -1), mask
 
 
 Text = tuple[Tensor, Tensor | None]  # encoded prompt tokens (B, L, D) and their mask (B, L)
@@ -139,14 +166,15 @@ Text = tuple[Tensor, Tensor | None]  # encoded prompt tokens (B, L, D) and their
 def sample_latents(dit, noise: Tensor | tuple[int, ...], cond: Text, uncond: Text, *, steps: int,
                    guidance: float, shift: float, self_cond: bool | None = None,
                    generator: torch.Generator | None = None, progress: bool = False,
-                   low_noise_guidance: float | None = None) -> Tensor:
+                   low_noise_guidance: float | None = None, first_frame: Tensor | None = None) -> Tensor:
     """The one way callers sample: `euler_sample` with the prompts as (tokens, mask) pairs and
     self-conditioning on whenever the DiT has it (None), unless the caller turns it off. A two-expert DiT
     (ExpertPair) switches experts at its boundary, guiding the low-noise stage with `low_noise_guidance`
-    (None: `guidance`)."""
+    (None: `guidance`). `first_frame`: the clean latent kept as frame 0 (image-to-video; see euler_sample)."""
     if self_cond is None:
         self_cond = bool(getattr(dit.cfg, "self_cond", False))
     return euler_sample(dit, noise, steps=steps, shift=shift, guidance=guidance, context=cond[0],
                         context_mask=cond[1], uncond_context=uncond[0], uncond_mask=uncond[1],
                         self_cond=self_cond, generator=generator, progress=progress,
-                        boundary=getattr(dit, "boundary", None), low_noise_guidance=low_noise_guidance)
+                        boundary=getattr(dit, "boundary", None), low_noise_guidance=low_noise_guidance,
+                        first_frame=first_frame)

@@ -78,7 +78,7 @@ def test_dit_parity_original_layout(reference):
     assert all(torch.equal(diffusers_again[k], v) for k, v in reference.state_dict().items())
 
 
-@pytest.mark.parametrize("preset", ["wan2.1-1.3b", "wan2.1-14b"])
+@pytest.mark.parametrize("preset", ["wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b"])
 def test_dit_key_coverage_full_size(preset):
     cfg = PRESETS[preset].dit
     with torch.device("meta"):
