@@ -11,6 +11,11 @@ Formats:
     "diffusers"  diffusers' WanTransformer3DModel names with the pipeline prefix:
                  `transformer.blocks.0.attn1.to_q.lora_A.weight` (what `load_lora_weights` and
                  `load_lora_adapter(..., prefix="transformer")` take after their own conversion).
+
+Two-expert bases (Wan 2.2 A14B): a concept's layers sit under `high.` and `low.` (model/experts.py) and
+export as one file per expert, each in the names above: ComfyUI loads them as the high- and low-noise
+LoRAs, diffusers as `pipe.load_lora_weights(high)` and `pipe.load_lora_weights(low,
+load_into_transformer_2=True)` (transformer_2 is the low-noise expert).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor
 from lora.concept import Concept, write_safetensors
 
 FORMATS = ("comfyui", "diffusers")
+EXPERTS = ("high", "low")  # the module-name prefixes of a two-expert base's experts
 
 # Wan original module name -> diffusers WanTransformer3DModel name (after diffusers'
 # _convert_non_diffusers_wan_lora_to_diffusers), anchored.
@@ -82,11 +88,34 @@ def concat_along_rank(factor_sets: Sequence[Factors]) -> Factors:
     return out
 
 
+def concept_experts(concept: Concept) -> tuple[str, ...]:
+    """The experts a two-expert concept has layers on ("high", "low" or both); () for a one-DiT concept."""
+    return tuple(e for e in EXPERTS if any(m.startswith(f"{e}.") for m in concept.modules))
+
+
+def expert_factors(factors: Factors, expert: str | None, names: str) -> Factors:
+    """The layers of one expert, its prefix dropped (the expert's own DiT names); all layers when None."""
+    prefixed = {m for m in factors if m.split(".", 1)[0] in EXPERTS}
+    if expert is None:
+        if prefixed:
+            raise ValueError(f"{names} belong to a two-expert base (layers under high./low.); export each "
+                             "expert on its own (expert='high' and expert='low')")
+        return factors
+    if expert not in EXPERTS:
+        raise ValueError(f"unknown expert {expert!r}; choose one of {EXPERTS}")
+    out = {m.split(".", 1)[1]: f for m, f in factors.items() if m.startswith(f"{expert}.")}
+    if not out:
+        raise ValueError(f"{names} have no layers on the {expert}-noise expert (trained with --expert "
+                         f"{'low' if expert == 'high' else 'high'}?); export the expert they were trained on")
+    return out
+
+
 def export_lora(concepts: Concept | Sequence[Concept], format: str = "comfyui",
                 identity: float | Sequence[float] = 1.0, motion: float | Sequence[float] = 1.0,
-                dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                dtype: torch.dtype = torch.float32, expert: str | None = None) -> dict[str, Tensor]:
     """A standard LoRA state dict (no alpha keys) for one concept or several concatenated along
-    the rank. `identity` / `motion` are the scales, one value for all concepts or one per concept."""
+    the rank. `identity` / `motion` are the scales, one value for all concepts or one per concept.
+    `expert` ("high" or "low") picks one expert of a two-expert concept; None for one-DiT concepts."""
     if format not in FORMATS:
         raise ValueError(f"unknown LoRA export format {format!r}; choose one of {FORMATS}")
     concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
@@ -99,7 +128,8 @@ def export_lora(concepts: Concept | Sequence[Concept], format: str = "comfyui",
         raise ValueError(f"concepts belong to different base models {sorted(map(str, bases))}; "
                          "export them separately")
     per_concept = [rank_factors(c, a, b) for c, a, b in zip(concepts, alphas, betas, strict=True)]
-    factors = concat_along_rank(per_concept)
+    names = "concepts " + ", ".join(repr(c.name) for c in concepts)
+    factors = expert_factors(concat_along_rank(per_concept), expert, names)
     out = {}
     for module, (a, b) in factors.items():
         theirs = diffusers_module_name(module)  # also refuses layers Wan does not have, in either format
@@ -109,9 +139,12 @@ def export_lora(concepts: Concept | Sequence[Concept], format: str = "comfyui",
     return out
 
 
-def export_metadata(concepts: Concept | Sequence[Concept], format: str, identity, motion) -> dict[str, str]:
+def export_metadata(concepts: Concept | Sequence[Concept], format: str, identity, motion,
+                    expert: str | None = None) -> dict[str, str]:
     concepts = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    extra = {} if expert is None else {"expert": f"{expert}-noise"}
     return {
+        **extra,
         "format": f"setseq-lora-{format}",
         "base": json.dumps({"name": concepts[0].base.name, "fingerprint": concepts[0].base.fingerprint}),
         "concepts": json.dumps([
@@ -125,11 +158,17 @@ def export_metadata(concepts: Concept | Sequence[Concept], format: str, identity
 
 def save_lora(path: str | os.PathLike, concepts: Concept | Sequence[Concept], format: str = "comfyui",
               identity: float | Sequence[float] = 1.0, motion: float | Sequence[float] = 1.0,
-              dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+              dtype: torch.dtype = torch.float32, expert: str | None = None) -> dict[str, Tensor]:
     """export_lora written to `path` (safetensors + metadata, atomic). Returns the state dict."""
-    state = export_lora(concepts, format, identity, motion, dtype)
-    write_safetensors(Path(path), state, export_metadata(concepts, format, identity, motion))
+    state = export_lora(concepts, format, identity, motion, dtype, expert)
+    write_safetensors(Path(path), state, export_metadata(concepts, format, identity, motion, expert))
     return state
+
+
+def expert_path(path: str | os.PathLike, expert: str) -> Path:
+    """One expert's file of a two-expert export: `out.safetensors` -> `out.high_noise.safetensors`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{expert}_noise{path.suffix}")
 
 
 def _per_concept(value: float | Sequence[float], n: int, what: str) -> list[float]:

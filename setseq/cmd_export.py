@@ -6,6 +6,9 @@
 lora_A = A1 and lora_B = identity * B1 + motion * B2 per layer: the scales are baked into lora_B and
 the file has no alpha key, so the update is exactly lora_B @ lora_A (lora/export.py). Several concept
 files concatenate along the rank (their updates add). An existing --out is kept unless --force.
+A concept of a two-expert base (Wan 2.2 A14B) writes one file per expert it trained,
+OUT.high_noise.safetensors and OUT.low_noise.safetensors (diffusers: load the second with
+load_into_transformer_2=True).
 """
 
 from __future__ import annotations
@@ -44,17 +47,22 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lora.concept import load_concept
-    from lora.export import save_lora
+    from lora.export import concept_experts, expert_path, save_lora
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
-    check_new_files([out], "--out", args.force)
     concepts = [load_concept(path) for path in args.concepts]
-    state = save_lora(out, concepts, args.format, args.identity, args.motion, _DTYPES[args.dtype])
-    modules = len(state) // 2
-    rank = max(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    experts = sorted({e for c in concepts for e in concept_experts(c)}, reverse=True)  # high, then low
+    targets = {e: expert_path(out, e) for e in experts} or {None: out}
+    check_new_files(list(targets.values()), "--out", args.force)
     names = ", ".join(c.name for c in concepts)
-    print(f"wrote {out}: {len(state)} keys, {modules} modules, rank {rank}, format {args.format}, "
-          f"identity {args.identity:g}, motion {args.motion:g}, no alpha key (concepts: {names})")
+    for expert, path in targets.items():
+        state = save_lora(path, concepts, args.format, args.identity, args.motion, _DTYPES[args.dtype],
+                          expert)
+        rank = max(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+        which = "" if expert is None else f"{expert}-noise expert, "
+        print(f"wrote {path}: {which}{len(state)} keys, {len(state) // 2} modules, rank {rank}, format "
+              f"{args.format}, identity {args.identity:g}, motion {args.motion:g}, no alpha key "
+              f"(concepts: {names})")
     return 0

@@ -46,6 +46,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "preview_every": (int, "write a short preview gif every N steps (0 = never)"),
     "name": (str, "concept name stored in the file"),
     "work_dir": (str, "checkpoints, caches, loss log, previews (default: OUT with suffix .work)"),
+    "expert": (str, "two-expert bases (Wan 2.2 A14B): both, high or low; each expert trains on the times "
+                    "it serves"),
 }
 
 

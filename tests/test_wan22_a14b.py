@@ -393,3 +393,153 @@ def test_a14b_key_coverage_full_size():
 
     info = collect(preset, 81, 720, 1280)
     assert info["dit_params"] == 2 * sum(p.numel() for p in pair.high.parameters())
+
+
+# ------------------------------------------------------------------------------------ personalization
+
+
+def _pair_base(sp_model_path):
+    from model.base import Base
+    from model.t5 import T5Encoder
+    from model.tokenizer import Tokenizer
+    from model.vae import VAE
+
+    pair = ExpertPair(_random_dit(0), _random_dit(1), SMALL_PAIR.boundary)
+    tokenizer = Tokenizer(sp_model_path, first_added_id=SMALL_PAIR.t5.vocab_size)
+    torch.manual_seed(2)
+    return Base(SMALL_PAIR, pair, VAE(SMALL_PAIR.vae), T5Encoder(SMALL_PAIR.t5), tokenizer, "a14b-test")
+
+
+def _video(tmp_path) -> str:
+    from train.video import write_video
+
+    video = torch.full((3, 9, 32, 32), -0.4)
+    for i in range(9):
+        video[0, i, 8:20, 2 * i: 2 * i + 12] = 1.0
+    path = tmp_path / "square.mp4"
+    write_video(path, video, fps=8)
+    return str(path)
+
+
+def _record_times(pair: ExpertPair) -> dict[str, list[float]]:
+    seen = {"high": [], "low": []}
+    for name in seen:
+        pair.expert(name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].extend(args[1].tolist()))
+    return seen
+
+
+@pytest.mark.parametrize("expert", ["both", "high"])
+def test_personalize_trains_each_expert_on_the_times_it_serves(tmp_path, sp_model_path, expert):
+    """Both stages train the adapters of the experts asked for, each on times it serves; --expert high leaves
+    the low-noise expert without an adapter and never runs it."""
+    from lora.concept import load_concept
+    from train import personalize as P
+    from train.config import ConceptSpec, PersonalizeConfig
+
+    base = _pair_base(sp_model_path)
+    seen = _record_times(base.dit)
+    cfg = PersonalizeConfig(concepts=[ConceptSpec(_video(tmp_path), "a [v] square.", "It is [u] moving.")],
+                            out=str(tmp_path / "c.safetensors"), steps1=3, steps2=3, batch_size=4, rank=4,
+                            prior_count=0, checkpoint_every=3, log_every=3, progress=False, expert=expert)
+    concept = load_concept(P.main(cfg, base))
+    experts = {m.split(".", 1)[0] for m in concept.modules}
+    assert experts == ({"high", "low"} if expert == "both" else {"high"})
+    for name in experts:  # stage 1 moved B1, stage 2 moved B2, on every expert that trains
+        for tensor in ("lora_B1", "lora_B2"):
+            assert any(concept.lora[k].abs().max() > 0 for k in concept.lora
+                       if k.startswith(f"{name}.") and k.endswith(tensor)), (name, tensor)
+    assert seen["high"] and all(t >= 0.875 for t in seen["high"])
+    assert all(t < 0.875 for t in seen["low"]) and (bool(seen["low"]) == (expert == "both"))
+
+
+def test_expert_flag_needs_a_two_expert_base(tmp_path, sp_model_path):
+    from train.config import ConceptSpec, PersonalizeConfig
+
+    with pytest.raises(ValueError, match="expert 'middle' is not one of"):
+        PersonalizeConfig(concepts=[ConceptSpec("v.mp4", "a [v] square.", "")], out="c.safetensors",
+                          expert="middle")
+    from model.base import Base
+    from train import personalize as P
+
+    base = _pair_base(sp_model_path)
+    one = Base(dataclasses.replace(SMALL_PAIR, boundary=None, low_noise_guidance=None), base.dit.high,
+               base.vae, base.t5, base.tokenizer, "one")
+    cfg = PersonalizeConfig(concepts=[ConceptSpec(_video(tmp_path), "a [v] square.", "")],
+                            out=str(tmp_path / "c.safetensors"), prior_count=0, expert="low", progress=False)
+    with pytest.raises(ValueError, match="--expert low: base one has one DiT"):
+        P.check_inputs(cfg, one)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _pair_concept(pair: ExpertPair):
+    from lora.concept import base_identity, concept_from_model
+    from lora.inject import DEFAULT_TARGETS, concept_state_dict, inject_lora
+
+    targets = tuple(r"(high|low)\." + p for p in DEFAULT_TARGETS)
+    inject_lora(pair, targets, rank=3, name="dancer")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for t in concept_state_dict(pair, "dancer").values():
+            t.copy_(0.2 * torch.randn(t.shape, generator=g))
+    return concept_from_model(pair, "dancer", base_identity(pair, "a14b-tiny"), targets=targets)
+
+
+@torch.no_grad()
+def test_exported_a14b_concept_loads_into_both_diffusers_experts(tmp_path, capsys):
+    """`setseq export` writes one file per expert; diffusers' WanPipeline loads the high-noise file into
+    `transformer` and the low-noise file with load_into_transformer_2=True, and both experts then match ours
+    with the concept applied (identity 0.7, motion 1.3 baked in)."""
+    pytest.importorskip("peft")
+    from lora.concept import save_concept
+    from lora.inject import set_scales
+    from setseq.cli import main
+    from weights.io import read_safetensors
+
+    refs = {"high": _reference(0), "low": _reference(1)}
+    pair = ExpertPair(_ours(refs["high"]), _ours(refs["low"]), 0.875)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 3, 4, 6, generator=g), torch.randn(1, 7, 32, generator=g)
+    times = {"high": 0.95, "low": 0.3}
+    before = {e: refs[e](x, torch.tensor([t * 1000]), ctx, return_dict=False)[0] for e, t in times.items()}
+    save_concept(tmp_path / "dancer.safetensors", _pair_concept(pair))
+    set_scales(pair, identity=0.7, motion=1.3)
+    want = {e: pair(x, torch.tensor([t]), ctx) for e, t in times.items()}
+
+    files = {}
+    for fmt in ("comfyui", "diffusers"):
+        out = tmp_path / f"{fmt}.safetensors"
+        assert main(["export", str(tmp_path / "dancer.safetensors"), "--format", fmt, "--identity", "0.7",
+                     "--motion", "1.3", "--out", str(out)]) == 0
+        files[fmt] = {e: tmp_path / f"{fmt}.{e}_noise.safetensors" for e in times}
+        assert all(p.is_file() for p in files[fmt].values()) and not out.exists()
+    assert "high-noise expert, 40 keys" in capsys.readouterr().out
+    for fmt in ("comfyui", "diffusers"):
+        pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                     transformer=_reference(0), transformer_2=_reference(1),
+                                     boundary_ratio=0.875)
+        pipe.load_lora_weights(read_safetensors(files[fmt]["high"]), adapter_name="dancer")
+        pipe.load_lora_weights(read_safetensors(files[fmt]["low"]), adapter_name="dancer",
+                               load_into_transformer_2=True)
+        for expert, model in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+            got = model(x, torch.tensor([times[expert] * 1000]), ctx, return_dict=False)[0]
+            err = (got - want[expert]).abs().max().item()
+            moved = (want[expert] - before[expert]).abs().max().item()
+            assert moved > 0.05, f"the concept barely moves the {expert}-noise expert ({moved:.2e})"
+            # diffusers' fp32 time embedding vs our float64 one accounts for ~1e-5 (tests/test_export.py)
+            assert err <= 1e-4, f"{fmt} {expert}-noise expert: max abs error {err:.2e} > 1e-4"
+
+
+def test_export_of_a_two_expert_concept_needs_an_expert():
+    from lora.export import export_lora
+
+    concept = _pair_concept(ExpertPair(_random_dit(0), _random_dit(1), 0.875))
+    with pytest.raises(ValueError, match="belong to a two-expert base.*expert='high' and expert='low'"):
+        export_lora(concept, "comfyui")
+    high = export_lora(concept, "comfyui", expert="high")
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in high
+    assert torch.equal(high["diffusion_model.blocks.1.ffn.2.lora_A.weight"],
+                       concept.lora["high.blocks.1.ffn.2.lora_A1"])

@@ -100,6 +100,9 @@ class PersonalizeConfig:
     loss_bins: int = 5
     device: str = "cpu"
     grad_checkpointing: bool = False
+    # Two-expert bases (Wan 2.2 A14B): which experts get the adapter. "both": each trains on the times it
+    # serves (the batch splits at the boundary); "high" / "low": only that expert, on its times alone.
+    expert: str = "both"
     compile: bool = False  # torch.compile each DiT block (H100, Wan 1.3B real size: step 2.83 -> 2.38 s)
     resume: bool = False
     force: bool = False  # overwrite an existing `out`
@@ -144,6 +147,9 @@ class PersonalizeConfig:
         dup = sorted({t for t in tokens if tokens.count(t) > 1})
         require(not dup, f"tokens {dup} are used by more than one concept; give each concept its own, "
                          "e.g. token '[v1]' / motion_token '[u1]', '[v2]' / '[u2]'")
+        require(self.expert in EXPERT_CHOICES,
+                f"expert {self.expert!r} is not one of {EXPERT_CHOICES} (which experts of a two-expert base "
+                "train)")
         self.layout()  # a pair layout or fit that does not exist fails here
 
     @property
@@ -207,6 +213,7 @@ class PersonalizeConfig:
 
 
 INVOCATION = ("resume", "force", "progress")
+EXPERT_CHOICES = ("both", "high", "low")
 
 # Fields that may change between an interrupted run and its resume without changing the result.
 RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",

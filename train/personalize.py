@@ -125,16 +125,28 @@ def check_inputs(cfg: PersonalizeConfig, base: Base) -> None:
     """Fail before any work: existing output, prompts without their tokens."""
     if Path(cfg.out).exists() and not cfg.force:
         raise ValueError(f"{cfg.out} exists; pass --force to overwrite it, or choose another --out")
+    if cfg.expert != "both" and base.config.experts == 1:
+        raise ValueError(f"--expert {cfg.expert}: base {base.name} has one DiT; --expert picks one of a "
+                         "two-expert base's (Wan 2.2 A14B) experts, leave it out here")
     check_prompts(cfg, base)
 
 
 def _add_adapter(cfg: PersonalizeConfig, dit: nn.Module) -> None:
     torch.manual_seed(cfg.seed)  # the LoRA's initial A factors
-    inject_lora(dit, cfg.targets, cfg.rank, name=cfg.name)
+    inject_lora(dit, expert_targets(cfg, dit), cfg.rank, name=cfg.name)
     dit.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:  # after the LoRA is in place, so the compiled blocks hold it
         dit.compile_blocks()
     dit.train()
+
+
+def expert_targets(cfg: PersonalizeConfig, dit: nn.Module) -> tuple[str, ...]:
+    """The LoRA target patterns inside the experts that train (`cfg.expert`) of a two-expert DiT, whose layers
+    sit under `high.` / `low.` (model/experts.py); the patterns themselves for a one-DiT base."""
+    if not hasattr(dit, "boundary"):
+        return tuple(cfg.targets)
+    prefix = {"both": r"(high|low)\.", "high": r"high\.", "low": r"low\."}[cfg.expert]
+    return tuple(prefix + pattern for pattern in cfg.targets)
 
 
 def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Concept:
@@ -144,7 +156,7 @@ def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Con
         prompts[f"static{suffix}"] = c.prompt
         prompts[f"dynamic{suffix}"] = c.motion_prompt
     return concept_from_model(base.dit, cfg.name, base_identity(base.dit, base.name), adapter=cfg.name,
-                              targets=tuple(cfg.targets), tokens=tokens.state(), prompts=prompts,
+                              targets=expert_targets(cfg, base.dit), tokens=tokens.state(), prompts=prompts,
                               train_config=cfg.record())
 
 

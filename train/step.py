@@ -57,7 +57,7 @@ def loss_step(cfg: PersonalizeConfig, dit: nn.Module, t5: nn.Module, data: Stage
     b, device = x0.shape[0], x0.device
     context, mask = batch_context(data, batch.prompt, t5, bool(data.trained_ids))
     context, mask = mask_tokens(context, mask, cfg.token_mask_prob, g)
-    t = sample_time(b, shift=shift, generator=g, device=device)
+    t = expert_times(sample_time(b, shift=shift, generator=g, device=device), dit, cfg.expert)
     eps = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
     x_t = add_noise(x0, eps, t)
     self_cond = _self_condition(cfg, dit, x_t, t, context, mask, g)
@@ -66,6 +66,17 @@ def loss_step(cfg: PersonalizeConfig, dit: nn.Module, t5: nn.Module, data: Stage
     space = getattr(dit.cfg, "prediction", "velocity")
     per_sample = prediction_loss_per_sample(v, x_t, x0, eps, t, space)  # (B,) fp32
     return StepOut((batch.weight * per_sample).sum(), per_sample.detach(), t, batch)
+
+
+def expert_times(t: Tensor, dit: nn.Module, expert: str) -> Tensor:
+    """Times for a run that trains one expert of a two-expert DiT: the drawn t mapped linearly into the range
+    that expert serves, [boundary, 1) for "high" and (0, boundary) for "low" (model/experts.py); unchanged for
+    "both" (each sample reaches the expert its t serves) and for one-DiT bases."""
+    boundary = getattr(dit, "boundary", None)
+    if boundary is None or expert == "both":
+        return t
+    lo, hi = (boundary, 1.0) if expert == "high" else (0.0, boundary)
+    return lo + (hi - lo) * t
 
 
 def _self_condition(cfg: PersonalizeConfig, dit: nn.Module, x_t: Tensor, t: Tensor, context: Tensor,
