@@ -190,10 +190,11 @@ def encode_prompts(pipe: Pipeline, texts: list[str]) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequence[int], *,
-                   progress: bool = False) -> list[Tensor]:
+                   progress: bool = False, image: Tensor | None = None) -> list[Tensor]:
     """One video per seed for `prompt`, sampled as one batch: (3, T, H, W) float32 in [-1, 1] on the CPU
     each. Seed s's noise is drawn alone from torch.Generator().manual_seed(s) on the CPU, so a video
-    depends neither on its batch nor on the device."""
+    depends neither on its batch nor on the device. image (3, 1, H, W) in [-1, 1]: the first frame
+    (image-to-video, Wan 2.2 TI2V): its latent is kept as frame 0 through sampling, at flow time 0."""
     gen = gen.resolved(pipe.config)
     check_prompt_tokens(pipe, prompt)
     check_prompt_tokens(pipe, gen.negative_prompt)
@@ -203,17 +204,20 @@ def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequ
     with _autocast(device, dtype):
         cond = encode_prompts(pipe, [prompt] * len(seeds))
         uncond = encode_prompts(pipe, [gen.negative_prompt])
+        vae_dtype = next(pipe.vae.parameters()).dtype
+        first = None if image is None else pipe.vae.encode(image[None].to(device, vae_dtype)).float()
         z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps, guidance=gen.guidance,
                            shift=gen.shift, self_cond=gen.self_cond, progress=progress,
-                           low_noise_guidance=gen.low_noise_guidance)
-        vae_dtype = next(pipe.vae.parameters()).dtype
+                           low_noise_guidance=gen.low_noise_guidance, first_frame=first)
         video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (B, 3, T, H, W); long clips stream
     return [v.float().cpu() for v in video]
 
 
-def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool = True) -> Tensor:
-    """One video for `prompt`: (3, T, H, W) float32 in [-1, 1] on the CPU. The seed fixes it."""
-    return generate_batch(pipe, prompt, gen, [gen.seed], progress=progress)[0]
+def generate(pipe: Pipeline, prompt: str, gen: GenerateConfig, *, progress: bool = True,
+             image: Tensor | None = None) -> Tensor:
+    """One video for `prompt`: (3, T, H, W) float32 in [-1, 1] on the CPU. The seed fixes it. image: its
+    first frame (see generate_batch)."""
+    return generate_batch(pipe, prompt, gen, [gen.seed], progress=progress, image=image)[0]
 
 
 __all__ = ["Pipeline", "GenerateConfig", "add_concept", "set_concept_scales", "check_prompt_tokens",

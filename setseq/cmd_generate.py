@@ -74,6 +74,8 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
     p.add_argument("--reference", help="a video to compare with: first row of the sheet, FILE.metrics.json")
+    p.add_argument("--image", help="image-to-video (Wan 2.2 TI2V-5B): the first frame, an image (or a "
+                   "video's first frame) centre-cropped to --size; its latent stays frame 0 at flow time 0")
     p.add_argument("--clip", help="a local HF CLIP folder (e.g. clip-vit-large-patch14): adds CLIP-T to "
                    "FILE.metrics.json")
     p.add_argument("--arcface", help="an insightface arcface_torch IResNet backbone (.pth): adds ArcFace "
@@ -144,6 +146,23 @@ def read_reference(args: argparse.Namespace, size: tuple[int, int]):
     return read_video(args.reference, frames=None, size=size)
 
 
+def read_image(args: argparse.Namespace, cfg: ModelConfig, size: tuple[int, int]):
+    """The --image as a first frame (3, 1, H, W), or None; a base that cannot take one is refused here."""
+    if args.image is None:
+        return None
+    if cfg.dit.prediction != "velocity" or cfg.dit.patch[0] != 1:
+        raise ValueError(f"--image: base {cfg.name} cannot take a first frame (it needs a velocity DiT with "
+                         f"time patch 1, as Wan's); use a Wan base such as wan2.2-ti2v-5b")
+    if not cfg.name.startswith("wan2.2-ti2v"):
+        print(f"note: base {cfg.name} was not trained for image-to-video; wan2.2-ti2v-5b was")
+    from train.video import read_video
+
+    try:
+        return read_video(args.image, frames=1, size=size)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--image {args.image!r}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from sample.generate import GenerateConfig, add_concept_file, check_prompt_tokens, generate
     from sample.media import write_video_files
@@ -158,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                          low_noise_guidance=args.low_noise_guidance)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
     reference = read_reference(args, size)
+    image = read_image(args, base_cfg, size)
 
     pipe = load_pipeline(args)
     for path, concept, alpha, beta in concepts:
@@ -168,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         f" (high-noise expert; low-noise expert below t {base_cfg.boundary:g} at {g.low_noise_guidance:g})"
     print(f"sampling {frames}x{size[0]}x{size[1]}: {g.steps} steps, guidance {g.guidance:g}{experts}, "
           f"shift {g.shift:g}, self-cond {'on' if g.self_cond else 'off'}, seed {g.seed}")
-    video = generate(pipe, args.prompt, gen, progress=args.progress)  # (3, T, H, W)
+    video = generate(pipe, args.prompt, gen, progress=args.progress, image=image)  # (3, T, H, W)
 
     out = Path(args.out)
     label = f"seed {args.seed}: {args.prompt}" if args.contact_sheet else None

@@ -4,16 +4,29 @@ diffusers' WanImageToVideoPipeline(expand_timesteps=True) on the same tiny rando
 
 from __future__ import annotations
 
+import copy
 import functools
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
-from model.config import PRESETS, ModelConfig
+from model.base import Base
+from model.config import PRESETS, ModelConfig, T5Config
 from model.dit import DiT
+from model.t5 import T5Encoder
+from model.tokenizer import Tokenizer
 from model.vae import VAE
+from sample.generate import GenerateConfig, Pipeline, generate
 from sample.sampler import euler_sample, sample_latents
+from setseq.cli import main as cli_main
+from train import personalize as P
+from train.config import ConceptSpec, PersonalizeConfig
+from train.video import write_video
+from weights.base import load_base
+from weights.checkpoint import save_checkpoint
 from weights.wan_dit import convert_wan_dit, dit_config_from_diffusers
 from weights.wan_vae import convert_wan_vae, vae_config_from_diffusers
 
@@ -177,3 +190,81 @@ def test_image_to_video_matches_diffusers_i2v_pipeline(dit_pair, vae_pair):
     plain = sample_latents(ours, noise.clone(), (cond, None), (uncond, None), steps=steps, guidance=guidance,
                            shift=shift)
     assert (plain[:, :, 1:] - want[:, :, 1:]).abs().max() > 100 * TOL
+
+
+# ------------------------------------------------------------------- generate --image, personalization
+
+
+def tiny_ti2v(dit_pair, vae_pair) -> ModelConfig:
+    """A TI2V-shaped base at test size: the 48-channel DiT and Wan 2.2 VAE above, a 1-layer T5."""
+    return ModelConfig(name="wan2.2-ti2v-tiny", dit=dit_pair[1].cfg, vae=vae_pair[1].cfg,
+                       t5=T5Config(dim=32, layers=1, max_length=16), sample_shift=5.0, guidance=5.0,
+                       sample_steps=2)
+
+
+@pytest.fixture(scope="module")
+def ti2v_folder(tmp_path_factory, sp_model_path, dit_pair, vae_pair):
+    folder = tmp_path_factory.mktemp("ti2v") / "base"
+    cfg = tiny_ti2v(dit_pair, vae_pair)
+    torch.manual_seed(0)
+    save_checkpoint(folder, cfg, dit_pair[1], vae_pair[1], T5Encoder(cfg.t5), tokenizer_path=sp_model_path)
+    return folder
+
+
+@torch.no_grad()
+def test_generate_with_an_image_keeps_its_frame(ti2v_folder, vae_pair):
+    pipe = Pipeline.of(load_base(str(ti2v_folder), device="cpu"))
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 1, 32, 64, generator=g) * 2 - 1
+    gen = GenerateConfig(frames=5, size=(32, 64), steps=2)
+    video = generate(pipe, "a red ball", gen, progress=False, image=image)
+    vae = vae_pair[1]
+    frame0 = vae.decode(vae.encode(image[None]))[0, :, :1]  # the image through the VAE, decoded alone
+    assert video.shape == (3, 5, 32, 64)
+    assert (video[:, :1] - frame0).abs().max() <= 1e-5  # causal decoder: frame 0 reads latent frame 0 only
+    other = generate(pipe, "a red ball", gen, progress=False, image=-image)
+    assert (other[:, 1:] - video[:, 1:]).abs().max() > 1e-3  # later frames follow the image
+
+
+def test_cli_generate_image(ti2v_folder, tmp_path, capsys):
+    png = tmp_path / "first.png"
+    iio.imwrite(png, (torch.rand(40, 70, 3) * 255).to(torch.uint8).numpy())
+    args = ["generate", "--base", str(ti2v_folder), "--prompt", "a ball", "--frames", "5", "--size", "32x64",
+            "--steps", "1", "--no-progress"]
+    assert cli_main([*args, "--image", str(png), "--out", str(tmp_path / "v.mp4")]) == 0
+    assert (tmp_path / "v.mp4").is_file() and "not trained for image-to-video" not in capsys.readouterr().out
+    assert cli_main([*args, "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "w.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image" in err[0] and "none.png" in err[0], err
+    assert not (tmp_path / "w.mp4").exists()
+
+
+def test_cli_generate_image_refuses_an_x0_base(tmp_path, capsys):
+    png = tmp_path / "first.png"
+    iio.imwrite(png, (torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy())
+    rc = cli_main(["generate", "--base", "tiny", "--prompt", "a red square", "--image", str(png),
+                   "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--image" in err[0] and "cannot take a first frame" in err[0], err
+
+
+def test_ti2v_personalizes_like_wan21(tmp_path, sp_model_path, dit_pair, vae_pair):
+    """Both stages of a personalization run on the 48-channel DiT with the Wan 2.2 VAE (4x16x16)."""
+    cfg = tiny_ti2v(dit_pair, vae_pair)
+    torch.manual_seed(0)
+    base = Base(cfg, copy.deepcopy(dit_pair[1]), copy.deepcopy(vae_pair[1]), T5Encoder(cfg.t5),
+                Tokenizer(sp_model_path, first_added_id=cfg.t5.vocab_size), "ti2v-test")
+    clip = torch.full((3, 9, 32, 32), -0.4)
+    for i in range(9):
+        clip[:, i, 8:20, i : i + 12] = 1.0
+    write_video(tmp_path / "clip.mp4", clip, fps=8)
+    spec = ConceptSpec(str(tmp_path / "clip.mp4"), "a [v] square.", "It is [u] moving.")
+    pc = PersonalizeConfig(concepts=[spec], out=str(tmp_path / "c.safetensors"), steps1=2, steps2=2,
+                           batch_size=2, rank=4, prior_count=0, checkpoint_every=100, log_every=1,
+                           progress=False)
+    P.main(pc, base, sample_latents)
+    with safe_open(str(pc.out), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert any(k.endswith("lora_B1") and v.abs().sum() > 0 for k, v in tensors.items())
+    assert any(k.endswith("lora_B2") and v.abs().sum() > 0 for k, v in tensors.items())
+    assert all(torch.isfinite(v).all() for v in tensors.values())
