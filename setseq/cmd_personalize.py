@@ -22,7 +22,7 @@ from model.config import parse_size
 from setseq.args import check_folder, check_new_files, nonnegative_float, positive_float, warn_unreadable
 from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
-from train.personalize import NonFiniteLoss, main
+from train.personalize import Diverged, main
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
 from weights.base import base_config, load_base
 
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = main(cfg, base, sample_fn=sample_latents)
-    except NonFiniteLoss as err:
+    except Diverged as err:
         print(f"setseq personalize: error: {err}", file=sys.stderr)
         return 3
     print(f"wrote {out} (loss log: {Path(cfg.work) / 'loss.tsv'})")

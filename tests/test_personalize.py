@@ -24,7 +24,7 @@ from train import personalize as P
 from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from train.config import ConceptSpec, PersonalizeConfig
 from train.data import LatentSet, build_prompt_table, clip_items, mask_tokens
-from train.personalize import NonFiniteLoss
+from train.personalize import Diverged
 from train.stage_data import StageData, batch_context, draw_batch, stage_prompts
 from train.step import loss_step
 from train.video import read_frames, read_video, write_video
@@ -386,11 +386,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sp_model_path, tmp_pa
 
     monkeypatch.setattr(P, "loss_step", step)  # the name the loop calls
     cfg = config(tmp_path, video, prior_count=0)
-    with pytest.raises(NonFiniteLoss, match="stage 1 step 3.*stage1-step000002"):
+    with pytest.raises(Diverged, match="stage 1 step 3.*stage1-step000002"):
         P.main(cfg, make_base(sp_model_path))
     assert [p.name for p in list_checkpoints(cfg.work / "checkpoints")] == ["stage1-step000002.safetensors"]
     assert load_checkpoint(cfg.work / "checkpoints" / "stage1-step000002.safetensors").step == 2
     assert not Path(cfg.out).exists()
+
+
+def test_a_blown_up_adapter_stops_before_its_checkpoint_and_a_resume_with_a_lower_lr_continues(
+        sp_model_path, tmp_path, video, capsys):
+    """--stage 1, then --stage 2 (no --force: it replaces stage 1's file) at lr 1e3: the adapter blows up
+    at its first step with finite loss; the message names the stage-1 checkpoint and --resume; a resume
+    there at lr 5e-4 finishes with finite weights and records the change."""
+    out = tmp_path / "c.safetensors"
+    argv = ["personalize", video, "--prompt", PROMPT, "--motion-prompt", MOTION, "--base", "tiny",
+            "--tokenizer", sp_model_path, "--random-weights", "--out", str(out), "--steps1", "4", "--steps2",
+            "4", "--batch-size", "2", "--rank", "2", "--prior-count", "0", "--checkpoint-every", "2",
+            "--device", "cpu"]
+    assert cli_main([*argv, "--stage", "1"]) == 0
+    stage1 = out.read_bytes()
+    capsys.readouterr()
+    assert cli_main([*argv, "--stage", "2", "--lr", "1e3"]) == 3
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if ": error: " in x)
+    assert "the adapter blew up" in line and "at stage 2 step 1" in line, line
+    assert "stage1-step000004.safetensors" in line and "--resume and a lower --lr" in line, line
+    assert "lr 0.001 -> 1000.0" in err  # the change from the stage-1 run (the tiny recipe's lr) is said
+    assert out.read_bytes() == stage1 and not (tmp_path / "c.work" / "checkpoints" / "stage2-step000002"
+                                                ".safetensors").exists()
+    assert cli_main([*argv, "--stage", "2", "--resume", "--lr", "5e-4"]) == 0
+    concept = load_concept(out)  # refuses NaN or inf tensors
+    assert any(k.endswith("lora_B2") and 0 < v.abs().max() < 1 for k, v in concept.lora.items())
+    assert concept.train_config["lr"] == 5e-4
+    assert concept.train_config["resumed"] == [{"stage": 1, "step": 4, "changed": {"lr": [1e-3, 5e-4]}}]
+
+
+def test_a_resume_with_unchanged_settings_records_nothing(sp_model_path, tmp_path, video):
+    cfg = config(tmp_path, video, prior_count=0)
+    P.main(dataclasses.replace(cfg, stages=(1,)), make_base(sp_model_path))
+    P.main(dataclasses.replace(cfg, stages=(2,)), make_base(sp_model_path))  # replaces stage 1's file
+    assert load_concept(cfg.out).train_config["resumed"] == []
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -107,6 +107,9 @@ class PersonalizeConfig:
     resume: bool = False
     force: bool = False  # overwrite an existing `out`
     progress: bool = True
+    # Set by a resume, not by a user: each resume that changed a RESUME_FREE setting, as {"stage", "step",
+    # "changed": {key: [then, now]}}; kept in checkpoints and in the concept file.
+    resumed: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
         # TOML and JSON hand lists and dicts; checkpoints compare the config as JSON, so normalize first.
@@ -216,9 +219,13 @@ INVOCATION = ("resume", "force", "progress")
 EXPERT_CHOICES = ("both", "high", "low")
 
 # Fields that may change between an interrupted run and its resume without changing the result.
+# The learning rates are among them since a diverged run is continued from its last checkpoint with a
+# lower one (the new rate applies from the resume on, and `resumed` records it).
 RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", "log_every",
                "checkpoint_every", "keep_checkpoints", "device", "out", "work_dir", "stages",
-               "steps1", "steps2", "compile", "grad_checkpointing"}
+               "steps1", "steps2", "compile", "grad_checkpointing", "lr", "token_lr", "resumed"}
+# Fields no config file sets.
+INTERNAL = ("resumed",)
 
 
 def read_toml(path: str) -> dict:
@@ -236,7 +243,7 @@ def read_toml_config(path: str | None, base_keys: tuple[str, ...]) -> tuple[dict
     unknown key names every known one."""
     values = read_toml(path) if path else {}
     extra = {k: values.pop(k) for k in base_keys if k in values}
-    known = {f.name for f in fields(PersonalizeConfig)}
+    known = {f.name for f in fields(PersonalizeConfig)} - set(INTERNAL)
     if unknown := sorted(set(values) - known):
         every = ", ".join(sorted(known | set(base_keys)))
         raise ValueError(f"{path}: unknown keys {unknown}; known keys are {every}")

@@ -44,7 +44,14 @@ from .checkpoint import Checkpoint, latest_checkpoint
 from .config import PersonalizeConfig
 from .data import LatentCache
 from .log import LossLog, write_preview
-from .resume import load_adapter_state, resume_point, save_stage_checkpoint, seed_everything, start_stage
+from .resume import (
+    load_adapter_state,
+    replaces_stage1,
+    resume_point,
+    save_stage_checkpoint,
+    seed_everything,
+    start_stage,
+)
 from .stage_data import (
     StageData,
     build_stage_data,
@@ -54,11 +61,12 @@ from .stage_data import (
     read_videos,
     stage_latents,
 )
-from .step import build_optimizer, loss_step, trained_params
+from .step import BLOWUP, AdapterGrowth, build_optimizer, loss_step, trained_params
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; nothing after the last good checkpoint was written."""
+class Diverged(RuntimeError):
+    """The loss or gradient became NaN or inf, or an adapter blew up (step.BLOWUP); the step's checkpoint
+    was not written, so every checkpoint on disk is from before."""
 
 
 def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | None = None) -> Path:
@@ -122,8 +130,9 @@ def _freeze(base: Base) -> None:
 
 
 def check_inputs(cfg: PersonalizeConfig, base: Base) -> None:
-    """Fail before any work: existing output, prompts without their tokens."""
-    if Path(cfg.out).exists() and not cfg.force:
+    """Fail before any work: existing output (but the one `--stage 1` wrote, which `--stage 2` replaces),
+    prompts without their tokens."""
+    if Path(cfg.out).exists() and not cfg.force and not replaces_stage1(cfg):
         raise ValueError(f"{cfg.out} exists; pass --force to overwrite it, or choose another --out")
     if cfg.expert != "both" and base.config.experts == 1:
         raise ValueError(f"--expert {cfg.expert}: base {base.name} has one DiT; --expert picks one of a "
@@ -171,6 +180,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
     lora, emb = trained_params(cfg, base.dit, tokens, stage)
     optimizer = build_optimizer(cfg, lora, emb)
     start = start_stage(cfg, stage, optimizer, g, resume)
+    growth = AdapterGrowth(base.dit, cfg.name)
     shift = cfg.train_shift(base.config.sample_shift)
     cuda = g.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -180,7 +190,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
     for step in bar:
         with autocast:
             out = loss_step(cfg, base.dit, base.t5, data, g, shift)
-        log.add(out, _descend(cfg, optimizer, lora + emb, out.loss, stage, step))
+        log.add(out, _descend(cfg, optimizer, lora + emb, out.loss, growth, stage, step))
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == steps:
             row = log.flush(stage, done)
@@ -194,21 +204,30 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
 
 
 def _descend(cfg: PersonalizeConfig, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-             loss: Tensor, stage: int, step: int) -> float:
-    """Backward, clip, step; returns the gradient norm. A NaN or inf stops the run before the step."""
+             loss: Tensor, growth: AdapterGrowth, stage: int, step: int) -> float:
+    """Backward, clip, step; returns the gradient norm. A NaN or inf stops the run before the step, an
+    adapter blown up (BLOWUP) after it, before anything of the step is written."""
+    folder = cfg.work / "checkpoints"
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(_diverged("loss", float(loss.detach()), stage, step, cfg.work / "checkpoints"))
+        raise Diverged(_diverged(f"the loss became {float(loss.detach())}", stage, step, folder))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True))
     if not math.isfinite(grad_norm):
-        raise NonFiniteLoss(_diverged("gradient norm", grad_norm, stage, step, cfg.work / "checkpoints"))
+        raise Diverged(_diverged(f"the gradient norm became {grad_norm}", stage, step, folder))
     optimizer.step()
+    bound, layer = growth()
+    if not bound <= BLOWUP:
+        raise Diverged(_diverged(f"the adapter blew up (its update bound is {bound:.3g} x the base weights', "
+                                 f"limit {BLOWUP:g}; largest in {layer})", stage, step, folder))
     return grad_norm
 
 
-def _diverged(what: str, value: float, stage: int, step: int, folder: Path) -> str:
+def _diverged(what: str, stage: int, step: int, folder: Path) -> str:
     last = latest_checkpoint(folder)
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-    return (f"{what} became {value} at stage {stage} step {step + 1}; training stopped, nothing after the "
-            f"last checkpoint was written and {kept} (continue with --resume, perhaps with a lower --lr)")
+    if last is None:
+        return (f"{what} at stage {stage} step {step + 1}; training stopped before any checkpoint was "
+                "written: run again with a lower --lr")
+    return (f"{what} at stage {stage} step {step + 1}; training stopped, and the last checkpoint, {last}, is "
+            "from before: continue from it with --resume and a lower --lr (a resume may change --lr, "
+            "--token-lr, --steps1/--steps2 and the checkpoint and preview cadence)")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from lora.inject import concept_state_dict, load_concept_state_dict
@@ -66,7 +68,10 @@ def start_stage(cfg: PersonalizeConfig, stage: int, optimizer: torch.optim.Optim
     if resume is None:
         seed_everything(cfg.stage_seed(stage), g)
         return 0
+    rates = [group["lr"] for group in optimizer.param_groups]  # this run's, which a resume may change
     optimizer.load_state_dict(resume.optimizer)
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
     restore_rng(resume.rng, g)
     return resume.step
 
@@ -102,7 +107,21 @@ def resume_point(cfg: PersonalizeConfig) -> Checkpoint | None:
                 f"stage 2 needs a finished stage 1, but the latest checkpoint {ckpt.path} is stage 1 step "
                 f"{ckpt.step} of {cfg.steps1}; finish it with --stage 1 --resume")
     _check_resume_config(cfg, ckpt.config, ckpt.stage, ckpt.path)
+    _record_changes(cfg, ckpt)
     return ckpt
+
+
+def replaces_stage1(cfg: PersonalizeConfig) -> bool:
+    """Whether a `--stage 2` run may replace --out without --force: the file is the concept the `--stage 1`
+    run of the same work folder wrote (the documented two-command flow)."""
+    if cfg.stages != (2,):
+        return False
+    try:
+        with safe_open(str(cfg.out), framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("train_config", "{}"))
+    except Exception:  # not a concept file of ours: --force decides
+        return False
+    return saved.get("stages") == [1] and saved.get("work_dir") == cfg.work_dir
 
 
 def _start_checkpoint(cfg: PersonalizeConfig) -> Checkpoint | None:
@@ -136,6 +155,24 @@ def _check_resume_config(cfg: PersonalizeConfig, saved: dict, stage: int, path: 
         raise ValueError(f"checkpoint {path} was written with different settings for {diff} "
                          f"(e.g. {first}: {saved.get(first)!r} then, {now.get(first)!r} now); resume with "
                          "the same options, or start fresh with another --work-dir")
+
+
+# RESUME_FREE settings a resume does not record: how and where this invocation runs.
+_UNRECORDED = {"resume", "force", "progress", "out", "work_dir", "stages", "resumed"}
+
+
+def _record_changes(cfg: PersonalizeConfig, ckpt: Checkpoint) -> None:
+    """cfg.resumed: the checkpoint's history plus this resume's changes of RESUME_FREE settings, said in
+    one line (the concept file and later checkpoints keep it)."""
+    saved, now = ckpt.config, cfg.to_dict()
+    changed = {k: [saved.get(k), now[k]] for k in sorted(RESUME_FREE - _UNRECORDED)
+               if k in saved and _js(saved[k]) != _js(now[k])}
+    cfg.resumed = tuple(saved.get("resumed", ()))
+    if changed:
+        cfg.resumed += ({"stage": ckpt.stage, "step": ckpt.step, "changed": changed},)
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        print(f"setseq personalize: note: continuing {ckpt.path.name} with changed settings: {said} "
+              "(recorded in the concept file's train_config.resumed)", file=sys.stderr)
 
 
 def _pick(concepts: list[dict], keys: tuple[str, ...]) -> list[dict]:
