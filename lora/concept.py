@@ -52,9 +52,10 @@ class BaseIdentity:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the names and shapes of the model's own tensors (LoRA tensors excluded): equal for
-    two instances of one architecture whatever their dtype, device or weights."""
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if ".adapters." not in k}
+    """Hash of the names and shapes of the model's own tensors (LoRA tensors and fp8 scales excluded):
+    equal for two instances of one architecture whatever their dtype (fp8 included), device or weights."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()  # fp8 scales: a storage detail
+              if ".adapters." not in k and not k.endswith(".weight_scale")}
     blob = json.dumps(shapes, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -110,16 +110,13 @@ def concept_adapters(model: nn.Module, concept: str | None = None) -> dict[str, 
 
 
 def remove_concept(model: nn.Module, concept: str) -> None:
-    """Drop a concept's adapters; layers left with none go back to plain nn.Linear."""
+    """Drop a concept's adapters; layers left with none go back to plain nn.Linear (or FP8Linear)."""
     for name in concept_adapters(model, concept):
         module = model.get_submodule(name)
         module.remove_adapter(concept)
         if not module.adapters:
-            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-            plain.weight, plain.bias = module.weight, module.bias
-            plain.train(module.training)
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, plain)
+            setattr(model.get_submodule(parent_name), attr, module.to_plain())
 
 
 def set_stage(model: nn.Module, stage: int, *, concepts: Sequence[str] | None = None,

@@ -20,6 +20,8 @@ mask per forward call, scaled by 1 / (1 - p) so evaluation needs no correction.
 parameters under their original names, so the base model's state_dict keys do not change when a
 layer is wrapped. The concepts live in `adapters`, a ModuleDict keyed by concept name, giving keys
 like `blocks.0.self_attn.q.adapters.dancer.lora_A1`; the forward adds every adapter's delta.
+Wrapping an fp8 layer (model/fp8.py's FP8Linear) shares its `weight_scale` too, and the base product
+dequantizes like FP8Linear's; merging into fp8 weights is refused (it would requantize the base).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.fp8 import FP8Linear, fp8_linear
 
 
 class ConceptAdapter(nn.Module):
@@ -105,8 +109,26 @@ class LoRALinear(nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight = linear.weight
         new.bias = linear.bias
+        if isinstance(linear, FP8Linear):
+            new.register_buffer("weight_scale", linear.weight_scale)
+            new.block = linear.block
         new.train(linear.training)
         return new
+
+    @property
+    def fp8(self) -> bool:
+        return "weight_scale" in self._buffers
+
+    def to_plain(self) -> nn.Linear:
+        """The layer without adapters (an nn.Linear, or an FP8Linear for fp8 weights), sharing the tensors."""
+        if self.fp8:
+            plain = FP8Linear(self.in_features, self.out_features, self.bias is not None, device="meta",
+                              block=self.block)
+            plain.weight_scale = self.weight_scale
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
 
     @property
     def merged(self) -> bool:
@@ -142,6 +164,9 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         """Fold every adapter's ΔW into `weight` (fp32 accumulation); the forward then skips them."""
         self._refuse_if_merged("merge again")
+        if self.fp8:
+            raise RuntimeError("cannot merge a LoRA into fp8 base weights (it would requantize them); "
+                               "keep the adapters unmerged, or load the base without --base-dtype fp8")
         scales = {name: (a.alpha, a.beta) for name, a in self.adapters.items()}
         self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self._merged_scales = scales
@@ -163,7 +188,10 @@ class LoRALinear(nn.Linear):
                                "call unmerge() first")
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.fp8:
+            y = fp8_linear(x, self.weight, self.weight_scale, self.block, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.merged:
             if self.training and any(p.requires_grad for p in self.adapters.parameters()):
                 raise RuntimeError("cannot train a LoRA while it is merged into the base weight; "

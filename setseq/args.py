@@ -70,3 +70,39 @@ def warn_unreadable(command: str, words: list[str]) -> None:
               "(unknown, or spelled out piece by piece): say it with words of the base's captions",
               file=sys.stderr)
 
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return value
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """--base-dtype and --offload-blocks: how the base DiT is held (personalize and generate)."""
+    p.add_argument("--base-dtype", choices=("fp8",), default=None,
+                   help="fp8: the DiT blocks' linear weights as float8_e4m3fn with 128x128 tile scales, "
+                        "dequantized in the forward (half their bf16 memory); adapters and optimizer stay "
+                        "fp32")
+    p.add_argument("--offload-blocks", type=nonnegative_int, default=None, metavar="K",
+                   help="keep the last K DiT blocks in pinned host memory and stream each to the GPU just "
+                        "before its use, forward and backward (0 = off; at most the block count - 1)")
+
+
+def note_offload(command: str, offload_blocks: int | None, device: str | None) -> None:
+    """Offload on the CPU runs (the schedule the tests check) but saves nothing: host and device are one
+    memory. Allowed, so a run configured for a GPU also runs on a laptop; said once, on stderr."""
+    cpu = device == "cpu" or (device is None and not _cuda())
+    if offload_blocks and cpu:
+        print(f"setseq {command}: note: --offload-blocks on the CPU saves no memory (host and device are the "
+              "same memory); it is meant for CUDA", file=sys.stderr)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -23,8 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("src", metavar="SRC", help="local folder of the release (nothing is downloaded)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="checkpoint folder to create (must not exist or be empty)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="dtype of the saved weights (default bf16: half the size of fp32)")
+    p.add_argument("--dtype", choices=[*sorted(DTYPES), "fp8"], default="bf16",
+                   help="dtype of the saved weights (default bf16: half the size of fp32); fp8: the DiT "
+                        "blocks' linear weights as float8_e4m3fn with 128x128 tile scales, the rest bf16")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma list of parts to convert (default {','.join(PARTS)})")
     p.add_argument("--tokenizer", default=None,

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.config import ModelConfig, parse_size
-from setseq.args import check_new_files, finite_float, nonnegative_float, positive_float, warn_unreadable
+from setseq.args import (
+    add_memory_flags,
+    check_new_files,
+    finite_float,
+    nonnegative_float,
+    note_offload,
+    positive_float,
+    warn_unreadable,
+)
 from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
 
 if TYPE_CHECKING:
@@ -84,6 +92,7 @@ def register(subparsers) -> None:
                    "face is, for --arcface (no detector; default the centred square)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
+    add_memory_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -123,8 +132,11 @@ def load_pipeline(args: argparse.Namespace):
     from sample.generate import Pipeline
     from weights.base import load_base
 
-    return Pipeline.of(load_base(args.base, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                                 random_weights=args.random_weights, seed=args.base_seed))
+    base = load_base(args.base, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                     random_weights=args.random_weights, seed=args.base_seed, base_dtype=args.base_dtype,
+                     offload_blocks=args.offload_blocks or 0)
+    note_offload("generate", args.offload_blocks, args.device)
+    return Pipeline.of(base)
 
 
 def check_args(args: argparse.Namespace) -> list[tuple[Path, Concept, float, float]]:

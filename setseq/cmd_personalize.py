@@ -19,14 +19,23 @@ from pathlib import Path
 import torch
 
 from model.config import parse_size
-from setseq.args import check_folder, check_new_files, nonnegative_float, positive_float, warn_unreadable
+from setseq.args import (
+    add_memory_flags,
+    check_folder,
+    check_new_files,
+    nonnegative_float,
+    note_offload,
+    positive_float,
+    warn_unreadable,
+)
 from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import Diverged, main
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
 from weights.base import base_config, load_base
 
-_BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights")  # TOML keys that choose the base
+# TOML keys that choose the base and how it is held
+_BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights", "base_dtype", "offload_blocks")
 
 # Flags mapped 1:1 onto PersonalizeConfig fields (argparse dest -> field), with their types.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -79,6 +88,7 @@ def register(subparsers) -> None:
                    help="keep the [v]/[u] embeddings at zero (the paper: works without training them)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
+    add_memory_flags(p)
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute each block in the backward: less memory (real sizes need it), +1 forward")
     p.add_argument("--compile", action="store_true", default=None,
@@ -162,9 +172,14 @@ def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
     print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
     note_fresh_resume(cfg)
+    if cfg.compile and extra.get("offload_blocks"):
+        raise ValueError("--compile with --offload-blocks: offload streams blocks from hooks that a compiled "
+                         "block would trace; drop one of them")
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
-                     seed=cfg.seed)
+                     seed=cfg.seed, base_dtype=extra.get("base_dtype"),
+                     offload_blocks=extra.get("offload_blocks") or 0)
+    note_offload("personalize", extra.get("offload_blocks"), cfg.device)
     warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))
     from sample.sampler import sample_latents
 

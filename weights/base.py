@@ -16,9 +16,12 @@ import torch
 
 from model.base import Base
 from model.config import PRESETS, ModelConfig
+from model.experts import ExpertPair
+from model.fp8 import check_fp8_available, quantize_linears
+from model.offload import BlockOffload
 from model.tokenizer import base_tokenizer
 
-from .checkpoint import PARTS, BaseModels, checkpoint_config, load_checkpoint, random_models
+from .checkpoint import BaseModels, checkpoint_config, load_checkpoint, random_models
 from .load import parse_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,18 +83,47 @@ def pick_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtyp
     return dt
 
 
+def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_blocks: int) -> None:
+    """--base-dtype and --offload-blocks, refused before anything is allocated."""
+    if base_dtype not in (None, "fp8"):
+        raise ValueError(f"--base-dtype {base_dtype!r}: expected fp8 (or leave it out for --dtype's weights)")
+    if base_dtype == "fp8":
+        check_fp8_available()
+    layers = cfg.dit.layers
+    whole = isinstance(offload_blocks, int) and not isinstance(offload_blocks, bool)
+    if not (whole and 0 <= offload_blocks < layers):
+        raise ValueError(f"--offload-blocks {offload_blocks}: base {cfg.name!r} has {layers} DiT blocks and "
+                         f"the first stays on the device; choose 0..{layers - 1}")
+
+
 def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-              tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0) -> Base:
+              tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0,
+              base_dtype: str | None = None, offload_blocks: int = 0) -> Base:
     """Load the base model `base` names (see the module doc) in `dtype` (default bf16 on CUDA, else fp32)
     on `device` (default CUDA when available). `tokenizer` overrides the checkpoint's sentencepiece model;
-    `seed` fixes random weights."""
+    `seed` fixes random weights. `base_dtype="fp8"` stores the DiT's block linears in fp8 (model/fp8.py;
+    a checkpoint converted with `--dtype fp8` already is); `offload_blocks=K` keeps the last K DiT blocks in
+    host memory, streamed to the device as they are used (model/offload.py). With either, the DiT is
+    loaded on the CPU first, so the device never holds its full-precision or whole self."""
     folder = base_source(base, random_weights)
+    check_memory_options(PRESETS[str(base)] if folder is None else checkpoint_config(folder), base_dtype,
+                         offload_blocks)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    staged = base_dtype == "fp8" or offload_blocks > 0
+    dit_dev = torch.device("cpu") if staged else dev
     if folder is None:
-        models = random_models(PRESETS[str(base)], seed, dt, dev)
+        models = random_models(PRESETS[str(base)], seed, dt, dev, parts=("vae", "t5"))
+        models.dit = random_models(PRESETS[str(base)], seed, dt, dit_dev, parts=("dit",)).dit
     else:
-        models = load_checkpoint(folder, dtype=dt, device=dev, parts=PARTS)
+        models = load_checkpoint(folder, dtype=dt, device=dev, parts=("vae", "t5"))
+        models.dit = load_checkpoint(folder, dtype=dt, device=dit_dev, parts=("dit",)).dit
+    if base_dtype == "fp8":
+        quantize_linears(models.dit)
+    experts = (models.dit.high, models.dit.low) if isinstance(models.dit, ExpertPair) else (models.dit,)
+    for dit in experts if offload_blocks else ():  # each kept alive by its hooks on the DiT
+        BlockOffload(dit, dit.blocks, offload_blocks, dev)
+    models.dit.to(dev)
     return _bundle(models, tokenizer or models.tokenizer_path, str(base))
 
 
@@ -104,4 +136,5 @@ def _bundle(models: BaseModels, sp_path: str | Path | None, base: str) -> Base:
     return Base(models.cfg, models.dit, models.vae, models.t5, tok, name=models.cfg.name)
 
 
-__all__ = ["COMMITTED", "base_source", "base_config", "pick_device", "pick_dtype", "load_base"]
+__all__ = ["COMMITTED", "base_source", "base_config", "pick_device", "pick_dtype", "check_memory_options",
+           "load_base"]

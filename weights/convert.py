@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from model.config import PRESETS, DiTConfig, ModelConfig, T5Config
+from model.fp8 import check_fp8_available, fp8_target_names, quantize_state_dict
 from model.tempfiles import kill_point, remove_stale, temp_path
 
 from .checkpoint import LOW_EXPERT, PARTS, check_parts, copy_tokenizer, part_ctor, save_part, write_config
@@ -378,6 +379,14 @@ def cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
+def fp8_dit_state(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """`--dtype fp8`: the block linears quantized from the source precision, every other tensor bf16."""
+    names = fp8_target_names(build_meta(part_ctor("dit", cfg)))
+    weights = {f"{n}.weight" for n in names}
+    rest = cast({k: v for k, v in sd.items() if k not in weights}, torch.bfloat16)
+    return quantize_state_dict({**rest, **{k: sd[k] for k in weights}}, names)
+
+
 # ---------------------------------------------------------------------------------------- convert
 
 
@@ -398,7 +407,10 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             progress: Callable | None = None) -> Conversion:
     """Convert the `parts` of the `layout` release in `src` into a checkpoint folder at `out`.
     `progress(iterable, **tqdm_kwargs)` wraps the loop over parts (e.g. tqdm); None = silent."""
-    src, out, dtype = Path(src), Path(out), parse_dtype(dtype)
+    fp8 = dtype == "fp8"  # the DiT's block linears in fp8 with tile scales (model/fp8.py), the rest bf16
+    src, out, dtype = Path(src), Path(out), parse_dtype("bf16" if fp8 else dtype)
+    if fp8:
+        check_fp8_available()
     parts = check_parts(parts)
     files = locate(src, layout, parts)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(src, layout)
@@ -422,7 +434,10 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             del sd
             expected = expected_shapes(build_meta(part_ctor(part, configs[part])))
             check_state_dict(expected, ours, source=f"{files[part].weights} (after mapping to setseq names)")
-            save_part(tmp, part, cast(ours, dtype))
+            fp8_dit = fp8 and family(part) == "dit"
+            stored = fp8_dit_state(ours, configs[part]) if fp8_dit else cast(ours, dtype)
+            save_part(tmp, part, stored)
+            del stored
             kill_point("convert")
             del ours
         cfg = model_config(configs, notes, source_boundary(src, layout))
@@ -430,8 +445,8 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             copy_tokenizer(tmp, tok)
         else:
             notes.append("no tokenizer file found; commands that read prompts will need one")
-        write_config(tmp, cfg, tuple(files), dtype=dtype, tokenizer=tok is not None,
-                     source={"layout": layout, "path": str(src.resolve())})
+        source = {"layout": layout, "path": str(src.resolve())} | ({"dit_linears": "fp8"} if fp8 else {})
+        write_config(tmp, cfg, tuple(files), dtype=dtype, tokenizer=tok is not None, source=source)
         if out.exists():
             out.rmdir()  # empty (checked above); renaming onto a folder is not portable
         os.replace(tmp, out)

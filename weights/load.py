@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from model.fp8 import FP8, fp8_names_in, fp8_structure
+
 from .io import preview
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,14 +63,23 @@ def load_into(module_ctor: Callable[[], nn.Module], state_dict: Mapping[str, tor
               dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
               *, source: str = "state dict") -> nn.Module:
     """Build `module_ctor()` on the meta device, check `state_dict` against it (keys, shapes), then
-    assign the tensors (floating ones cast to `dtype`, all moved to `device`). Non-persistent
+    assign the tensors (floating ones cast to `dtype`, all moved to `device`). Linears stored in fp8
+    (a `weight` of float8_e4m3fn with a `weight_scale` beside it, model/fp8.py) load as FP8Linear and
+    keep their fp8 weights and fp32 scales. Non-persistent
     buffers (tables a module computes from its config) are rebuilt on `device` by the module's
     `init_buffers()` (or a CPU build when it has none); float64 tables keep their precision.
     Returns the module in eval mode."""
     dtype = parse_dtype(dtype)
     module = build_meta(module_ctor)
+    fp8 = fp8_names_in(state_dict)  # a checkpoint written by `setseq convert --dtype fp8`
+    fp8_structure(module, fp8)
+    if stray := [k for k, v in state_dict.items() if FP8 is not None and v.dtype == FP8
+                 and k.removesuffix(".weight") not in fp8]:
+        raise ValueError(f"{source}: fp8 tensors without a `weight_scale` beside them: {preview(stray)}; "
+                         "the file is damaged, convert it again")
     check_state_dict(expected_shapes(module), state_dict, source=source)
-    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    kept = {f"{n}.weight" for n in fp8} | {f"{n}.weight_scale" for n in fp8}  # fp8 and its fp32 scales
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k not in kept else v.dtype)
             for k, v in state_dict.items()}
     module.load_state_dict(cast, strict=True, assign=True)
     materialize_buffers(module, device, module_ctor)
