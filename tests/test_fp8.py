@@ -228,3 +228,11 @@ def test_convert_dtype_fp8_round_trip_loads_strictly(tmp_path, sp_model_path, ca
     sizes = {k: (v / "dit.safetensors").stat().st_size for k, v in outs.items()}
     linear_bf16 = sum(2 * dit.get_submodule(n).weight.numel() for n in names)
     assert sizes["bf16"] - sizes["fp8"] >= 0.49 * linear_bf16  # the linears' half, less their scales
+
+
+def test_both_experts_of_a_two_expert_base_go_to_fp8():
+    from model.experts import ExpertPair
+
+    pair = ExpertPair(trained_like(seed=0), trained_like(seed=1), boundary=0.875)
+    names = F8.quantize_linears(pair)
+    assert len(names) == 2 * 10 * WAN.layers and {n.partition(".")[0] for n in names} == {"high", "low"}
