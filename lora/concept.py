@@ -5,11 +5,16 @@ Tensors:
     token.{text}                             T5 input embedding of each added token, e.g. `token.[v]`
 Metadata (strings; JSON where structured):
     format = "setseq-concept", version, name, rank, targets, tokens (their order), prompts,
-    train_config, base = {"name", "fingerprint"}
+    train_config, base = {"name", "fingerprint", "weights"}
 
 The base identity says which model the concept belongs to: a name the caller chooses (preset or
-checkpoint name) and a fingerprint of the architecture (a hash of every base tensor's name and
-shape). apply_concept refuses a concept whose base differs from the model's.
+checkpoint name), a fingerprint of the architecture (a hash of every base tensor's name and
+shape) and a hash of the weights themselves (base_weights_hash: a few values of every tensor, cheap
+at any size). apply_concept refuses a concept whose name or architecture differs from the model's.
+Other weights of the same architecture get a warning, not a refusal: a LoRA carried over to a
+fine-tune of its base is ordinary practice and can work, while a concept trained on other weights
+(the random `tiny` preset, then applied to the committed tiny base) should never pass unnoticed.
+Concept files written before the weights hash (no "weights" key) load and apply without the check.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +52,9 @@ _TOKEN_PREFIX = "token."
 class BaseIdentity:
     name: str  # preset or checkpoint name, e.g. "wan2.1-1.3b"
     fingerprint: str  # architecture hash, see base_fingerprint()
+    # Weights hash, see base_weights_hash(); "" = unknown (files written before it). Not part of equality:
+    # other weights of one architecture are a warning (check_base), and concepts of either still combine.
+    weights: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.name} (fingerprint {self.fingerprint})"
@@ -60,8 +69,29 @@ def base_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+_SAMPLES = 64  # values read from each tensor
+
+
+@torch.no_grad()
+def base_weights_hash(model: nn.Module) -> str:
+    """Hash of 64 evenly spaced values of each of the model's own tensors (LoRA excluded), rounded to
+    bf16 so that one checkpoint loaded in fp32 or bf16 hashes alike: tells two trainings of one
+    architecture apart while reading a few kilobytes. "" for a model on the meta device."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if ".adapters." in key or not t.is_floating_point():
+            continue
+        if t.is_meta:
+            return ""
+        flat = t.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // _SAMPLES)][:_SAMPLES].to("cpu", torch.bfloat16)
+        h.update(key.encode())
+        h.update(picked.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def base_identity(model: nn.Module, name: str) -> BaseIdentity:
-    return BaseIdentity(name=name, fingerprint=base_fingerprint(model))
+    return BaseIdentity(name=name, fingerprint=base_fingerprint(model), weights=base_weights_hash(model))
 
 
 @dataclass
@@ -141,7 +171,8 @@ def save_concept(path: str | os.PathLike, concept: Concept) -> None:
         "tokens": json.dumps(list(concept.tokens)),
         "prompts": json.dumps(concept.prompts),
         "train_config": json.dumps(concept.train_config),
-        "base": json.dumps({"name": concept.base.name, "fingerprint": concept.base.fingerprint}),
+        "base": json.dumps({"name": concept.base.name, "fingerprint": concept.base.fingerprint}
+                           | ({"weights": concept.base.weights} if concept.base.weights else {})),
     }
     write_safetensors(path, tensors, metadata)
 
@@ -182,7 +213,7 @@ def load_concept(path: str | os.PathLike) -> Concept:
             name=metadata["name"],
             lora={k: v for k, v in tensors.items() if not k.startswith(_TOKEN_PREFIX)},
             targets=tuple(json.loads(metadata["targets"])),
-            base=BaseIdentity(name=base["name"], fingerprint=base["fingerprint"]),
+            base=BaseIdentity(base["name"], base["fingerprint"], base.get("weights", "")),  # old: no weights
             tokens={t: tensors[_TOKEN_PREFIX + t] for t in token_order},
             prompts=json.loads(metadata["prompts"]),
             train_config=json.loads(metadata["train_config"]),
@@ -205,9 +236,14 @@ def check_finite(tensors: dict[str, Tensor], where: str) -> None:
 
 
 def check_base(concept: Concept, base: BaseIdentity) -> None:
+    """Another name or architecture: refused. Other weights of the same architecture: one warning."""
     if concept.base != base:
         raise ValueError(f"concept {concept.name!r} was trained on base model {concept.base}, "
                          f"but this model is {base}; load the base it belongs to")
+    if concept.base.weights and base.weights and concept.base.weights != base.weights:
+        print(f"setseq: warning: concept {concept.name!r} was trained on other {base.name} weights (hash "
+              f"{concept.base.weights}) than this model's ({base.weights}): the same architecture, but it "
+              "may not look as trained; load the base it was trained on", file=sys.stderr)
 
 
 def apply_concept(model: nn.Module, concept: Concept, *, expected_base: BaseIdentity | None = None,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora.concept as concept_module
@@ -186,3 +187,51 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_concept(path, _trained_concept(_dit(), seed=3))
     assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+# ------------------------------------------------------------------------------------ weights identity
+
+
+def test_weights_hash_tells_two_trainings_apart_but_not_dtypes_or_adapters():
+    a, b = _dit(seed=0), _dit(seed=1)
+    h = base_identity(a, "x").weights
+    assert len(h) == 16 and h != base_identity(b, "x").weights
+    assert base_identity(_dit(seed=0).to(torch.bfloat16), "x").weights == h  # fp32 vs bf16 load
+    inject_lora(a, rank=2)
+    assert base_identity(a, "x").weights == h
+
+
+def test_a_concept_on_other_weights_of_its_base_warns_once_and_applies(tmp_path, capsys):
+    save_concept(tmp_path / "c.safetensors", _trained_concept(_dit(seed=0)))
+    concept = load_concept(tmp_path / "c.safetensors")
+    other = _dit(seed=1)
+    apply_concept(other, concept, expected_base=base_identity(other, "small-test"))
+    assert concept_names(other) == ["dancer"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: concept 'dancer' was trained on other small-test weights" in err
+    assert concept.base.weights in err and base_identity(other, "small-test").weights in err
+    same = _dit(seed=0)
+    apply_concept(same, concept, expected_base=base_identity(same, "small-test"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_concept_file_without_the_weights_hash_still_loads_and_applies(tmp_path, capsys):
+    old = _trained_concept(_dit(seed=0))
+    old.base = BaseIdentity(old.base.name, old.base.fingerprint)  # as files were written before the hash
+    save_concept(tmp_path / "old.safetensors", old)
+    with safe_open(str(tmp_path / "old.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["base"]) == {"name": "small-test", "fingerprint": old.base.fingerprint}
+    concept = load_concept(tmp_path / "old.safetensors")
+    other = _dit(seed=1)
+    apply_concept(other, concept, expected_base=base_identity(other, "small-test"))
+    assert concept.base.weights == "" and concept_names(other) == ["dancer"]
+    assert capsys.readouterr().err == ""
+
+
+def test_the_random_tiny_preset_and_the_committed_tiny_base_differ_only_by_weights(sp_model_path):
+    from weights.base import load_base
+
+    bases = (load_base("tiny", random_weights=r, tokenizer=sp_model_path) for r in (False, True))
+    committed, random = (base_identity(b.dit, b.name) for b in bases)
+    assert (committed.name, committed.fingerprint) == (random.name, random.fingerprint)
+    assert committed.weights != random.weights

@@ -67,7 +67,8 @@ def make_concept_file(path, name: str, tokens: tuple[str, ...], base_name: str =
             if "lora_B" in key:
                 t.normal_(0, 0.2)
     embeds = {tok: torch.randn(SMALL.t5.dim) for tok in tokens}
-    concept = concept_from_model(dit, name, base_identity(dit, base_name), tokens=embeds,
+    base = base_identity(random_dit(dit_cfg), base_name)  # the weights of the base in `files`
+    concept = concept_from_model(dit, name, base, tokens=embeds,
                                  prompts={"static": f"a {tokens[0]} square."})
     save_concept(path, concept)
     return path
