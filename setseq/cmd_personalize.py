@@ -12,6 +12,7 @@ together into one adapter; flags given on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -183,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
     warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))
     from sample.sampler import sample_latents
 
+    # priors and previews sample a two-expert base (Wan 2.2 A14B) at its own low-noise guidance too
+    sample_fn = functools.partial(sample_latents, low_noise_guidance=base.config.low_noise_guidance)
     try:
-        out = main(cfg, base, sample_fn=sample_latents)
+        out = main(cfg, base, sample_fn=sample_fn)
     except Diverged as err:
         print(f"setseq personalize: error: {err}", file=sys.stderr)
         return 3

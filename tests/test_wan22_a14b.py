@@ -543,3 +543,29 @@ def test_export_of_a_two_expert_concept_needs_an_expert():
     assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in high
     assert torch.equal(high["diffusion_model.blocks.1.ffn.2.lora_A.weight"],
                        concept.lora["high.blocks.1.ffn.2.lora_A1"])
+
+
+def test_personalize_and_generate_cli_on_a_two_expert_folder(pair_base, tmp_path, capsys, monkeypatch):
+    """--expert low trains the low-noise expert alone; the prior is sampled with the base's own per-stage
+    guidance (4 high, 3 low); generate applies the concept to the pair."""
+    import sample.sampler as sampler
+    from lora.concept import load_concept
+    from setseq.cli import main
+
+    calls = []
+    real = sampler.euler_sample
+    monkeypatch.setattr(sampler, "euler_sample", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    folder, _ = pair_base
+    out = tmp_path / "c.safetensors"
+    assert main(["personalize", _video(tmp_path), "--prompt", "a [v] square.", "--motion-prompt",
+                 "It is [u] moving.", "--base", str(folder), "--out", str(out), "--steps1", "1",
+                 "--steps2", "1", "--prior-count", "1", "--prior-per-batch", "1", "--batch-size", "2",
+                 "--rank", "2", "--expert", "low", "--device", "cpu"]) == 0
+    assert {m.split(".", 1)[0] for m in load_concept(out).modules} == {"low"}
+    assert calls and all((kw["guidance"], kw["low_noise_guidance"], kw["boundary"]) == (4.0, 3.0, 0.875)
+                         for kw in calls)
+    capsys.readouterr()
+    assert main(["generate", "--base", str(folder), "--concept", str(out), "--prompt",
+                 "a [v] square. It is [u] moving.", "--frames", "5", "--size", "32x32", "--no-progress",
+                 "--out", str(tmp_path / "v.mp4")]) == 0
+    assert "rank 2, 20 layers" in capsys.readouterr().out  # both blocks x 10 linears of the low expert
