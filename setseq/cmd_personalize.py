@@ -29,9 +29,10 @@ from setseq.args import (
     positive_float,
     warn_unreadable,
 )
+from train import distributed
 from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
-from train.personalize import Diverged, main
+from train.personalize import Diverged, is_main_process, main
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
 from weights.base import base_config, load_base
 
@@ -171,17 +172,31 @@ def settings_lines(settings: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
-    print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
-    note_fresh_resume(cfg)
+    distributed.init(cfg.device)  # under torchrun: join the process group before anything is on a device
+    try:
+        return _run(cfg, extra, settings)
+    finally:
+        distributed.finish()
+
+
+def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
+    main_proc = is_main_process()
+    if main_proc:
+        print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
+        note_fresh_resume(cfg)
     if cfg.compile and extra.get("offload_blocks"):
         raise ValueError("--compile with --offload-blocks: offload streams blocks from hooks that a compiled "
                          "block would trace; drop one of them")
+    if distributed.launched() and extra.get("offload_blocks"):
+        raise ValueError("--offload-blocks under torchrun: FSDP2 already keeps 1/N of the DiT per GPU and "
+                         "gathers each block before it runs; drop --offload-blocks (or run one process)")
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
                      seed=cfg.seed, base_dtype=extra.get("base_dtype"),
                      offload_blocks=extra.get("offload_blocks") or 0)
-    note_offload("personalize", extra.get("offload_blocks"), cfg.device)
-    warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))
+    if main_proc:
+        note_offload("personalize", extra.get("offload_blocks"), cfg.device)
+        warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))
     from sample.sampler import sample_latents
 
     # priors and previews sample a two-expert base (Wan 2.2 A14B) at its own low-noise guidance too
@@ -191,5 +206,6 @@ def run(args: argparse.Namespace) -> int:
     except Diverged as err:
         print(f"setseq personalize: error: {err}", file=sys.stderr)
         return 3
-    print(f"wrote {out} (loss log: {Path(cfg.work) / 'loss.tsv'})")
+    if main_proc:
+        print(f"wrote {out} (loss log: {Path(cfg.work) / 'loss.tsv'})")
     return 0

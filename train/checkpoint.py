@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from torch import Tensor
 from model.safetensors_header import sort_metadata
 from model.tempfiles import kill_point, publish, temp_path
 
-_NAME = re.compile(r"^stage(\d)-step(\d{6})\.safetensors$")
+# .dcp: the folder a several-process run writes (train/checkpoint_dcp.py); either kind resumes either run
+_NAME = re.compile(r"^stage(\d)-step(\d{6})\.(safetensors|dcp)$")
 
 
 @dataclass
@@ -149,6 +151,10 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
+    if path.suffix == ".dcp":
+        from .checkpoint_dcp import load_dcp_checkpoint  # that module builds on this one
+
+        return load_dcp_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -186,4 +192,4 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
         finals[int(m[1])] = p  # the last (highest step) of each stage
     for p in found[: max(0, len(found) - keep)]:
         if p not in finals.values():
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -82,8 +82,9 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def write_preview(path: Path, cfg: PersonalizeConfig, base: Base, data: StageData, stage: int,
-                  sample_fn: Callable[..., Tensor]) -> None:
-    """A short sample of the first concept with the current adapter, decoded to a gif (stage 1: one frame)."""
+                  sample_fn: Callable[..., Tensor], write: bool = True) -> None:
+    """A short sample of the first concept with the current adapter, decoded to a gif (stage 1: one frame);
+    write False: sample only (a rank other than 0 of a sharded run, whose DiT needs every rank)."""
     dit, device = base.dit, data.items.latents.device
     latent_shape = tuple(data.items.latents.shape[1:])
     text = cfg.concepts[0].text(cfg.text_stage(stage))
@@ -95,6 +96,8 @@ def write_preview(path: Path, cfg: PersonalizeConfig, base: Base, data: StageDat
                   guidance=base.config.guidance, shift=cfg.train_shift(base.config.sample_shift),
                   generator=torch.Generator(device).manual_seed(cfg.seed))
     dit.train()
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_video(path, base.vae.decode(z.to(next(base.vae.parameters()).dtype), chunk="auto")[0],
                 fps=cfg.fps or 8.0)

@@ -40,6 +40,7 @@ from lora.inject import inject_lora
 from lora.tokens import AddedTokens, add_tokens, write_token_rows
 from model.base import Base
 
+from . import distributed
 from .checkpoint import Checkpoint, latest_checkpoint
 from .config import PersonalizeConfig
 from .data import LatentCache
@@ -73,6 +74,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
     """Train the concept through the configured stages; returns the concept file's path."""
     # -- setup: one seed for every draw, a frozen base, inputs checked before any work ------------
     main_proc = is_main_process()
+    world = distributed.current(cfg.device)  # None unless launched by torchrun (train/distributed.py)
     g = torch.Generator(torch.device(cfg.device))
     seed_everything(cfg.seed, g)
     cache = LatentCache(cfg.work / "cache")
@@ -80,14 +82,15 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
     _freeze(base)
     tokens = add_tokens(base.t5, base.tokenizer, cfg.tokens())  # embeddings zero-initialized
     with base.t5.token_embedding.register_forward_hook(tokens.hook):  # the T5 reads the trained rows
-        check_inputs(cfg, base)
+        check_inputs(cfg, base, world)
         ckpt = resume_point(cfg)
 
         # -- data: videos -> cached latents; prior preservation from the base model (no adapter) ---
-        videos, frames = read_videos(cfg, base.config)
-        companions = companion_videos(cfg, base, frames, tuple(videos[0].shape[2:]), sample_fn, cache)
-        latents = {s: stage_latents(cfg, base, videos, frames, s, cache, companions) for s in cfg.stages}
-        priors = prior_latents(cfg, base, latents, sample_fn, cache)
+        with world.rank0_first() if world else contextlib.nullcontext():  # one writer per cache file
+            videos, frames = read_videos(cfg, base.config)
+            companions = companion_videos(cfg, base, frames, tuple(videos[0].shape[2:]), sample_fn, cache)
+            latents = {s: stage_latents(cfg, base, videos, frames, s, cache, companions) for s in cfg.stages}
+            priors = prior_latents(cfg, base, latents, sample_fn, cache)
 
         # -- model: the adapter (one shared basis for every concept), restored when resuming -------
         _add_adapter(cfg, base.dit)
@@ -95,6 +98,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
         if ckpt is not None:
             load_adapter_state(cfg, base.dit, tokens, ckpt.params)
+        if world:
+            distributed.shard(base.dit, world)  # FSDP2: each rank holds 1/N of the DiT from here on
 
         # -- loop: the stages, one loop in two configurations (each builds its own optimizer) ------
         for stage in cfg.stages:
@@ -103,11 +108,13 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
             prior = priors.get(cfg.text_stage(stage))
             data = build_stage_data(cfg, base, stage, *latents[stage], prior, tokens)
             resume = ckpt if ckpt is not None and ckpt.stage == stage else None
-            run_stage(cfg, base, data, tokens, stage, g, resume, log, sample_fn)
+            run_stage(cfg, base, data, tokens, stage, g, resume, log, sample_fn, world)
 
         # -- write: the concept file ---------------------------------------------------------------
+        with distributed.full_adapters(base.dit) if world else contextlib.nullcontext():
+            concept = make_concept(cfg, base, tokens)
         if main_proc:
-            save_concept(cfg.out, make_concept(cfg, base, tokens))
+            save_concept(cfg.out, concept)
         write_token_rows(base.t5, tokens.rows())  # the caller's T5 knows the trained tokens without the hook
     return Path(cfg.out)
 
@@ -129,9 +136,11 @@ def _freeze(base: Base) -> None:
     base.dit.requires_grad_(False)
 
 
-def check_inputs(cfg: PersonalizeConfig, base: Base) -> None:
+def check_inputs(cfg: PersonalizeConfig, base: Base, world: distributed.World | None = None) -> None:
     """Fail before any work: existing output (but the one `--stage 1` wrote, which `--stage 2` replaces),
-    prompts without their tokens."""
+    prompts without their tokens, too small a batch for the processes."""
+    if world:
+        distributed.check(cfg, world, base.dit)
     if Path(cfg.out).exists() and not cfg.force and not replaces_stage1(cfg):
         raise ValueError(f"{cfg.out} exists; pass --force to overwrite it, or choose another --out")
     if cfg.expert != "both" and base.config.experts == 1:
@@ -174,12 +183,14 @@ def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Con
 
 def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: AddedTokens, stage: int,
               g: torch.Generator, resume: Checkpoint | None, log: LossLog,
-              sample_fn: Callable[..., Tensor] | None) -> None:
-    """The loop: draw, forward, backward, clip, step; log, preview, checkpoint."""
+              sample_fn: Callable[..., Tensor] | None, world: distributed.World | None = None) -> None:
+    """The loop: draw, forward, backward, clip, step; log, preview, checkpoint. With a `world`, this rank
+    runs its share of each batch (train/distributed.py) and the checkpoints are DCP folders."""
     main_proc = is_main_process()
     lora, emb = trained_params(cfg, base.dit, tokens, stage)
     optimizer = build_optimizer(cfg, lora, emb)
-    start = start_stage(cfg, stage, optimizer, g, resume)
+    start = (distributed.start_sharded_stage if world else start_stage)(cfg, stage, optimizer, g, resume)
+    share = world.share(cfg.batch_size) if world else None
     growth = AdapterGrowth(base.dit, cfg.name)
     shift = cfg.train_shift(base.config.sample_shift)
     cuda = g.device.type == "cuda"
@@ -189,30 +200,38 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
                disable=not (cfg.progress and main_proc))
     for step in bar:
         with autocast:
-            out = loss_step(cfg, base.dit, base.t5, data, g, shift)
-        log.add(out, _descend(cfg, optimizer, lora + emb, out.loss, growth, stage, step))
+            out = loss_step(cfg, base.dit, base.t5, data, g, shift, share)
+        shown = distributed.gather(out, share, cfg.batch_size) if world else out  # the whole batch's
+        log.add(shown, _descend(cfg, optimizer, lora + emb, out.loss, growth, stage, step, world, shown.loss))
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == steps:
             row = log.flush(stage, done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", concept=f"{row['concept']:.4f}")
-        if main_proc and cfg.preview_every and done % cfg.preview_every == 0:
+        if cfg.preview_every and done % cfg.preview_every == 0:  # every rank samples (a sharded DiT)
             write_preview(cfg.work / "previews" / f"stage{stage}-step{done:06d}.gif", cfg, base, data, stage,
-                          sample_fn)
-        if main_proc and (done % cfg.checkpoint_every == 0 or done == steps):
-            save_stage_checkpoint(cfg, base.dit, tokens, optimizer, g, stage, done)
+                          sample_fn, write=main_proc)
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            save = distributed.save_stage_checkpoint if world else save_stage_checkpoint  # DCP: every rank
+            save(cfg, base.dit, tokens, optimizer, g, stage, done)
     bar.close()
 
 
 def _descend(cfg: PersonalizeConfig, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-             loss: Tensor, growth: AdapterGrowth, stage: int, step: int) -> float:
+             loss: Tensor, growth: AdapterGrowth, stage: int, step: int,
+             world: distributed.World | None = None, total: Tensor | None = None) -> float:
     """Backward, clip, step; returns the gradient norm. A NaN or inf stops the run before the step, an
-    adapter blown up (BLOWUP) after it, before anything of the step is written."""
+    adapter blown up (BLOWUP) after it, before anything of the step is written. With a `world`, `loss` is
+    this rank's share of the batch and `total` the whole batch's (every rank stops together)."""
     folder = cfg.work / "checkpoints"
-    if not torch.isfinite(loss):
-        raise Diverged(_diverged(f"the loss became {float(loss.detach())}", stage, step, folder))
+    total = loss if total is None else total
+    if not torch.isfinite(total):
+        raise Diverged(_diverged(f"the loss became {float(total.detach())}", stage, step, folder))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True))
+    if world:
+        grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip)
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True))
     if not math.isfinite(grad_norm):
         raise Diverged(_diverged(f"the gradient norm became {grad_norm}", stage, step, folder))
     optimizer.step()

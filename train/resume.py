@@ -32,6 +32,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .checkpoint_dcp import dcp_checkpoint_path
 from .config import RESUME_FREE, PersonalizeConfig, require
 
 
@@ -134,7 +135,8 @@ def _start_checkpoint(cfg: PersonalizeConfig) -> Checkpoint | None:
                 f"{folder} already holds stage-2 checkpoints; pass --resume to continue them, "
                 "or choose another --work-dir")
         final = checkpoint_path(folder, 1, cfg.steps1)
-        require(final.is_file(), f"stage 2 needs the finished stage 1 ({final}), which does not exist; "
+        final = next((p for p in (final, dcp_checkpoint_path(folder, 1, cfg.steps1)) if p.exists()), final)
+        require(final.exists(), f"stage 2 needs the finished stage 1 ({final}), which does not exist; "
                                  "run --stage 1 first with the same --out / --work-dir / --steps1")
         return load_checkpoint(final)
     require(not found, f"{folder} already holds checkpoints ({found[-1].name if found else ''}); "

@@ -81,8 +81,12 @@ class StepOut:
 
 
 def loss_step(cfg: PersonalizeConfig, dit: nn.Module, t5: nn.Module, data: StageData, g: torch.Generator,
-              shift: float) -> StepOut:
-    """One flow-matching loss on a drawn batch (forward only; the caller steps the optimizer)."""
+              shift: float, share: slice | None = None) -> StepOut:
+    """One flow-matching loss on a drawn batch (forward only; the caller steps the optimizer).
+
+    share: this process's items of the batch in a data-parallel run (train/distributed.py). Every draw is
+    still made for the whole batch, so each item gets what it would in one process; the loss is the
+    share's part of the whole batch's weighted sum."""
     batch = draw_batch(cfg, data, g)
     x0 = batch.x0
     b, device = x0.shape[0], x0.device
@@ -91,7 +95,12 @@ def loss_step(cfg: PersonalizeConfig, dit: nn.Module, t5: nn.Module, data: Stage
     t = expert_times(sample_time(b, shift=shift, generator=g, device=device), dit, cfg.expert)
     eps = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
     x_t = add_noise(x0, eps, t)
-    self_cond = _self_condition(cfg, dit, x_t, t, context, mask, g)
+    use = _self_cond_draw(cfg, dit, b, g, device)
+    if share is not None:
+        x0, eps, x_t, t, context, mask = (a[share] for a in (x0, eps, x_t, t, context, mask))
+        batch = Batch(batch.x0[share], batch.prompt[share], batch.weight[share], batch.is_prior[share])
+        use = use[share] if use is not None else None
+    self_cond = _self_condition(dit, x_t, t, context, mask, use)
     v = dit(x_t, t, context, context_mask=mask, self_cond=self_cond)
     # The loss lives in the base's own prediction space (x0 for the toy world's tiny DiT).
     space = getattr(dit.cfg, "prediction", "velocity")
@@ -110,14 +119,20 @@ def expert_times(t: Tensor, dit: nn.Module, expert: str) -> Tensor:
     return lo + (hi - lo) * t
 
 
-def _self_condition(cfg: PersonalizeConfig, dit: nn.Module, x_t: Tensor, t: Tensor, context: Tensor,
-                    mask: Tensor, g: torch.Generator) -> Tensor | None:
-    """The model's own x0 estimate, fed back as input to each item with probability self_cond_prob
-    (Chen et al.); None when the DiT has no self-conditioning input or no item drew it."""
+def _self_cond_draw(cfg: PersonalizeConfig, dit: nn.Module, b: int, g: torch.Generator,
+                    device: torch.device) -> Tensor | None:
+    """Which items get self-conditioning, each with probability self_cond_prob (Chen et al.); None when
+    the DiT has no self-conditioning input or no item of the whole batch drew it."""
     if not (getattr(dit.cfg, "self_cond", False) and cfg.self_cond_prob > 0):
         return None
-    use = torch.rand(x_t.shape[0], generator=g, device=x_t.device) < cfg.self_cond_prob
-    if not bool(use.any()):
+    use = torch.rand(b, generator=g, device=device) < cfg.self_cond_prob
+    return use if bool(use.any()) else None
+
+
+def _self_condition(dit: nn.Module, x_t: Tensor, t: Tensor, context: Tensor, mask: Tensor,
+                    use: Tensor | None) -> Tensor | None:
+    """The model's own x0 estimate as input to the items that drew it (zero for the others)."""
+    if use is None:
         return None
     with torch.no_grad():
         v0 = dit(x_t, t, context.detach(), context_mask=mask)

@@ -1,0 +1,163 @@
+"""Data-parallel personalization (train/distributed.py, train/checkpoint_dcp.py): `torchrun -m setseq
+personalize` on 2 CPU processes (gloo, FSDP2) against the one-process run, and resuming its DCP checkpoints.
+
+One TOML run on the tiny random base, written by `torchrun --nproc-per-node 2` and by one plain process;
+a resume is a copy of the 2-process work dir cut back to an earlier checkpoint (what a kill right after
+that checkpoint leaves on disk, plus a half-written checkpoint folder), continued with --resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from setseq.cli import main as cli_main
+from train.checkpoint import list_checkpoints
+from train.video import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+# Measured (2 processes vs 1, same global batch 4 and seed, 3 + 2 steps): max |diff| of the concept's
+# tensors 4.8e-8 .. 6e-8, on LoRA B factors of magnitude ~3e-3: float addition order only (each rank sums
+# its share's gradient, FSDP sums the shares).
+TOL = 1e-6
+PROMPT = "a [v] square on a grey background."
+MOTION = "It is [u] moving right."
+
+
+def square_video(frames: int = 13, size: int = 32) -> torch.Tensor:
+    """(3, T, H, W): a bright square moving right on grey."""
+    video = torch.full((3, frames, size, size), -0.4)
+    for i in range(frames):
+        video[0, i, 8:20, i : i + 12] = 1.0
+        video[1:, i, 8:20, i : i + 12] = -1.0
+    return video
+
+
+def _toml(folder: Path, video: str, sp_model_path: str) -> Path:
+    path = folder / "run.toml"
+    path.write_text(f'''base = "tiny"
+tokenizer = "{sp_model_path}"
+random_weights = true
+device = "cpu"
+steps1 = 3
+steps2 = 2
+batch_size = 4
+rank = 4
+prior_count = 2
+checkpoint_every = 1
+keep_checkpoints = 20
+seed = 1
+progress = false
+
+[[concepts]]
+video = "{video}"
+prompt = "{PROMPT}"
+motion_prompt = "{MOTION}"
+''')
+    return path
+
+
+def _torchrun(argv: list[str], cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*launch, "-m", "setseq", "personalize", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _cut(src: Path, dst: Path, keep: str) -> Path:
+    """A copy of a work dir as a kill right after checkpoint `keep` would leave it (and a later checkpoint
+    killed mid-write)."""
+    shutil.copytree(src, dst)
+    found = list_checkpoints(dst / "checkpoints")
+    for p in found[[p.name for p in found].index(keep) + 1:]:
+        shutil.rmtree(p)
+    (dst / "checkpoints" / "stage2-step000002.dcp.tmp").mkdir()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sp_model_path) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    write_video(root / "square.mp4", square_video(), fps=8)
+    toml = _toml(root, str(root / "square.mp4"), sp_model_path)
+    _torchrun(["--config", str(toml), "--out", "two.safetensors"], root)
+    assert cli_main(["personalize", "--config", str(toml), "--out", str(root / "one.safetensors")]) == 0
+    return root
+
+
+def test_two_processes_give_the_one_process_concept(runs):
+    one, two = _tensors(runs / "one.safetensors"), _tensors(runs / "two.safetensors")
+    diff = _max_diff(one, two)
+    print(f"2 processes vs 1: max |diff| of the concept's tensors {diff:.2e}")
+    assert diff < TOL
+    b2 = [k for k in one if k.endswith("lora_B2")]
+    assert all(one[k].abs().max() > 100 * TOL for k in b2)  # every layer's stage 2 trained: a real check
+    # rank 0 alone logged, and the log is the whole batch's: the same rows as one process's
+    rows = [(runs / f"{n}.work" / "loss.tsv").read_text().splitlines() for n in ("one", "two")]
+    assert [r.split("\t")[:6] for r in rows[0]] == [r.split("\t")[:6] for r in rows[1]]
+
+
+def test_checkpoints_are_dcp_folders_with_a_shard_per_process(runs):
+    found = list_checkpoints(runs / "two.work" / "checkpoints")
+    assert [p.name for p in found] == [f"stage1-step00000{i}.dcp" for i in (1, 2, 3)] + [
+        f"stage2-step00000{i}.dcp" for i in (1, 2)]
+    assert sorted(p.name for p in found[0].iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                         "setseq.json"]
+
+
+def test_two_processes_resumed_after_a_kill_equal_the_uninterrupted_run(runs):
+    work = _cut(runs / "two.work", runs / "cut2", "stage1-step000002.dcp")
+    _torchrun(["--config", "run.toml", "--work-dir", str(work), "--out", "cut2.safetensors", "--resume"],
+              runs)
+    a, b = _tensors(runs / "two.safetensors"), _tensors(runs / "cut2.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), _max_diff(a, b)
+
+
+def test_one_process_continues_a_two_process_checkpoint(runs):
+    work = _cut(runs / "two.work", runs / "cut1", "stage2-step000001.dcp")
+    out = runs / "cut1.safetensors"
+    argv = ["--config", str(runs / "run.toml"), "--work-dir", str(work), "--out", str(out), "--resume"]
+    assert cli_main(["personalize", *argv]) == 0
+    diff = _max_diff(_tensors(runs / "one.safetensors"), _tensors(out))
+    print(f"1 process resumed from a 2-process checkpoint vs 1 process throughout: max |diff| {diff:.2e}")
+    assert diff < TOL
+    assert (work / "checkpoints" / "stage2-step000002.safetensors").is_file()  # its own, one-file kind
+
+
+def test_a_batch_smaller_than_the_world_is_refused():
+    from train.config import ConceptSpec, PersonalizeConfig
+    from train.distributed import World, check
+
+    cfg = PersonalizeConfig(concepts=[ConceptSpec("v.mp4", PROMPT, MOTION)], out="c.safetensors",
+                            batch_size=2, prior_count=0)
+    with pytest.raises(ValueError, match="batch_size 2 is smaller than the 4 processes"):
+        check(cfg, World(rank=0, size=4, mesh=None))
+
+
+def test_shares_cover_the_batch_once():
+    from train.distributed import World
+
+    for size in (1, 2, 3, 4):
+        for batch in range(size, 11):
+            shares = [World(r, size, None).share(batch) for r in range(size)]
+            items = [i for s in shares for i in range(batch)[s]]
+            assert items == list(range(batch)), (size, batch, shares)
+            assert max(len(range(batch)[s]) for s in shares) - min(len(range(batch)[s]) for s in shares) <= 1

@@ -1,0 +1,227 @@
+"""Data-parallel personalization over several processes: torchrun, FSDP2 over the frozen base and adapter.
+
+    torchrun --nproc-per-node N -m setseq personalize ...      (one machine; NCCL on CUDA, gloo on the CPU)
+
+Why one rank's step equals the one-process step: every rank draws the SAME global batch from the same
+seeded generators (items, caption dropout, token masks, flow times, noise, self-conditioning coins, and
+the LoRA dropout masks from torch's global RNG), then runs the DiT on its own share of it (`share`). Each
+share's loss keeps the global batch's item weights, and FSDP sums (not averages) the shares' gradients,
+so the summed gradient is the one-process gradient up to the order of float additions. The token
+embeddings are replicated (small, outside the DiT): their gradients are all-reduced here.
+
+The DiT is sharded with `fully_shard`, each block then the root (frozen base weights and LoRA factors
+alike), so a rank holds 1/N of the DiT plus the one block it is running. Rank 0 alone logs, previews to
+disk and writes the concept file; checkpoints are `torch.distributed.checkpoint` folders written by all
+ranks together (train/checkpoint_dcp.py), readable at any world size, or by one plain process.
+
+Without torchrun (no RANK / WORLD_SIZE in the environment) none of this runs: `current()` is None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lora.inject import concept_adapters
+from lora.tokens import AddedTokens
+
+from .checkpoint import Checkpoint, prune_checkpoints
+from .checkpoint_dcp import dcp_checkpoint_path, save_dcp_checkpoint
+from .config import PersonalizeConfig, require
+from .resume import adapter_state, start_stage
+from .stage_data import Batch
+from .step import StepOut
+
+
+def launched() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+_joined = False  # whether `init` made the process group (then `finish` ends it)
+
+
+def init(device: str) -> None:
+    """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) and pin this rank's GPU, before
+    anything is put on a device; nothing when not launched by torchrun."""
+    global _joined
+    if not launched() or dist.is_initialized():
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo")
+    _joined = True
+
+
+def finish() -> None:
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
+
+
+@dataclass
+class World:
+    """This process's place in a data-parallel run."""
+
+    rank: int
+    size: int
+    mesh: DeviceMesh
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: int) -> slice:
+        """This rank's items of a global batch: contiguous, sizes differing by at most one."""
+        base, extra = divmod(batch, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    @contextlib.contextmanager
+    def rank0_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (it fills the on-disk caches: latents, priors), then the others
+        (they read them): no two processes write one cache file."""
+        if not self.main:
+            dist.barrier()
+        yield
+        if self.main:
+            dist.barrier()
+
+
+def current(device: str = "cpu") -> World | None:
+    """The run's World when a process group is up (see `init`), else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    kind = torch.device(device).type
+    return World(dist.get_rank(), dist.get_world_size(), init_device_mesh(kind, (dist.get_world_size(),)))
+
+
+def check(cfg: PersonalizeConfig, world: World, dit: nn.Module | None = None) -> None:
+    require(cfg.batch_size >= world.size,
+            f"batch_size {cfg.batch_size} is smaller than the {world.size} processes; every process needs at "
+            f"least one item of each batch: raise --batch-size or launch fewer (--nproc-per-node)")
+    # A two-expert base sends each item to the expert its time serves: with both experts trained, the
+    # ranks would run different experts, and a sharded expert needs every rank to run it.
+    require(getattr(dit, "boundary", None) is None or cfg.expert != "both",
+            "several processes train one expert of a two-expert base at a time: pass --expert high, then "
+            "--expert low (or run both experts in one process)")
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+def shard(dit: nn.Module, world: World) -> None:
+    """FSDP2 over the DiT (each expert's, for a two-expert base): each block its own unit (gathered just
+    before it runs), then the rest of that DiT, then the whole as the root."""
+    nets = [m for m in dit.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+    for net in nets:
+        for block in net.blocks:
+            fully_shard(block, mesh=world.mesh)
+        if net is not dit:
+            fully_shard(net, mesh=world.mesh)
+    fully_shard(dit, mesh=world.mesh)
+    for m in dit.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # sum the shares' gradients: each share's loss is weighted
+            m.set_force_sum_reduction_for_comms(True)  # ... by the global batch (gloo has no PREMUL_SUM)
+
+
+@contextlib.contextmanager
+def full_adapters(dit: nn.Module) -> Iterator[None]:
+    """Every adapter tensor as its whole plain tensor while the block runs (all ranks enter: a gather),
+    so what reads the module (the concept file) sees the trained LoRA; the shards are back afterwards."""
+    held = []
+    for adapter in concept_adapters(dit).values():
+        for name, p in list(adapter.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                held.append((adapter, name, p))
+                adapter._parameters[name] = nn.Parameter(p.full_tensor().detach(), requires_grad=False)
+    try:
+        yield
+    finally:
+        for adapter, name, p in held:
+            adapter._parameters[name] = p
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Sum the replicated parameters' gradients over ranks (FSDP already summed the DiT's), then clip all
+    to one global norm, as clip_grad_norm_ does in one process; returns the norm before clipping."""
+    sharded = [p for p in params if isinstance(p, DTensor) and p.grad is not None]
+    plain = [p for p in params if not isinstance(p, DTensor) and p.grad is not None]
+    for p in plain:
+        dist.all_reduce(p.grad)
+    norms = []
+    if sharded:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded], foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in plain], foreach=True))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, plain):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return float(total)
+
+
+def gather(out: StepOut, share: slice, batch: int) -> StepOut:
+    """The global batch's step output (loss, per-item losses, times, prior flags) on every rank, for the
+    log and the NaN check: each rank's share put in place, then summed over ranks."""
+    def whole(x: Tensor) -> Tensor:
+        full = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        full[share] = x.detach().double()
+        dist.all_reduce(full)
+        return full
+
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)  # each share's loss is its items' part of the global weighted sum
+    shown = Batch(out.batch.x0[:0], whole(out.batch.prompt).long(), whole(out.batch.weight).to(loss.dtype),
+                  whole(out.batch.is_prior) > 0.5)
+    return StepOut(loss, whole(out.per_sample).to(out.per_sample.dtype), whole(out.t).to(out.t.dtype), shown)
+
+
+def start_sharded_stage(cfg: PersonalizeConfig, stage: int, optimizer: torch.optim.Optimizer,
+                        g: torch.Generator, resume: Checkpoint | None) -> int:
+    """resume.start_stage for a sharded optimizer: a checkpoint holds whole tensors (any world size
+    wrote it), so each rank keeps its own shard of every restored state; and the CUDA generator restored
+    is this rank's own GPU's."""
+    cuda = None
+    if resume is not None:
+        rng = dict(resume.rng)
+        cuda = rng.pop("cuda", None)
+        resume = dataclasses.replace(resume, rng=rng)
+    start = start_stage(cfg, stage, optimizer, g, resume)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0])
+    for p, state in optimizer.state.items():
+        if isinstance(p, DTensor):
+            for key, value in state.items():
+                if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+    return start
+
+
+def save_stage_checkpoint(cfg: PersonalizeConfig, dit: nn.Module, tokens: AddedTokens,
+                          optimizer: torch.optim.Optimizer, g: torch.Generator, stage: int, step: int
+                          ) -> None:
+    """resume.save_stage_checkpoint as a DCP folder: every rank calls it, each writes its own shards."""
+    folder = cfg.work / "checkpoints"
+    save_dcp_checkpoint(dcp_checkpoint_path(folder, stage, step), stage=stage, step=step,
+                        params=adapter_state(cfg, dit, tokens), optimizer=optimizer, generator=g,
+                        config=cfg.to_dict())
+    if dist.get_rank() == 0:
+        prune_checkpoints(folder, cfg.keep_checkpoints)
