@@ -64,12 +64,13 @@ motion_prompt = "{MOTION}"
     return path
 
 
-def _torchrun(argv: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _torchrun(argv: list[str], cwd: Path, ok: bool = True, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*launch, "-m", "setseq", "personalize", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
+    return done
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +90,7 @@ def _cut(src: Path, dst: Path, keep: str) -> Path:
     found = list_checkpoints(dst / "checkpoints")
     for p in found[[p.name for p in found].index(keep) + 1:]:
         shutil.rmtree(p)
-    (dst / "checkpoints" / "stage2-step000002.dcp.tmp").mkdir()
+    (dst / "checkpoints" / ".stage2-step000002.dcp.partial-999999999").mkdir()  # a dead process's
     return dst
 
 
@@ -128,6 +129,22 @@ def test_two_processes_resumed_after_a_kill_equal_the_uninterrupted_run(runs):
     _torchrun(["--config", "run.toml", "--work-dir", str(work), "--out", "cut2.safetensors", "--resume"],
               runs)
     a, b = _tensors(runs / "two.safetensors"), _tensors(runs / "cut2.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), _max_diff(a, b)
+    assert not [p for p in (work / "checkpoints").iterdir() if ".partial-" in p.name]  # the debris is gone
+
+
+@pytest.mark.slow
+def test_two_processes_killed_inside_a_checkpoint_write_resume_to_the_same_concept(runs):
+    """A real SIGKILL: rank 0 dies between writing the third checkpoint's shards and renaming the folder;
+    torchrun ends rank 1; --resume continues from the second checkpoint."""
+    argv = ["--config", "run.toml", "--work-dir", "killed", "--out", "killed.safetensors"]
+    _torchrun(argv, runs, ok=False, SETSEQ_TEST_KILL="checkpoint:3")
+    folder = runs / "killed" / "checkpoints"
+    assert list_checkpoints(folder)[-1].name == "stage1-step000002.dcp"
+    debris = [p.name for p in folder.iterdir() if ".partial-" in p.name]
+    assert len(debris) == 1 and debris[0].startswith(".stage1-step000003.dcp.partial-"), debris
+    _torchrun([*argv, "--resume"], runs)
+    a, b = _tensors(runs / "two.safetensors"), _tensors(runs / "killed.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), _max_diff(a, b)
 
 

@@ -9,9 +9,10 @@ embeddings) and `optim.<i>.<key>` (AdamW state, in optimizer order). The RNG sta
 rank (every rank draws the same global batch, train/distributed.py), so rank 0's are written; the CUDA
 one is the writing rank's own GPU's.
 
-Written to `<name>.tmp` and renamed once complete, so a run killed mid-write leaves the previous checkpoint
-as the latest one. Read back as whole tensors (`load_dcp_checkpoint`, no process group needed), so one
-plain process, or a run with another number of processes, continues it.
+Written into rank 0's hidden temporary folder (`.<name>.partial-PID`, model/tempfiles.py: the next run
+removes it if its process is gone) and renamed once complete, so a run killed mid-write leaves the previous
+checkpoint as the latest one. Read back as whole tensors (`load_dcp_checkpoint`, no process group needed),
+so one plain process, or a run with another number of processes, continues it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 
+from model.tempfiles import kill_point, publish, temp_path
+
 from .checkpoint import Checkpoint
 
 META = "setseq.json"
@@ -43,10 +46,11 @@ def save_dcp_checkpoint(path: str | Path, *, stage: int, step: int, params: dict
                         optimizer: torch.optim.Optimizer, generator: torch.Generator, config: dict) -> Path:
     """Every rank calls this together; each writes its shards, rank 0 the metadata and the rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     main = dist.get_rank() == 0
+    names = [str(temp_path(path, "partial"))]  # rank 0's: every rank writes into the one folder
+    dist.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a write killed earlier
         path.parent.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     state = {f"param.{k}": v.detach() for k, v in params.items()}
@@ -60,8 +64,9 @@ def save_dcp_checkpoint(path: str | Path, *, stage: int, step: int, params: dict
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
+        kill_point("checkpoint")  # tests: SIGKILL between the write and the rename
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        publish(tmp, path)
     dist.barrier()  # no rank goes on (or prunes) before the checkpoint is in place
     return path
 
