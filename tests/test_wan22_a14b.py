@@ -83,6 +83,25 @@ def test_boundary_is_compared_as_wan_does():
         assert torch.equal(serves_high(fine, boundary), wan)
 
 
+def test_preset_switches_at_the_step_wan_does():
+    """At the preset's 40 steps and shift 12 our Euler grid hands over after the same step as Wan's own
+    (wan/utils/fm_solvers_unipc.py: sigmas linspace(0.999, 0, n + 1)[:-1], shifted, timesteps
+    int64(1000 sigma)) and diffusers' UniPCMultistepScheduler(use_flow_sigmas, flow_shift 12): 26
+    high-noise steps of 40."""
+    import numpy as np
+
+    cfg = PRESETS["wan2.2-t2v-a14b"]
+    n, s = cfg.sample_steps, cfg.sample_shift
+    ours = int(serves_high(time_grid(n, s)[:n], cfg.boundary).sum())
+    sigmas = np.linspace(0.999, 0, n + 1)[:-1]
+    wan = int(((s * sigmas / (1 + (s - 1) * sigmas) * 1000).astype(np.int64) >= cfg.boundary * 1000).sum())
+    unipc = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=s)
+    unipc.set_timesteps(n)
+    theirs = int((unipc.timesteps >= cfg.boundary * 1000).sum())
+    assert ours == wan == theirs == 26
+
+
 class _Recorder(torch.nn.Module):
     """A DiT stand-in returning a constant velocity per expert, recording the times it is called at."""
 
