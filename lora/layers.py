@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.fp8 import FP8Linear, fp8_linear
+from model.fp8 import FP8Linear, dequantize, fp8_linear
+from model.offload import host_copy
 
 
 class ConceptAdapter(nn.Module):
@@ -118,6 +119,15 @@ class LoRALinear(nn.Linear):
     @property
     def fp8(self) -> bool:
         return "weight_scale" in self._buffers
+
+    @torch.no_grad()
+    def base_norm(self) -> Tensor:
+        """Frobenius norm of the base weight, fp32, on the layer's device: dequantized when fp8, read from
+        the host copy while the layer's block is offloaded (model/offload.py)."""
+        w = host_copy(self.weight)
+        if self.fp8:
+            w = dequantize(w, host_copy(self.weight_scale).to(w.device), self.block, torch.float32)
+        return w.float().norm().to(self.weight.device)
 
     def to_plain(self) -> nn.Linear:
         """The layer without adapters (an nn.Linear, or an FP8Linear for fp8 weights), sharing the tensors."""

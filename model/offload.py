@@ -37,6 +37,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+# Offloaded tensor -> its host copy, for code that reads weights outside a forward (host_copy).
+_HOST = WeakIdKeyDictionary()  # by identity: a tensor's == is elementwise
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """`t`'s values wherever they live: the host copy of an offloaded tensor (its own storage on the device
+    is a NaN placeholder while evicted), else `t` itself."""
+    return _HOST.get(t, t)
 
 
 @dataclass
@@ -102,8 +112,9 @@ class BlockOffload:
         host = [h.pin_memory() if pin else h for h in host]
         slot = _Slot(tensors, host)
         slot.placeholders = [self._placeholder(t) for t in tensors]
-        for t, p in zip(tensors, slot.placeholders, strict=True):
+        for t, h, p in zip(tensors, host, slot.placeholders, strict=True):
             t.data = p
+            _HOST[t] = h
         return slot
 
     def _placeholder(self, t: Tensor) -> Tensor:
@@ -214,7 +225,8 @@ class BlockOffload:
         for slot in self.slots.values():
             for t, h in zip(slot.tensors, slot.host, strict=True):
                 t.data = h.to(self.device)
+                _HOST.pop(t, None)
         self.slots.clear()
 
 
-__all__ = ["BlockOffload"]
+__all__ = ["BlockOffload", "host_copy"]

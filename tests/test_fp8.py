@@ -136,6 +136,8 @@ def test_lora_trains_on_fp8_weights_and_only_the_adapters_get_gradients():
     inject_lora(dit, rank=4, name="c")
     layer = dit.blocks[0].self_attn.q
     assert isinstance(layer, LoRALinear) and layer.fp8 and layer.weight.dtype == F8.FP8
+    assert torch.equal(layer.base_norm(), F8.dequantize(layer.weight, layer.weight_scale, 128, torch.float32)
+                       .norm())  # what AdapterGrowth divides by: the real weight's norm, not the fp8 codes
     trained = set_stage(dit, 1, dropout=0.0)
     dit.train()
     x, t, c = inputs()

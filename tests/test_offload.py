@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lora.inject import inject_lora, set_stage
+from lora.inject import inject_lora, remove_concept, set_stage
 from model import fp8 as F8
 from model.config import DiTConfig
 from model.dit import DiT
@@ -87,8 +87,13 @@ def step_inputs():
 
 
 def test_an_evicted_block_holds_nan_placeholders_not_its_weights():
-    _, off = pair()
+    plain, off = pair()
     BlockOffload(off, off.blocks, 2, "cpu")
+    for dit in (plain, off):
+        inject_lora(dit, rank=2, name="c")
+    # what reads weights outside a forward (train/step.AdapterGrowth) reads the host copy
+    assert torch.equal(off.blocks[3].ffn[0].base_norm(), plain.blocks[3].ffn[0].weight.norm())
+    remove_concept(off, "c")
     assert off.blocks[3].ffn[0].weight.isnan().all() and off.blocks[3].ffn[0].weight.shape == (128, 64)
     assert not off.blocks[1].ffn[0].weight.isnan().any()  # not offloaded
     with torch.no_grad():

@@ -59,7 +59,7 @@ class AdapterGrowth:
         self.names = list(adapters)
         self.adapters = [adapters[n] for n in self.names]
         with torch.no_grad():
-            norms = [layers[n].weight.detach().float().norm() for n in self.names]
+            norms = [layers[n].base_norm() for n in self.names]  # fp8 dequantized, offloaded from the host
             self.base = torch.stack(norms).norm().clamp_min(1e-12) if norms else None
 
     @torch.no_grad()
