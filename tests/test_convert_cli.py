@@ -160,11 +160,12 @@ def test_checkpoint_of_another_model(src, tmp_path, capsys):
            r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight'")
 
 
-def test_mismatched_shapes_name_file_key_and_expectation(src, tmp_path, capsys):
+def test_config_contradicting_the_tensors_names_both_files(src, tmp_path, capsys):
     config = json.loads((src / "transformer" / "config.json").read_text())
     (src / "transformer" / "config.json").write_text(json.dumps({**config, "ffn_dim": 40}))
     _fails(src, tmp_path / "out", capsys,
-           r"transformer/diffusion_pytorch_model\.safetensors\.index\.json: .*blocks\.0\.ffn.*expected \(40")
+           r"transformer/config\.json says ffn_dim = 40, but the weights in \S*transformer/"
+           r"diffusion_pytorch_model\.safetensors\.index\.json hold ffn_dim 48")
 
 
 def test_existing_output_is_not_touched(release, tmp_path, capsys):
@@ -201,8 +202,8 @@ def test_original_wan_release_converts(tmp_path, sp_model_path, capsys):
     (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
     (src / "config.json").write_text(json.dumps({
         "_class_name": "WanModel", "dim": 24, "eps": 1e-6, "ffn_dim": 40, "freq_dim": 256, "in_dim": 16,
-        "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512,
-        "text_dim": 32}))
+        "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512}))
+    # no text_dim, as in real releases: the width 32 is read from text_embedding.0.weight, not assumed 4096
     t5_bf16 = {k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}  # as Wan ships it
     torch.save(t5_bf16, src / "models_t5_umt5-xxl-enc-bf16.pth")
     (src / "google" / "umt5-xxl").mkdir(parents=True)
@@ -240,3 +241,115 @@ def test_full_size_configs_are_recognised_as_presets():
         p = PRESETS[name]
         assert model_config({"dit": p.dit, "vae": p.vae, "t5": p.t5}, notes) == p
         assert notes == [f"the DiT matches preset {name}"]
+
+
+# --------------------------------------------------------------------- Wan 2.2 TI2V, sizes from tensors
+
+# A tiny Wan 2.2 VAE (residual, 2x2 stem, 48 latent channels) and a 48-channel DiT: a TI2V-5B at test size.
+VAE22 = dict(base_dim=8, z_dim=48, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+             is_residual=True, patch_size=2, in_channels=12, out_channels=12, decoder_base_dim=12,
+             latents_mean=[0.1] * 48, latents_std=[0.9] * 48)
+DIT48 = {**DIT, "in_channels": 48, "out_channels": 48}
+
+
+@pytest.fixture(scope="module")
+def ti2v_release(tmp_path_factory, sp_model_path):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ti2v") / "Wan2.2-TI2V-tiny-Diffusers"
+    refs = {"dit": _randomize(diffusers.WanTransformer3DModel(**DIT48), 0.2),
+            "vae": _randomize(diffusers.AutoencoderKLWan(**VAE22), 0.1),
+            "t5": _randomize(transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)), 0.3)}
+    for part, sub in (("dit", "transformer"), ("vae", "vae"), ("t5", "text_encoder")):
+        refs[part].save_pretrained(root / sub)
+    (root / "tokenizer").mkdir()
+    shutil.copy(sp_model_path, root / "tokenizer" / "spiece.model")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                       "expand_timesteps": True}))
+    return root, refs
+
+
+def _write_wan_vae(path: Path, vae) -> None:
+    """Our VAE saved as Wan's original .pth (its own key names)."""
+    from weights.wan_vae import wan_vae_keymap
+
+    ours_to_wan = {o: w for w, o in wan_vae_keymap(vae.cfg, "wan").items()}
+    torch.save({ours_to_wan[k]: v for k, v in vae.state_dict().items()}, path)
+
+
+def _original_ti2v(src: Path, m) -> None:
+    """The original TI2V-5B layout from a converted folder: config.json (no text_dim) + DiT safetensors,
+    Wan2.2_VAE.pth, umT5 .pth."""
+    src.mkdir()
+    write_safetensors_atomic(src / "diffusion_pytorch_model.safetensors", m.dit.state_dict())
+    d = m.cfg.dit
+    (src / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "dim": d.dim, "eps": 1e-6, "ffn_dim": d.ffn_dim, "freq_dim": d.freq_dim,
+        "in_dim": d.in_channels, "model_type": "ti2v", "num_heads": d.heads, "num_layers": d.layers,
+        "out_dim": d.out_channels}))
+    _write_wan_vae(src / "Wan2.2_VAE.pth", m.vae)
+    torch.save(m.t5.state_dict(), src / "models_t5_umt5-xxl-enc-bf16.pth")
+
+
+@torch.no_grad()
+def test_ti2v_release_converts_in_both_layouts(ti2v_release, tmp_path, capsys):
+    root, refs = ti2v_release
+    out = tmp_path / "ckpt"
+    assert _convert(root, out) == 0
+    m = load_checkpoint(out)
+    assert m.cfg.vae.residual and m.cfg.vae.latent_channels == 48 and m.cfg.vae.space_compression == 8
+    assert m.cfg.dit.in_channels == 48 and m.cfg.vae.latents_std == (0.9,) * 48
+    z = torch.randn(1, 48, 2, 2, 3)
+    want = refs["vae"].decode(z * 0.9 + 0.1).sample
+    assert (m.vae.decode(z) - want).abs().max() <= 1e-4
+    x, ctx = torch.randn(1, 48, 2, 4, 6), torch.randn(1, 3, 32)
+    want = refs["dit"](x, torch.tensor([500.0]), ctx, return_dict=False)[0]
+    assert (m.dit(x, torch.tensor([0.5]), ctx) - want).abs().max() <= 1e-4
+
+    _original_ti2v(tmp_path / "orig", m)
+    assert _convert(tmp_path / "orig", tmp_path / "ckpt2", "wan", "--parts", "dit,vae") == 0
+    again = load_checkpoint(tmp_path / "ckpt2", parts=("dit", "vae"))
+    assert again.cfg.dit.text_dim == 32  # from the tensors: Wan's config.json names none
+    assert again.cfg.vae.residual and again.cfg.vae.latent_channels == 48
+    assert all(torch.equal(v, again.vae.state_dict()[k]) for k, v in m.vae.state_dict().items())
+
+
+def test_wan21_vae_beside_a_ti2v_dit_is_one_clear_line(ti2v_release, tmp_path, capsys):
+    from model.vae import VAE as OurVAE
+    from weights.wan_vae import vae_config_from_diffusers
+
+    assert _convert(ti2v_release[0], tmp_path / "ckpt") == 0
+    _original_ti2v(tmp_path / "orig", load_checkpoint(tmp_path / "ckpt"))
+    (tmp_path / "orig" / "Wan2.2_VAE.pth").unlink()
+    _write_wan_vae(tmp_path / "orig" / "Wan2.1_VAE.pth", OurVAE(vae_config_from_diffusers(VAE)))  # 4 channels
+    capsys.readouterr()
+    _fails(tmp_path / "orig", tmp_path / "out", capsys,
+           r"Wan2\.1_VAE\.pth is a Wan 2\.1 VAE with 4 latent channels, but the DiT \(\S+\) takes 48: "
+           r"give the Wan 2\.2 VAE \(Wan2\.2_VAE\.pth", "wan", "--parts", "dit,vae")
+
+
+def test_a_diffusers_vae_config_contradicting_its_tensors_names_both(ti2v_release, tmp_path, capsys):
+    src = Path(shutil.copytree(ti2v_release[0], tmp_path / "src"))
+    config = json.loads((src / "vae" / "config.json").read_text())
+    wan21 = {**config, "is_residual": False, "patch_size": None, "in_channels": 3, "out_channels": 3,
+             "decoder_base_dim": None}  # a Wan 2.1 VAE's config beside Wan 2.2 weights
+    (src / "vae" / "config.json").write_text(json.dumps(wan21))
+    _fails(src, tmp_path / "out", capsys, r"vae/config\.json does not describe the weights in \S+vae/"
+           r"diffusion_pytorch_model\.safetensors: a Wan 2\.1 VAE .* where the weights are a Wan 2\.2 VAE",
+           "diffusers", "--parts", "vae")
+
+
+def test_parts_vae_converts_alone_when_the_dit_has_other_channels(src, tmp_path, capsys):
+    """A diffusers folder whose VAE (8 latent channels) does not fit its DiT (4): `--parts vae` converts the
+    VAE and never checks the DiT; converting both is one line naming the VAE file."""
+    torch.manual_seed(1)
+    vae8 = _randomize(diffusers.AutoencoderKLWan(**{**VAE, "z_dim": 8, "latents_mean": None,
+                                                     "latents_std": None}), 0.1)
+    shutil.rmtree(src / "vae")
+    vae8.save_pretrained(src / "vae")
+    assert _convert(src, tmp_path / "vae_only", "diffusers", "--parts", "vae") == 0
+    assert "the DiT is not converted" in capsys.readouterr().out
+    m = load_checkpoint(tmp_path / "vae_only", parts=("vae",))
+    assert m.cfg.vae.latent_channels == 8
+    _fails(src, tmp_path / "both", capsys,
+           r"vae/diffusion_pytorch_model\.safetensors is a Wan 2\.1 VAE with 8 latent channels, but the DiT "
+           r"\(\S+\) takes 4", "diffusers", "--parts", "dit,vae")

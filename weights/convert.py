@@ -43,14 +43,16 @@ from model.tempfiles import kill_point, remove_stale, temp_path
 from .checkpoint import LOW_EXPERT, PARTS, check_parts, copy_tokenizer, part_ctor, save_part, write_config
 from .io import INDEX_SUFFIX, find_weights_file, preview, read_state_dict
 from .load import build_meta, check_state_dict, expected_shapes, parse_dtype
+from .sizes import checked_dit_config, checked_vae_config, fit_parts
 
 LAYOUTS = ("wan", "diffusers")
-WAN_PRESETS = ("wan2.1-1.3b", "wan2.1-14b")
+WAN_PRESETS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b")
 A14B = "wan2.2-t2v-a14b"  # the two-expert preset: its boundary and per-stage guidance go to converted pairs
 # Each expert's folder, (high-noise, low-noise), per layout: the dit part and the LOW_EXPERT part.
 EXPERT_DIRS = {"wan": ("high_noise_model", "low_noise_model"), "diffusers": ("transformer", "transformer_2")}
 WAN_FILES = {"dit": "diffusion_pytorch_model", "vae": "Wan2.1_VAE.pth",
              "t5": "models_t5_umt5-xxl-enc-bf16.pth"}
+WAN22_VAE = "Wan2.2_VAE.pth"  # the TI2V-5B release's VAE file (in place of Wan2.1_VAE.pth)
 WAN_TOKENIZER = "google/umt5-xxl/spiece.model"
 DIFFUSERS_DIRS = {"dit": ("transformer", "diffusion_pytorch_model"),
                   "vae": ("vae", "diffusion_pytorch_model"),
@@ -68,7 +70,7 @@ SIGNATURES = {
 }
 # Repackaged single-file DiTs (ComfyUI and others) prefix every key; the DiT key map accepts these too.
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-PART_NAMES = {"dit": "Wan 2.1 DiT", "vae": "Wan 2.1 VAE", "t5": "umT5 text encoder",
+PART_NAMES = {"dit": "Wan DiT", "vae": "Wan VAE", "t5": "umT5 text encoder",
               LOW_EXPERT: "Wan 2.2 low-noise expert DiT"}
 
 
@@ -167,6 +169,8 @@ def _locate_wan(src: Path, part: str) -> SourcePart:
                              f"for the DiT{hint}")
         return SourcePart("dit", weights, src / "config.json" if (src / "config.json").is_file() else None)
     path = src / WAN_FILES[part]
+    if part == "vae" and (src / WAN22_VAE).is_file() and (not path.is_file() or _wants_22(src)):
+        path = src / WAN22_VAE
     if not path.is_file():
         raise ValueError(f"{src}: no {WAN_FILES[part]} for the {PART_NAMES[part]}; put the file there or "
                          f"leave {part} out of --parts")
@@ -189,6 +193,12 @@ def _locate_diffusers(src: Path, part: str) -> SourcePart:
     if not config.is_file():
         raise ValueError(f"{folder} has no config.json; the diffusers layout needs one per model folder")
     return SourcePart(part, weights, config)
+
+
+def _wants_22(src: Path) -> bool:
+    """Both VAE files in one folder: the DiT's config.json (in_dim 48) picks Wan 2.2's."""
+    config = src / "config.json"
+    return config.is_file() and read_json(config).get("in_dim") == PRESETS["wan2.2-ti2v-5b"].dit.in_channels
 
 
 def find_tokenizer(src: Path, layout: str) -> Path | None:
@@ -259,17 +269,29 @@ def family_config(part: str, layout: str, src: SourcePart | None, sd: Mapping[st
     part = family(part)
     if src is not None and src.config is not None:
         try:
-            return _config_from_json(part, layout, read_json(src.config))
+            cfg = _config_from_json(part, layout, read_json(src.config))
         except KeyError as err:
             raise ValueError(f"{src.config} lacks the field {err.args[0]!r}; is it the {PART_NAMES[part]}'s "
                              "config.json?") from None
         except (TypeError, ValueError) as err:
             raise ValueError(f"{src.config}: {err}") from None
+        return cfg if sd is None else _checked(part, layout, cfg, sd, src)
+    if part == "vae" and sd is not None:  # Wan's .pth ships no config: the tensors say which VAE
+        return checked_vae_config(None, sd, layout, None, src.weights)
     if layout == "wan" and part == "dit" and sd is not None:
         return wan_dit_config_from_shapes(sd, src.weights)
     if layout == "wan" and part == "t5" and sd is not None:
         return wan_t5_config_from_shapes(sd, src.weights)
     return getattr(PRESETS["wan2.1-1.3b"], part)
+
+
+def _checked(part: str, layout: str, cfg, sd: Mapping[str, torch.Tensor], src: SourcePart):
+    """A config.json's config, with the sizes its tensors hold (and none it contradicts)."""
+    if part == "dit":
+        return checked_dit_config(cfg, sd, layout, read_json(src.config), src.config, src.weights)
+    if part == "vae":
+        return checked_vae_config(cfg, sd, layout, src.config, src.weights)
+    return cfg
 
 
 def _config_from_json(part: str, layout: str, d: dict):
@@ -440,6 +462,7 @@ def convert(src: str | Path, out: str | Path, layout: str, *, dtype: torch.dtype
             del stored
             kill_point("convert")
             del ours
+        fit_parts(configs, files, notes)
         cfg = model_config(configs, notes, source_boundary(src, layout))
         if tok is not None:
             copy_tokenizer(tmp, tok)

@@ -13,6 +13,7 @@ result against a meta-device DiT: every key present, none left over, every shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -143,9 +144,9 @@ def dit_config_from_diffusers(config: Mapping) -> DiTConfig:
 
 
 def dit_config_from_wan(config: Mapping) -> DiTConfig:
-    """An original Wan 2.1 config.json (WanModel: dim, num_heads, ...) -> DiTConfig (t2v only)."""
-    if config.get("model_type", "t2v") != "t2v":
-        raise ValueError(f"Wan model_type {config['model_type']!r} is not supported; only 't2v'")
+    """An original Wan config.json (WanModel: dim, num_heads, ...) -> DiTConfig (t2v, and Wan 2.2's ti2v)."""
+    if config.get("model_type", "t2v") not in ("t2v", "ti2v"):  # ti2v: Wan 2.2 TI2V-5B (text+image to video)
+        raise ValueError(f"Wan model_type {config['model_type']!r} is not supported; only 't2v' and 'ti2v'")
     return DiTConfig(
         in_channels=config.get("in_dim", 16), out_channels=config.get("out_dim", 16),
         patch=tuple(config.get("patch_size", (1, 2, 2))), dim=config["dim"], heads=config["num_heads"],
@@ -155,5 +156,39 @@ def dit_config_from_wan(config: Mapping) -> DiTConfig:
     )
 
 
-__all__ = ["SOURCES", "wan_dit_keymap", "convert_wan_dit", "export_wan_dit", "dit_config_from_diffusers",
-           "dit_config_from_wan"]
+# Where each size lives in the tensors: (wan key, diffusers key, dim of the shape, our field).
+_SIZES = (
+    ("patch_embedding.weight", "patch_embedding.weight", 0, "dim"),
+    ("patch_embedding.weight", "patch_embedding.weight", 1, "in_channels"),
+    ("text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight", 1, "text_dim"),
+    ("time_embedding.0.weight", "condition_embedder.time_embedder.linear_1.weight", 1, "freq_dim"),
+    ("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight", 0, "ffn_dim"),
+)
+# The config.json key of each of those sizes, per layout (diffusers gives the width as heads x head dim).
+JSON_KEYS = {
+    "wan": {"dim": "dim", "in_channels": "in_dim", "out_channels": "out_dim", "text_dim": "text_dim",
+            "freq_dim": "freq_dim", "ffn_dim": "ffn_dim", "layers": "num_layers"},
+    "diffusers": {"in_channels": "in_channels", "out_channels": "out_channels", "text_dim": "text_dim",
+                  "freq_dim": "freq_dim", "ffn_dim": "ffn_dim", "layers": "num_layers"},
+}
+
+
+def dit_sizes(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, int]:
+    """The sizes a Wan DiT state dict holds: width, in/out channels, text and time embedding widths, MLP
+    width, layer count (DiTConfig field -> value), read from the tensors, not from any config."""
+    sd = _strip_prefix(state_dict) if source == "wan" else state_dict
+    wan = source == "wan"
+    try:
+        sizes = {field: sd[k if wan else d].shape[i] for k, d, i, field in _SIZES}
+        patch = tuple(sd["patch_embedding.weight"].shape[2:])
+        head = sd["head.head.weight" if wan else "proj_out.weight"]
+        sizes["out_channels"] = head.shape[0] // math.prod(patch)
+    except KeyError as err:
+        raise ValueError(f"a Wan DiT in the {source} layout lacks the tensor {err.args[0]!r}") from None
+    blocks = [k.split(".")[1] for k in sd if k.startswith("blocks.")]
+    sizes["layers"] = 1 + max(int(b) for b in blocks if b.isdigit())
+    return sizes
+
+
+__all__ = ["SOURCES", "dit_sizes", "JSON_KEYS", "wan_dit_keymap", "convert_wan_dit", "export_wan_dit",
+           "dit_config_from_diffusers", "dit_config_from_wan"]

@@ -268,6 +268,43 @@ def sniff_version(state_dict: Mapping[str, torch.Tensor], source: str) -> str | 
     return next((v for (src, v), key in _VERSION_KEYS.items() if src == source and key in state_dict), None)
 
 
+def _encoder_levels(sd: Mapping[str, torch.Tensor], source: str,
+                    version: str) -> tuple[list[int], int, tuple[int, ...]]:
+    """(width of each encoder level, residual blocks per level, time strides) read from the keys: the
+    encoder is a run of residual blocks and resamplers (flat in Wan 2.1, one block per level in 2.2)."""
+    wan = source == "wan"
+    conv1 = "residual.2" if wan else "conv1"
+    entries = []  # ("block", width) or ("down", time stride), in order
+    for i in range(64):
+        if version == "2.1":
+            flat = f"encoder.{'downsamples' if wan else 'down_blocks'}.{i}"
+            blocks, down = [flat], flat
+        else:
+            level = f"encoder.{'downsamples' if wan else 'down_blocks'}.{i}"
+            inner = f"{level}.downsamples" if wan else f"{level}.resnets"
+            blocks = [f"{inner}.{b}" for b in range(64) if f"{inner}.{b}.{conv1}.weight" in sd]
+            down = f"{inner}.{len(blocks)}" if wan else f"{level}.downsampler"
+        found = [sd[f"{b}.{conv1}.weight"].shape[0] for b in blocks if f"{b}.{conv1}.weight" in sd]
+        entries += [("block", w) for w in found]
+        if f"{down}.resample.1.weight" in sd:
+            entries.append(("down", 2 if f"{down}.time_conv.weight" in sd else 1))
+        elif not found:
+            break
+    levels, widths, strides = [[]], [], []
+    for kind, value in entries:
+        if kind == "down":
+            strides.append(value)
+            levels.append([])
+        else:
+            levels[-1].append(value)
+    counts = {len(level) for level in levels}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"a Wan {version} VAE whose encoder levels hold {[len(v) for v in levels]} residual "
+                         "blocks; Wan's hold the same number each")
+    widths = [level[-1] for level in levels]
+    return widths, counts.pop(), (*strides, 1)
+
+
 def describe_version(version: str) -> str:
     return {"2.1": "Wan 2.1 VAE (Wan2.1_VAE.pth: 16 latent channels, 4x8x8)",
             "2.2": "Wan 2.2 VAE (Wan2.2_VAE.pth: 48 latent channels, 4x16x16, residual)"}[version]
@@ -290,15 +327,21 @@ def vae_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: s
         keys = ", ".join(v for (src, _), v in _VERSION_KEYS.items() if src == source)
         raise ValueError(f"not a Wan VAE in the {source} layout: it has none of {keys}")
     preset = PRESETS["wan2.2-ti2v-5b" if version == "2.2" else "wan2.1-14b"].vae
+    widths, nrb, time_strides = _encoder_levels(state_dict, source, version)
     quant, post, conv_in, conv_out = (state_dict.get(k) for k in _QUANT[source])
     if any(t is None for t in (quant, post, conv_in, conv_out)):
         raise ValueError(f"a Wan {version} VAE in the {source} layout lacks one of "
                          f"{', '.join(_QUANT[source])}")
-    z, p = post.shape[0], preset.patch[1]
-    base, dec_base = conv_in.shape[0] // preset.channel_mult[0], conv_out.shape[1] // preset.channel_mult[0]
+    z, p, n, base = post.shape[0], preset.patch[1], len(widths), conv_in.shape[0]
+    if any(w % base for w in widths):
+        raise ValueError(f"a Wan {version} VAE whose level widths {widths} are not multiples of {base}")
+    mult = tuple(w // base for w in widths)
+    dec_base = conv_out.shape[1] // mult[0]
     stats = z == preset.latent_channels
     return dataclasses.replace(
         preset, latent_channels=z, in_channels=conv_in.shape[1] // (p * p), base_channels=base,
+        channel_mult=mult, encoder_blocks=(nrb,) * n, decoder_blocks=(nrb + 1,) * n,
+        time_strides=time_strides, space_strides=(2,) * (n - 1) + (1,),
         decoder_base_channels=dec_base if dec_base != base else None,
         latents_mean=preset.latents_mean if stats else None,
         latents_std=preset.latents_std if stats else None)
