@@ -407,6 +407,9 @@ def test_a14b_key_coverage_full_size():
     assert model_config({"dit": cfg, "dit_low": cfg, "vae": preset.vae, "t5": preset.t5}, notes) == preset
     assert notes == ["two experts (high- and low-noise), boundary 0.875: the DiT matches preset "
                      "wan2.2-t2v-a14b"]
+    with pytest.raises(ValueError, match="the two experts' DiT configs differ"):
+        model_config({"dit": cfg, "dit_low": dataclasses.replace(cfg, layers=30), "vae": preset.vae,
+                      "t5": preset.t5}, [])
     # and `setseq info --preset` counts both experts
     from setseq.cmd_info import collect
 

@@ -338,8 +338,7 @@ def model_config(configs: Mapping[str, object], notes: list[str],
 def _expert_config(configs: dict, low: DiTConfig, notes: list[str], boundary: float | None) -> ModelConfig:
     if low != configs["dit"]:
         raise ValueError(f"the two experts' DiT configs differ: high-noise {configs['dit']}, low-noise "
-                         f"{low}; "
-                         "a Wan 2.2 A14B release has two experts of one shape")
+                         f"{low}; a Wan 2.2 A14B release has two experts of one shape")
     preset = PRESETS[A14B]
     match = preset.dit == configs["dit"]
     notes.append(f"two experts (high- and low-noise), boundary {boundary or preset.boundary}: "
