@@ -66,7 +66,8 @@ class ExpertPair(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None,
                 self_cond: Tensor | None = None) -> Tensor:
-        high = serves_high(t, self.boundary)  # (B,)
+        # (B,); a per-token t (B, L) (a clean first frame at t = 0) goes by its sample's noisiest token
+        high = serves_high(t if t.ndim == 1 else t.amax(dim=1), self.boundary)
         if bool(high.all()) or not bool(high.any()):  # sampling: the whole batch shares one t
             model = self.high if bool(high.all()) else self.low
             return model(x, t, context, context_mask=context_mask, self_cond=self_cond)

@@ -122,6 +122,9 @@ def test_pair_routes_each_sample_by_its_time():
     v = pair(x, torch.tensor([1.0, 0.125, 0.875, 0.5]), ctx)
     assert v[:, 0, 0, 0, 0].tolist() == [1.0, -1.0, 1.0, -1.0]
     assert high.calls[0].tolist() == [1.0, 0.875] and low.calls[0].tolist() == [0.125, 0.5]
+    per_token = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.5, 0.5]])  # first-frame tokens at t = 0
+    v = pair(x[:2], per_token, ctx[:2])
+    assert v[:, 0, 0, 0, 0].tolist() == [1.0, -1.0] and high.calls[1].tolist() == [[0.0, 1.0, 1.0]]
 
 
 def test_sampler_switches_guidance_with_the_expert():
