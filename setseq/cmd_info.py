@@ -110,12 +110,35 @@ def format_report(info: dict, cfg: ModelConfig) -> str:
         ("video tokens", f"{info['video_tokens']:,} (patch {pt}x{ph}x{pw}), {window}"),
         ("text tokens", f"{info['text_tokens']} (T5 max_length)"),
         ("DiT", params(info["dit_params"]) + _experts(cfg)),
-        ("VAE", params(info["vae_params"])),
+        ("VAE", params(info["vae_params"]) + _vae_kind(cfg)),
         ("text encoder", params(info["text_encoder_params"])),
         ("train FLOPs", f"{flops_text(step)} per step at batch {info['batch']} ({step:.3g}; "
                         f"3 x forward, see model/flops.py)"),
     ]
     return "\n".join(f"{k:<14}{v}" for k, v in rows)
+
+
+def _vae_kind(cfg: ModelConfig) -> str:
+    """What sets a Wan 2.2 VAE apart, and what its base does with it."""
+    if not cfg.vae.residual:
+        return ""
+    ti2v = cfg.name.startswith("wan2.2-ti2v")
+    i2v = "; text- and image-to-video (generate --image: a first frame at t = 0)" if ti2v else ""
+    return (f", Wan 2.2 layout: {cfg.vae.patch[1]}x{cfg.vae.patch[1]} space-to-depth stem, residual "
+            f"resampling, {cfg.vae.latent_channels} latent channels{i2v}")
+
+
+def size_report(info: dict, cfg: ModelConfig) -> str:
+    """The rows no clip size changes, for a model that names no default clip when none is given."""
+    rows = [("model", info["model"]),
+            ("VAE compression", f"{cfg.vae.time_compression}x{cfg.vae.space_compression}x"
+                                f"{cfg.vae.space_compression}, {cfg.vae.latent_channels} latent channels"),
+            ("DiT", params(info["dit_params"]) + _experts(cfg)),
+            ("VAE", params(info["vae_params"]) + _vae_kind(cfg)),
+            ("text encoder", params(info["text_encoder_params"])),
+            ("per clip", "latent shape, video tokens and FLOPs need --frames and --size HxW (this model "
+                         "names no default clip)")]
+    return "\n".join(f"{k:<16}{v}" for k, v in rows)
 
 
 def _experts(cfg: ModelConfig) -> str:
@@ -129,17 +152,24 @@ def _experts(cfg: ModelConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_model_config(args.preset, args.checkpoint)
     default = cfg.default_clip
-    if default is None and (args.frames is None or args.size is None):
-        raise ValueError(f"no default clip size for model {cfg.name!r}; pass --frames and --size HxW")
-    frames = args.frames if args.frames is not None else default[0]
-    height, width = parse_size(args.size) if args.size is not None else default[1:]
-    info = collect(cfg, frames, height, width, args.batch)
+    size = parse_size(args.size) if args.size is not None else None
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if default is None and (args.frames is None or size is None):  # only the per-clip rows need a clip
+        if args.frames is not None:
+            cfg.check_frames(args.frames)
+        if size is not None:
+            cfg.check_size(size)
+        info = {"model": cfg.name, **param_counts(cfg)}
+    else:
+        frames = args.frames if args.frames is not None else default[0]
+        info = collect(cfg, frames, *(size or default[1:]), args.batch)
     if args.checkpoint is not None:
         info["checkpoint"] = args.checkpoint
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(format_report(info, cfg))
+    print(format_report(info, cfg) if "latent_shape" in info else size_report(info, cfg))
     if args.checkpoint is not None:  # what the folder holds: parts, dtype, source (no tensor data read)
         from weights.checkpoint import describe_checkpoint
 

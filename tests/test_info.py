@@ -132,3 +132,35 @@ def test_console_script_entry_point(networks):
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["video_tokens"] == 5 * 4 * 4
+
+
+def test_ti2v_preset_describes_the_wan22_vae(networks, capsys):
+    info = _info_json(capsys, "--preset", "wan2.2-ti2v-5b")
+    assert info["latent_shape"] == [48, 31, 44, 80]  # 121 x 704 x 1280 at 4x16x16
+    assert info["video_tokens"] == 31 * 22 * 40
+    assert abs(info["dit_params"] - 5.0e9) / 5.0e9 < 0.02, info["dit_params"]  # "5B"
+    assert main(["info", "--preset", "wan2.2-ti2v-5b"]) == 0
+    out = capsys.readouterr().out
+    assert "VAE compression 4x16x16" in out and "2x2 space-to-depth stem, residual resampling" in out
+    assert "image-to-video" in out
+
+
+def test_folder_matching_no_preset_needs_a_clip_only_for_per_clip_rows(networks, capsys, tmp_path):
+    """A converted custom model names no default clip: its parameter counts need no --frames/--size."""
+    import dataclasses
+
+    from weights.checkpoint import write_config
+
+    cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"], name="wan2.1-custom")
+    write_config(tmp_path, cfg, parts=(), dtype="fp32")
+    assert cfg.default_clip is None
+    info = _info_json(capsys, str(tmp_path))
+    assert info["dit_params"] == _info_json(capsys, "--preset", "wan2.1-1.3b")["dit_params"]
+    assert "latent_shape" not in info
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "need --frames and --size" in out and f"checkpoint {tmp_path}" in out
+    assert _info_json(capsys, str(tmp_path), "--frames", "81", "--size", "480x832")["video_tokens"] == 32760
+    assert "width 830" in _error(capsys, str(tmp_path), "--frames", "81", "--size", "480x830")
+    err = _error(capsys, str(tmp_path), "--frames", "80")
+    assert "--frames 80" in err and "1 + 4k" in err  # a given flag is still checked
