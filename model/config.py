@@ -317,6 +317,11 @@ class ModelConfig:
         """(frames, H, W) the base was trained to generate; None for a base this table does not know."""
         return DEFAULT_CLIPS.get(self.name)
 
+    @property
+    def default_fps(self) -> float:
+        """The frame rate the base's clips play at (Wan 2.1: 16, TI2V-5B: 24); 8 for a base not listed."""
+        return DEFAULT_FPS.get(self.name, 8.0)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -445,6 +450,11 @@ DEFAULT_CLIPS: dict[str, tuple[int, int, int]] = {
 }
 
 
+# Frame rate per base name (Wan's sample_fps: wan/configs/*.py), for the videos written from its clips.
+DEFAULT_FPS: dict[str, float] = {"paper": 24.0, "wan2.1-1.3b": 16.0, "wan2.1-14b": 16.0,
+                                 "wan2.2-t2v-a14b": 16.0, "wan2.2-ti2v-5b": 24.0}
+
+
 def _neighbours(value: int, ok, limit: int = 100_000) -> str:
     """'a or b': the nearest valid integers below and above `value` (ok(n) says valid)."""
     below = next((n for n in range(value, 0, -1) if ok(n)), None)
@@ -466,5 +476,5 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-__all__ = ["DiTConfig", "VAEConfig", "T5Config", "ModelConfig", "PRESETS", "DEFAULT_CLIPS", "get_preset",
-           "parse_size"]
+__all__ = ["DiTConfig", "VAEConfig", "T5Config", "ModelConfig", "PRESETS", "DEFAULT_CLIPS", "DEFAULT_FPS",
+           "get_preset", "parse_size"]

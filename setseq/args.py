@@ -106,3 +106,21 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def read_first_frame(path: str | None, cfg, size: tuple[int, int]):
+    """generate --image: the first frame (3, 1, H, W) in [-1, 1] centre-cropped to `size`, or None; a base
+    that cannot take one (an x0 head, a time patch > 1) is refused before any weights load."""
+    if path is None:
+        return None
+    if cfg.dit.prediction != "velocity" or cfg.dit.patch[0] != 1:
+        raise ValueError(f"--image: base {cfg.name} cannot take a first frame (it needs a velocity DiT with "
+                         f"time patch 1, as Wan's); use a Wan base such as wan2.2-ti2v-5b")
+    if not cfg.name.startswith("wan2.2-ti2v"):
+        print(f"note: base {cfg.name} was not trained for image-to-video; wan2.2-ti2v-5b was")
+    from train.video import read_video
+
+    try:
+        return read_video(path, frames=1, size=size)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--image {path!r}: {err}") from None

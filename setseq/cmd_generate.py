@@ -30,6 +30,7 @@ from setseq.args import (
     nonnegative_float,
     note_offload,
     positive_float,
+    read_first_frame,
     warn_unreadable,
 )
 from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
@@ -76,8 +77,8 @@ def register(subparsers) -> None:
     p.add_argument("--base-seed", type=int, default=0, help="init seed of --random-weights")
     p.add_argument("--frames", type=int, help="frames, 1 + k * the VAE's time compression (default per base)")
     p.add_argument("--size", help="HxW in pixels, e.g. 480x832 (default per base)")
-    p.add_argument("--fps", type=positive_float, default=8.0,
-                   help="frame rate of the written files (default 8)")
+    p.add_argument("--fps", type=positive_float,
+                   help="frame rate of the written files (default: the base's own: Wan 2.1 16, TI2V-5B 24, else 8)")
     p.add_argument("--out", required=True, help="the mp4 to write; the gif (and png) go beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
@@ -158,23 +159,6 @@ def read_reference(args: argparse.Namespace, size: tuple[int, int]):
     return read_video(args.reference, frames=None, size=size)
 
 
-def read_image(args: argparse.Namespace, cfg: ModelConfig, size: tuple[int, int]):
-    """The --image as a first frame (3, 1, H, W), or None; a base that cannot take one is refused here."""
-    if args.image is None:
-        return None
-    if cfg.dit.prediction != "velocity" or cfg.dit.patch[0] != 1:
-        raise ValueError(f"--image: base {cfg.name} cannot take a first frame (it needs a velocity DiT with "
-                         f"time patch 1, as Wan's); use a Wan base such as wan2.2-ti2v-5b")
-    if not cfg.name.startswith("wan2.2-ti2v"):
-        print(f"note: base {cfg.name} was not trained for image-to-video; wan2.2-ti2v-5b was")
-    from train.video import read_video
-
-    try:
-        return read_video(args.image, frames=1, size=size)
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"--image {args.image!r}: {err}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from sample.generate import GenerateConfig, add_concept_file, check_prompt_tokens, generate
     from sample.media import write_video_files
@@ -189,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                          low_noise_guidance=args.low_noise_guidance)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
     reference = read_reference(args, size)
-    image = read_image(args, base_cfg, size)
+    image = read_first_frame(args.image, base_cfg, size)
 
     pipe = load_pipeline(args)
     for path, concept, alpha, beta in concepts:
@@ -204,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     label = f"seed {args.seed}: {args.prompt}" if args.contact_sheet else None
-    written = write_video_files(out, video, args.fps, sheet_label=label, reference=reference)
+    fps = args.fps or base_cfg.default_fps
+    written = write_video_files(out, video, fps, sheet_label=label, reference=reference)
     if wants_scores(args):
         scorers = load_scorers(args, str(pipe.device), base_cfg)
         ref = None if reference is None else reference[:, :frames]

@@ -87,7 +87,7 @@ def test_ti2v_preset_matches_wan22_config():
     assert (cfg.vae.time_compression, cfg.vae.space_compression, cfg.vae.latent_channels) == (4, 16, 48)
     assert cfg.t5 == PRESETS["wan2.1-14b"].t5
     assert (cfg.sample_shift, cfg.sample_steps, cfg.guidance) == (5.0, 50, 5.0)
-    assert cfg.default_clip == (121, 704, 1280)
+    assert cfg.default_clip == (121, 704, 1280) and cfg.default_fps == 24.0  # sample_fps
     assert cfg.token_grid(121, (704, 1280)) == (31, 22, 40)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
