@@ -78,7 +78,8 @@ def register(subparsers) -> None:
     p.add_argument("--frames", type=int, help="frames, 1 + k * the VAE's time compression (default per base)")
     p.add_argument("--size", help="HxW in pixels, e.g. 480x832 (default per base)")
     p.add_argument("--fps", type=positive_float,
-                   help="frame rate of the written files (default: the base's own: Wan 2.1 16, TI2V-5B 24, else 8)")
+                   help="frame rate of the written files (default: the base's own: Wan 2.1 16, TI2V-5B 24, "
+                        "else 8)")
     p.add_argument("--out", required=True, help="the mp4 to write; the gif (and png) go beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--contact-sheet", action="store_true", help="also write FILE.png: one column per frame")
