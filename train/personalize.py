@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lora.concept import Concept, base_identity, concept_from_model, save_concept
+from lora.concept import BaseIdentity, Concept, base_identity, concept_from_model, save_concept
 from lora.inject import inject_lora
 from lora.tokens import AddedTokens, add_tokens, write_token_rows
 from model.base import Base
@@ -98,6 +98,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
         if ckpt is not None:
             load_adapter_state(cfg, base.dit, tokens, ckpt.params)
+        identity = base_identity(base.dit, base.name)  # read before sharding: a rank holds 1/N after
         if world:
             distributed.shard(base.dit, world)  # FSDP2: each rank holds 1/N of the DiT from here on
 
@@ -112,7 +113,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
 
         # -- write: the concept file ---------------------------------------------------------------
         with distributed.full_adapters(base.dit) if world else contextlib.nullcontext():
-            concept = make_concept(cfg, base, tokens)
+            concept = make_concept(cfg, base, tokens, identity)
         if main_proc:
             save_concept(cfg.out, concept)
         write_token_rows(base.t5, tokens.rows())  # the caller's T5 knows the trained tokens without the hook
@@ -167,13 +168,13 @@ def expert_targets(cfg: PersonalizeConfig, dit: nn.Module) -> tuple[str, ...]:
     return tuple(prefix + pattern for pattern in cfg.targets)
 
 
-def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens) -> Concept:
+def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens, identity: BaseIdentity) -> Concept:
     prompts = {}
     for i, c in enumerate(cfg.concepts):
         suffix = "" if len(cfg.concepts) == 1 else f".{i}"
         prompts[f"static{suffix}"] = c.prompt
         prompts[f"dynamic{suffix}"] = c.motion_prompt
-    return concept_from_model(base.dit, cfg.name, base_identity(base.dit, base.name), adapter=cfg.name,
+    return concept_from_model(base.dit, cfg.name, identity, adapter=cfg.name,
                               targets=expert_targets(cfg, base.dit), tokens=tokens.state(), prompts=prompts,
                               train_config=cfg.record())
 
