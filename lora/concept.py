@@ -40,6 +40,7 @@ from lora.inject import (
     remove_concept,
     set_scales,
 )
+from model.fp8 import FP8_TARGETS
 from model.safetensors_header import sort_metadata
 from model.tempfiles import kill_point, publish, remove_stale, temp_path
 
@@ -76,10 +77,14 @@ _SAMPLES = 64  # values read from each tensor
 def base_weights_hash(model: nn.Module) -> str:
     """Hash of 64 evenly spaced values of each of the model's own tensors (LoRA excluded), rounded to
     bf16 so that one checkpoint loaded in fp32 or bf16 hashes alike: tells two trainings of one
-    architecture apart while reading a few kilobytes. "" for a model on the meta device."""
+    architecture apart while reading a few kilobytes. "" for a model on the meta device.
+
+    The linears `--base-dtype fp8` may quantize (model/fp8.FP8_TARGETS) are left out, so a concept
+    trained on the fp8 load of a checkpoint matches its bf16 load: the norms, embeddings, modulation
+    and head they leave still differ between any two trainings."""
     h = hashlib.sha256()
     for key, t in sorted(model.state_dict().items()):
-        if ".adapters." in key or not t.is_floating_point():
+        if ".adapters." in key or not t.is_floating_point() or _fp8_able(key):
             continue
         if t.is_meta:
             return ""
@@ -88,6 +93,11 @@ def base_weights_hash(model: nn.Module) -> str:
         h.update(key.encode())
         h.update(picked.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _fp8_able(key: str) -> bool:
+    module = key.rpartition(".")[0]
+    return any(re.fullmatch(p, module) for p in FP8_TARGETS)
 
 
 def base_identity(model: nn.Module, name: str) -> BaseIdentity:

@@ -201,6 +201,18 @@ def test_weights_hash_tells_two_trainings_apart_but_not_dtypes_or_adapters():
     assert base_identity(a, "x").weights == h
 
 
+def test_weights_hash_of_an_fp8_load_equals_its_full_precision_load():
+    from model.fp8 import quantize_linears
+
+    h = base_identity(_dit(seed=0), "x").weights
+    fp8 = _dit(seed=0)
+    assert quantize_linears(fp8)  # the block linears are float8 now, with scales beside them
+    assert base_identity(fp8, "x").weights == h
+    other = _dit(seed=1)
+    quantize_linears(other)
+    assert base_identity(other, "x").weights != h  # other weights still tell apart
+
+
 def test_a_concept_on_other_weights_of_its_base_warns_once_and_applies(tmp_path, capsys):
     save_concept(tmp_path / "c.safetensors", _trained_concept(_dit(seed=0)))
     concept = load_concept(tmp_path / "c.safetensors")
