@@ -98,9 +98,11 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
         if ckpt is not None:
             load_adapter_state(cfg, base.dit, tokens, ckpt.params)
-        identity = base_identity(base.dit, base.name)  # read before sharding: a rank holds 1/N after
+        # what reads the base weights whole reads them before FSDP2 leaves each rank 1/N of the DiT
+        identity = base_identity(base.dit, base.name)
+        growth = AdapterGrowth(base.dit, cfg.name) if world else None  # fp8: dequantizes whole weights
         if world:
-            distributed.shard(base.dit, world)  # FSDP2: each rank holds 1/N of the DiT from here on
+            distributed.shard(base.dit, world)
 
         # -- loop: the stages, one loop in two configurations (each builds its own optimizer) ------
         for stage in cfg.stages:
@@ -109,7 +111,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
             prior = priors.get(cfg.text_stage(stage))
             data = build_stage_data(cfg, base, stage, *latents[stage], prior, tokens)
             resume = ckpt if ckpt is not None and ckpt.stage == stage else None
-            run_stage(cfg, base, data, tokens, stage, g, resume, log, sample_fn, world)
+            run_stage(cfg, base, data, tokens, stage, g, resume, log, sample_fn, world, growth)
 
         # -- write: the concept file ---------------------------------------------------------------
         with distributed.full_adapters(base.dit) if world else contextlib.nullcontext():
@@ -184,7 +186,8 @@ def make_concept(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens, identi
 
 def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: AddedTokens, stage: int,
               g: torch.Generator, resume: Checkpoint | None, log: LossLog,
-              sample_fn: Callable[..., Tensor] | None, world: distributed.World | None = None) -> None:
+              sample_fn: Callable[..., Tensor] | None, world: distributed.World | None = None,
+              growth: AdapterGrowth | None = None) -> None:
     """The loop: draw, forward, backward, clip, step; log, preview, checkpoint. With a `world`, this rank
     runs its share of each batch (train/distributed.py) and the checkpoints are DCP folders."""
     main_proc = is_main_process()
@@ -192,7 +195,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
     optimizer = build_optimizer(cfg, lora, emb)
     start = (distributed.start_sharded_stage if world else start_stage)(cfg, stage, optimizer, g, resume)
     share = world.share(cfg.batch_size) if world else None
-    growth = AdapterGrowth(base.dit, cfg.name)
+    growth = growth or AdapterGrowth(base.dit, cfg.name)
     shift = cfg.train_shift(base.config.sample_shift)
     cuda = g.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
