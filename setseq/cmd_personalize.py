@@ -6,7 +6,8 @@
 Both stages by default (--stage 1 or --stage 2 runs one; stage 2 alone continues a finished
 `--stage 1` run of the same --out / --work-dir). The same options can come from a TOML file
 (`--config run.toml`, see examples/personalize.toml), which is also how several concepts train
-together into one adapter; flags given on the command line override the file.
+together into one adapter; flags given on the command line override the file. Under torchrun
+(`torchrun --nproc-per-node N -m setseq personalize ...`) it trains data-parallel (docs/distributed.md).
 """
 
 from __future__ import annotations

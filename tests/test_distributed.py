@@ -94,7 +94,7 @@ def _cut(src: Path, dst: Path, keep: str) -> Path:
     shutil.copytree(src, dst)
     found = list_checkpoints(dst / "checkpoints")
     for p in found[[p.name for p in found].index(keep) + 1:]:
-        shutil.rmtree(p)
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     (dst / "checkpoints" / ".stage2-step000002.dcp.partial-999999999").mkdir()  # a dead process's
     return dst
 
@@ -196,3 +196,11 @@ def test_two_processes_train_on_fp8_base_weights_like_one(runs):
     one, two = _tensors(runs / "fp8-one.safetensors"), _tensors(runs / "fp8-two.safetensors")
     assert _max_diff(one, two) < TOL
     assert _base(runs / "fp8-one.safetensors") == _base(runs / "fp8-two.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_continue_a_one_process_checkpoint(runs):
+    work = _cut(runs / "one.work", runs / "cut12", "stage1-step000002.safetensors")
+    _torchrun(["--config", "run.toml", "--work-dir", str(work), "--out", "cut12.safetensors", "--resume"],
+              runs)
+    assert _max_diff(_tensors(runs / "one.safetensors"), _tensors(runs / "cut12.safetensors")) < TOL
