@@ -120,6 +120,8 @@ def euler_sample(
 
     ts = time_grid(steps, shift, device=x.device)
     keep = None if first_frame is None else _first_frame(first_frame, x, model)
+    if keep is not None:
+        x = x.clone()  # frame 0 is written in place below: never into the caller's noise
     x0_est: Tensor | None = None
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = ts[i].expand(b)  # (B,)

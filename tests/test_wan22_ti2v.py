@@ -144,7 +144,9 @@ def test_sampler_keeps_the_first_frame_exactly_and_gives_its_tokens_t0():
     g = torch.Generator().manual_seed(0)
     noise, first = torch.randn(2, 48, 3, 4, 6, generator=g), torch.randn(1, 48, 1, 4, 6, generator=g)
     ctx = torch.zeros(2, 3, 32)
+    before = noise.clone()
     out = euler_sample(model, noise, steps=4, shift=5.0, context=ctx, first_frame=first, progress=False)
+    assert torch.equal(noise, before)  # the caller's noise is left alone
     assert torch.equal(out[:, :, :1], first.expand(2, -1, -1, -1, -1))  # bit for bit
     assert not torch.equal(out[:, :, 1:], noise[:, :, 1:])
     for t in model.calls:
