@@ -1,4 +1,4 @@
-"""Causal 3D VAE (MAGVIT-v2 style; also expresses Wan 2.1's VAE through VAEConfig fields).
+"""Causal 3D VAE (MAGVIT-v2 style; also expresses Wan 2.1's and Wan 2.2's VAEs through VAEConfig fields).
 
 Level i of the encoder runs `encoder_blocks[i]` residual blocks at width base * channel_mult[i],
 then downsamples by (time_strides[i], space_strides[i]); a mid block (res, [attention], res) and
@@ -6,6 +6,8 @@ a norm-SiLU-conv head give the posterior parameters, projected by a 1x1x1 `quant
 decoder mirrors it: `post_quant_conv`, conv_in, mid block, then from the deepest level up: upsample
 (halving the width, Wan's layout) and `decoder_blocks[i]` residual blocks; with
 `decoder_adaptive_norm` every decoder norm but the attention's is modulated by the latent.
+With `residual` (Wan 2.2) parameter-free shortcuts span each resampling stage (vae_blocks.avg_down /
+dup_up), the upsamplers keep their width, and the decoder may have its own `decoder_base_channels`.
 
 With `patch` (time, space) > 1 the video is pixel-unshuffled first (a lossless patchify stem) and
 the decoder's output shuffled back. `arch="linear"` replaces encoder and decoder by one 1x1x1 linear

@@ -353,3 +353,28 @@ def test_parts_vae_converts_alone_when_the_dit_has_other_channels(src, tmp_path,
     _fails(src, tmp_path / "both", capsys,
            r"vae/diffusion_pytorch_model\.safetensors is a Wan 2\.1 VAE with 8 latent channels, but the DiT "
            r"\(\S+\) takes 4", "diffusers", "--parts", "dit,vae")
+
+
+def test_wan22_vae_in_a_wan21_release_is_one_clear_line(src, ti2v_release, tmp_path, capsys):
+    """The reverse: Wan 2.2's VAE (48 channels) in a release whose DiT takes 16 (the full-size Wan 2.1 case
+    names Wan2.1_VAE.pth; this tiny DiT takes 4)."""
+    shutil.rmtree(src / "vae")
+    shutil.copytree(ti2v_release[0] / "vae", src / "vae")
+    _fails(src, tmp_path / "out", capsys,
+           r"vae/diffusion_pytorch_model\.safetensors is a Wan 2\.2 VAE with 48 latent channels, but the DiT "
+           r"\(\S+\) takes 4: give a VAE of 4 channels")
+
+
+def test_full_size_vae_mixups_name_the_vae_file_the_dit_wants():
+    from weights.convert import SourcePart
+    from weights.sizes import fit_parts
+
+    wan21, ti2v = PRESETS["wan2.1-14b"], PRESETS["wan2.2-ti2v-5b"]
+    for dit, vae, name, want in ((ti2v, wan21, "Wan2.1_VAE.pth", "Wan2.2_VAE.pth"),
+                                 (wan21, ti2v, "Wan2.2_VAE.pth", "Wan2.1_VAE.pth")):
+        files = {"dit": SourcePart("dit", Path("src/diffusion_pytorch_model.safetensors"), None),
+                 "vae": SourcePart("vae", Path(f"src/{name}"), None)}
+        with pytest.raises(ValueError) as e:
+            fit_parts({"dit": dit.dit, "vae": vae.vae, "t5": dit.t5}, files, [])
+        msg = str(e.value)
+        assert msg.startswith(f"src/{name} is a Wan") and f"give the Wan {want[3:6]} VAE ({want}" in msg, msg
