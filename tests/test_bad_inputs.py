@@ -85,6 +85,15 @@ ROWS = [
     ("personalize-device-tpu", [*PERS, "--out", "p.safetensors", "--device", "tpu"], "'tpu'"),
     ("personalize-device-cuda", [*PERS, "--out", "p.safetensors", "--device", "cuda"], "'cuda'"),
     ("personalize-bf16-on-cpu", [*PERS, "--out", "p.safetensors", "--dtype", "bf16"], "bf16"),
+    ("personalize-clip-larger-than-the-base-takes", [*PERS_ON[:1], "big.mp4", *PERS[2:], "--out",
+                                                     "p.safetensors"], "at most 128x128 pixels"),
+    ("personalize-size-larger-than-the-base-takes", [*PERS, "--out", "p.safetensors", "--size", "256x256"],
+     "--size 128x128"),
+    ("personalize-frames-longer-than-the-base-takes", [*PERS, "--out", "p.safetensors", "--frames", "33"],
+     "--frames 29"),
+    ("personalize-run-that-cannot-fit-in-memory", [*PERS, "--out", "p.safetensors", "--batch-size",
+                                                   "100000000"], "GiB"),
+    ("personalize-stage-2-without-stage-1", [*PERS, "--out", "p.safetensors", "--stage", "2"], "--stage 1"),
     ("personalize-prompt-without-token", ["personalize", "clip.mp4", "--prompt", "a red square", "--base",
                                           "tiny", "--out", "p.safetensors"], "[v]"),
     # generate: numbers, outputs, concepts, devices, shapes, scorers
@@ -146,12 +155,12 @@ class _Payload:  # a pickled object that is not a tensor: weights_only loading m
     pass
 
 
-def _clip(path: Path) -> None:
-    """9 frames of 32x32: a red square moving right on a dark background."""
+def _clip(path: Path, side: int = 32) -> None:
+    """9 frames of side x side (32: a red square moving right on a dark background)."""
     import imageio.v2 as iio
     import numpy as np
 
-    frames = [np.full((32, 32, 3), 40, np.uint8) for _ in range(9)]
+    frames = [np.full((side, side, 3), 40, np.uint8) for _ in range(9)]
     for i, f in enumerate(frames):
         f[8:16, 2 + 2 * i:10 + 2 * i] = (200, 50, 50)
     iio.mimwrite(path, frames, fps=8)
@@ -171,6 +180,7 @@ def inputs(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("inputs")
     _clip(d / "clip.mp4")
+    _clip(d / "big.mp4", 256)  # larger than the tiny base takes (128x128)
     run = _cli([*PERS, "--out", "c.safetensors", "--resume"], d)
     assert run.returncode == 0, run.stderr
     assert "--resume: no checkpoint in" in run.stderr  # --resume with nothing to resume says so

@@ -428,6 +428,36 @@ def test_a_resume_with_unchanged_settings_records_nothing(sp_model_path, tmp_pat
     assert load_concept(cfg.out).train_config["resumed"] == []
 
 
+def test_a_clip_larger_than_the_base_takes_is_refused_before_any_encoding(sp_model_path, tmp_path,
+                                                                          monkeypatch):
+    big = tmp_path / "big.mp4"
+    write_video(big, square_video(size=160), fps=8)  # the tiny DiT's position table covers 128x128
+    base = make_base(sp_model_path)
+    monkeypatch.setattr(base.vae, "encode", lambda *a, **k: pytest.fail("encoded before the size check"))
+    with pytest.raises(ValueError, match=r"160x160, larger than base tiny takes: at most 128x128 pixels "
+                                         r"and 29 frames; pass --size 128x128"):
+        P.main(config(tmp_path, str(big)), base, sample_latents)
+    assert not (tmp_path / "c.work").exists()
+
+
+def test_the_memory_estimate_counts_activations_and_refuses_with_the_numbers(sp_model_path, tmp_path, video,
+                                                                             monkeypatch):
+    import train.preflight as F
+
+    cfg = config(tmp_path, video, batch_size=3)
+    d, f, n = TINY.dit.dim, TINY.dit.ffn_dim, TINY.dit.layers
+    tokens = 4 * 2 * 2  # 13 frames of 32x32: the tiny VAE's (4, 4, 4) latent grid in patches of 1x2x2
+    assert TINY.token_grid(13, (32, 32)) == (4, 2, 2)
+    per_block = 3 * tokens * (16 * d + 2 * f) * 4
+    assert F.training_bytes(cfg, TINY, 13, (32, 32), 4) == n * per_block
+    ckpt = dataclasses.replace(cfg, grad_checkpointing=True)
+    assert F.training_bytes(ckpt, TINY, 13, (32, 32), 4) == n * 3 * tokens * d * 4 + per_block
+    monkeypatch.setattr(F, "free_bytes", lambda device: per_block)  # less than the n blocks need
+    with pytest.raises(ValueError, match=r"needs about 0.0 GiB .*--batch-size 3, clips of 13 frames at "
+                                         r"32x32.*cpu has 0.0 GiB free; use --grad-checkpointing"):
+        P.main(cfg, make_base(sp_model_path), sample_latents)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

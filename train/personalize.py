@@ -45,6 +45,7 @@ from .checkpoint import Checkpoint, latest_checkpoint
 from .config import PersonalizeConfig
 from .data import LatentCache
 from .log import LossLog, write_preview
+from .preflight import check_clips, check_memory
 from .resume import (
     load_adapter_state,
     replaces_stage1,
@@ -150,6 +151,8 @@ def check_inputs(cfg: PersonalizeConfig, base: Base, world: distributed.World | 
         raise ValueError(f"--expert {cfg.expert}: base {base.name} has one DiT; --expert picks one of a "
                          "two-expert base's (Wan 2.2 A14B) experts, leave it out here")
     check_prompts(cfg, base)
+    frames, size = check_clips(cfg, base.config)
+    check_memory(cfg, base.config, frames, size)
 
 
 def _add_adapter(cfg: PersonalizeConfig, dit: nn.Module) -> None:
