@@ -36,7 +36,7 @@ from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import Diverged, is_main_process, main
 from train.preflight import check_clips
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
-from weights.base import base_config, load_base
+from weights.base import base_config, check_memory_options, load_base
 
 # TOML keys that choose the base and how it is held
 _BASE_KEYS = ("base", "tokenizer", "dtype", "random_weights", "base_dtype", "offload_blocks")
@@ -192,7 +192,9 @@ def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
     if distributed.launched() and extra.get("offload_blocks"):
         raise ValueError("--offload-blocks under torchrun: FSDP2 already keeps 1/N of the DiT per GPU and "
                          "gathers each block before it runs; drop --offload-blocks (or run one process)")
-    check_clips(cfg, base_config(extra["base"], bool(extra.get("random_weights"))))  # before the weights load
+    base_cfg = base_config(extra["base"], bool(extra.get("random_weights")))
+    check_memory_options(base_cfg, extra.get("base_dtype"), extra.get("offload_blocks") or 0)  # the flags,
+    check_clips(cfg, base_cfg)  # then the videos' headers, before the weights load
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
                      seed=cfg.seed, base_dtype=extra.get("base_dtype"),
