@@ -31,7 +31,8 @@ for p in $parts; do
         python3 -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null \
             || echo "flash-attn: not installed (windowed attention takes FlexAttention)"
         ;;
-    tests) part tests 150 python3 -m pytest -q -rs tests/test_attention.py tests/test_dit.py -k "cuda" ;;
+    tests) part tests 240 python3 -m pytest -q -rs -s tests/test_attention.py tests/test_dit.py \
+        tests/test_distributed.py -k "cuda" ;;
     bench)
         part bench 600 python3 -m benchmarks.run_all --device cuda --sizes small gpu --repeats 5 \
             --out "$out/bench"
