@@ -108,7 +108,7 @@ class BlockOffload:
             if t.is_floating_point():
                 seen.setdefault(id(t), t)
         tensors = list(seen.values())
-        host = [t.detach().to("cpu", copy=t.device.type == "cpu") for t in tensors]
+        host = [t.detach().to("cpu") for t in tensors]  # on the CPU already: its storage, no copy
         host = [h.pin_memory() if pin else h for h in host]
         slot = _Slot(tensors, host)
         slot.placeholders = [self._placeholder(t) for t in tensors]

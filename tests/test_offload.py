@@ -221,3 +221,20 @@ def test_cli_generate_with_fp8_and_offload_gives_the_video_of_fp8_alone(tmp_path
                          "--steps", "2", "--out", str(tmp_path / f"{name}.mp4"), "--no-progress", "--device",
                          "cpu", "--base-dtype", "fp8", *extra]) == 0
     assert (tmp_path / "plain.gif").read_bytes() == (tmp_path / "offload.gif").read_bytes()
+
+
+def test_memory_benchmark_runs_every_configuration_in_tiny_mode(tmp_path, capsys):
+    """benchmarks/bench_memory.py --tiny: each configuration runs a LoRA step on the CPU and gets its rows
+    (no timing is asserted: the CPU check measures nothing a GPU would, so no goal is judged either)."""
+    import json
+
+    from benchmarks.bench_memory import build_parser, run
+    from benchmarks.timing import main_of
+
+    assert main_of(run, build_parser(), ["--tiny", "--repeats", "1", "--json", str(tmp_path / "m.json")]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    peaks = [r["metric"] for r in rows if r["metric"].startswith("peak")]
+    assert peaks == [f"peak (tiny 9x64x64 {c})" for c in
+                     ("fp32", "fp8", "fp8 + offload 1", "fp8 + offload 2", "fp8 + offload 3")]
+    assert all(r["ok"] is None and r["value"] > 0 for r in rows)
+    assert "at most 2 offloaded blocks resident" in capsys.readouterr().out
