@@ -2,14 +2,14 @@
 # The GPU run, in one go (a lent GPU machine is held by the minute): what the machine is, the CUDA-only
 # tests, every benchmark at its GPU size, the real-size LoRA steps, and the demo on CUDA.
 #
-#   bash benchmarks/gpu_run.sh OUT [PART ...]     PART: env tests bench real demo (default: all, in order)
+#   bash benchmarks/gpu_run.sh OUT [PART ...]     PART: env tests bench real memory demo (default: all, in order)
 #
 # Everything printed also goes to OUT/run.log; tables to OUT/bench/results.md + results.json, the demo's
 # report to OUT/demo/. Each part has its own time limit, so one that hangs does not take the others.
 set -uo pipefail
-out=${1:?usage: gpu_run.sh OUT [env tests bench real demo]}
+out=${1:?usage: gpu_run.sh OUT [env tests bench real memory demo]}
 shift
-parts=${*:-env tests bench real demo}
+parts=${*:-env tests bench real memory demo}
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -43,7 +43,13 @@ for p in $parts; do
                 --repeats 3 --json "$out/bench/real-$preset.json"
         done
         ;;
+    memory)  # bf16 / fp8 / fp8 + offload K, peak memory and step time (benchmarks/bench_memory.py)
+        for preset in wan2.1-1.3b wan2.1-14b; do
+            part "memory $preset" 900 python3 -m benchmarks.bench_memory --device cuda --presets "$preset" \
+                --json "$out/bench/memory-$preset.json"
+        done
+        ;;
     demo) part demo 420 python3 -m setseq demo --device cuda --out "$out/demo" --no-progress ;;
-    *) echo "unknown part $p (env tests bench real demo)" && exit 2 ;;
+    *) echo "unknown part $p (env tests bench real memory demo)" && exit 2 ;;
     esac
 done
