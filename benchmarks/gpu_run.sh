@@ -32,7 +32,7 @@ for p in $parts; do
             || echo "flash-attn: not installed (windowed attention takes FlexAttention)"
         ;;
     tests) part tests 240 python3 -m pytest -q -rs -s tests/test_attention.py tests/test_dit.py \
-        tests/test_distributed.py -k "cuda" ;;
+        tests/test_distributed.py tests/test_offload.py -k "cuda" ;;
     bench)
         part bench 600 python3 -m benchmarks.run_all --device cuda --sizes small gpu --repeats 5 \
             --out "$out/bench"
