@@ -41,6 +41,7 @@ from lora.inject import (
     set_scales,
 )
 from model.fp8 import FP8_TARGETS
+from model.offload import host_copy
 from model.safetensors_header import sort_metadata
 from model.tempfiles import kill_point, publish, remove_stale, temp_path
 
@@ -83,7 +84,8 @@ def base_weights_hash(model: nn.Module) -> str:
     trained on the fp8 load of a checkpoint matches its bf16 load: the norms, embeddings, modulation
     and head they leave still differ between any two trainings."""
     h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
+    for key, t in sorted(model.state_dict(keep_vars=True).items()):  # the tensors themselves: host_copy
+        t = host_copy(t)  # an offloaded block's values (its device tensors are placeholders while evicted)
         if ".adapters." in key or not t.is_floating_point() or _fp8_able(key):
             continue
         if t.is_meta:

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from lora.concept import base_weights_hash
 from lora.inject import inject_lora, remove_concept, set_stage
 from model import fp8 as F8
 from model.config import DiTConfig
@@ -93,6 +94,7 @@ def test_an_evicted_block_holds_nan_placeholders_not_its_weights():
         inject_lora(dit, rank=2, name="c")
     # what reads weights outside a forward (train/step.AdapterGrowth) reads the host copy
     assert torch.equal(off.blocks[3].ffn[0].base_norm(), plain.blocks[3].ffn[0].weight.norm())
+    assert base_weights_hash(off) == base_weights_hash(plain)  # what a concept file records of its base
     remove_concept(off, "c")
     assert off.blocks[3].ffn[0].weight.isnan().all() and off.blocks[3].ffn[0].weight.shape == (128, 64)
     assert not off.blocks[1].ffn[0].weight.isnan().any()  # not offloaded
