@@ -176,6 +176,18 @@ def test_a_batch_smaller_than_the_world_is_refused():
         check(cfg, World(rank=0, size=4, mesh=None))
 
 
+def test_the_memory_check_sees_one_gpus_share_of_the_batch():
+    from train.config import ConceptSpec, PersonalizeConfig
+    from train.distributed import World, per_device
+
+    concepts = [ConceptSpec("v.mp4", PROMPT, MOTION)]
+    gpu = PersonalizeConfig(concepts=concepts, out="c.safetensors", batch_size=8, device="cuda")
+    assert [per_device(gpu, World(r, 3, None)).batch_size for r in range(3)] == [3, 3, 3]  # the largest share
+    assert gpu.batch_size == 8  # the run's own config is untouched
+    cpu = PersonalizeConfig(concepts=concepts, out="c.safetensors", batch_size=8)
+    assert per_device(cpu, World(0, 2, None)).batch_size == 8  # CPU ranks share one memory
+
+
 def test_shares_cover_the_batch_once():
     from train.distributed import World
 

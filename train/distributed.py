@@ -20,6 +20,7 @@ Without torchrun (no RANK / WORLD_SIZE in the environment) none of this runs: `c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -117,6 +118,17 @@ def check(cfg: PersonalizeConfig, world: World, dit: nn.Module | None = None) ->
     require(getattr(dit, "boundary", None) is None or cfg.expert != "both",
             "several processes train one expert of a two-expert base at a time: pass --expert high, then "
             "--expert low (or run both experts in one process)")
+
+
+def per_device(cfg: PersonalizeConfig, world: World) -> PersonalizeConfig:
+    """The config one device's memory check sees: on CUDA the largest share of the batch (each GPU holds
+    its own activations; the same on every rank, so all refuse or none); on the CPU the whole batch (the
+    ranks share the machine's memory)."""
+    if torch.device(cfg.device).type != "cuda":
+        return cfg
+    own = copy.copy(cfg)  # not dataclasses.replace: a share may be smaller than prior_per_batch allows
+    own.batch_size = -(-cfg.batch_size // world.size)
+    return own
 
 
 # ----------------------------------------------------------------------------------------- the model

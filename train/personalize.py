@@ -152,7 +152,7 @@ def check_inputs(cfg: PersonalizeConfig, base: Base, world: distributed.World | 
                          "two-expert base's (Wan 2.2 A14B) experts, leave it out here")
     check_prompts(cfg, base)
     frames, size = check_clips(cfg, base.config)
-    check_memory(cfg, base.config, frames, size)
+    check_memory(distributed.per_device(cfg, world) if world else cfg, base.config, frames, size)
 
 
 def _add_adapter(cfg: PersonalizeConfig, dit: nn.Module) -> None:
