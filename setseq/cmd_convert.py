@@ -1,4 +1,5 @@
-"""`setseq convert --from {wan,diffusers} SRC --out DIR`: a public Wan 2.1 release -> our checkpoint folder.
+"""`setseq convert --from {wan,diffusers} SRC --out DIR`: a public Wan 2.1 / 2.2 release -> our checkpoint
+folder.
 
 The folder (config.json + dit/vae/text_encoder safetensors + tokenizer) loads by path in every
 command (`--base DIR`) and `setseq info DIR` describes it.
@@ -16,10 +17,11 @@ from weights.load import DTYPES
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert Wan 2.1 weights (original or diffusers layout)",
+    p = subparsers.add_parser("convert", help="convert Wan 2.1 / 2.2 weights (original or diffusers layout)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="layout", choices=LAYOUTS, required=True,
-                   help="source layout: 'wan' (Wan-AI/Wan2.1-T2V-*) or 'diffusers' (...-Diffusers)")
+                   help="source layout: 'wan' (Wan-AI/Wan2.1-T2V-*, Wan2.2-T2V-A14B, Wan2.2-TI2V-5B) or "
+                        "'diffusers' (...-Diffusers)")
     p.add_argument("src", metavar="SRC", help="local folder of the release (nothing is downloaded)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="checkpoint folder to create (must not exist or be empty)")
