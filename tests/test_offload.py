@@ -278,3 +278,37 @@ def test_cuda_offload_matches_and_frees_the_blocks(fp8):
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5) and g0.keys() == g1.keys()
     assert all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-6) for k in g0)
     assert offload.resident() == [] and offload.max_resident == 2
+
+
+def test_load_base_offloads_each_expert_of_a_two_expert_base(tmp_path, sp_model_path):
+    """A Wan 2.2 A14B-style base (model/experts.ExpertPair): each expert keeps its own last K blocks on the
+    host; the pair's velocity equals the plain load's at a high-noise and a low-noise time."""
+    import dataclasses
+
+    from model.config import PRESETS
+    from model.experts import ExpertPair
+    from model.t5 import T5Encoder
+    from model.vae import VAE
+    from weights.checkpoint import save_checkpoint
+
+    tiny = PRESETS["tiny"]
+    cfg = dataclasses.replace(tiny, name="pair-test", boundary=0.875,
+                              dit=dataclasses.replace(tiny.dit, dim=64, heads=2, layers=3, ffn_dim=128,
+                                                      rope_split=(12, 10, 10), self_cond=False,
+                                                      prediction="velocity"),
+                              t5=dataclasses.replace(tiny.t5, layers=1))
+    torch.manual_seed(0)
+    pair = ExpertPair(DiT(cfg.dit), DiT(cfg.dit), cfg.boundary)
+    for expert in (pair.high, pair.low):
+        torch.nn.init.normal_(expert.head.head.weight, std=0.05)
+    save_checkpoint(tmp_path / "base", cfg, pair, VAE(cfg.vae), T5Encoder(cfg.t5),
+                    tokenizer_path=sp_model_path)
+    plain = load_base(tmp_path / "base", device="cpu")
+    off = load_base(tmp_path / "base", device="cpu", offload_blocks=2)
+    assert all(e.blocks[2].ffn[0].weight.isnan().all() for e in (off.dit.high, off.dit.low))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 160, 2, 4, 4, generator=g), torch.randn(1, 6, 64, generator=g)
+    with torch.no_grad():
+        for t in (0.95, 0.3):
+            tt = torch.tensor([t])
+            assert torch.equal(plain.dit(x, tt, c), off.dit(x, tt, c))
