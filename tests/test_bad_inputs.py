@@ -88,11 +88,13 @@ ROWS = [
     ("personalize-clip-larger-than-the-base-takes", [*PERS_ON[:1], "big.mp4", *PERS[2:], "--out",
                                                      "p.safetensors"], "at most 128x128 pixels"),
     ("personalize-size-larger-than-the-base-takes", [*PERS, "--out", "p.safetensors", "--size", "256x256"],
-     "--size 128x128"),
+     "--size 256x256 is larger"),
     ("personalize-frames-longer-than-the-base-takes", [*PERS, "--out", "p.safetensors", "--frames", "33"],
-     "--frames 29"),
+     "--frames 33 is longer"),
     ("personalize-run-that-cannot-fit-in-memory", [*PERS, "--out", "p.safetensors", "--batch-size",
                                                    "100000000"], "GiB"),
+    ("personalize-resume-with-a-changed-setting", [*PERS, "--out", "r.safetensors", "--work-dir", "r.work",
+                                                   "--resume", "--rank", "8"], "['rank']"),
     ("personalize-stage-2-without-stage-1", [*PERS, "--out", "p.safetensors", "--stage", "2"], "--stage 1"),
     ("personalize-prompt-without-token", ["personalize", "clip.mp4", "--prompt", "a red square", "--base",
                                           "tiny", "--out", "p.safetensors"], "[v]"),
@@ -184,7 +186,7 @@ def inputs(tmp_path_factory) -> Path:
     run = _cli([*PERS, "--out", "c.safetensors", "--resume"], d)
     assert run.returncode == 0, run.stderr
     assert "--resume: no checkpoint in" in run.stderr  # --resume with nothing to resume says so
-    shutil.rmtree(d / "c.work")
+    shutil.move(d / "c.work", d / "r.work")  # its checkpoints: a run to resume
     concept = load_concept(d / "c.safetensors")
     next(iter(concept.lora.values()))[0, 0] = float("nan")
     save_concept(d / "nan.safetensors", concept)

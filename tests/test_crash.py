@@ -197,6 +197,15 @@ def test_a_media_write_clears_a_killed_writes_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.gif"]
 
 
+def test_a_checkpoint_part_write_clears_a_killed_writes_temporary(tmp_path):
+    from weights.io import write_safetensors_atomic
+
+    stale = tmp_path / f".dit.safetensors.tmp-{_dead_pid()}"
+    stale.write_bytes(b"half a part")
+    write_safetensors_atomic(tmp_path / "dit.safetensors", {"w": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.safetensors"]
+
+
 def test_published_files_follow_the_umask(tmp_path):
     old = os.umask(0o027)
     try:

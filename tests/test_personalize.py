@@ -434,8 +434,8 @@ def test_a_clip_larger_than_the_base_takes_is_refused_before_any_encoding(sp_mod
     write_video(big, square_video(size=160), fps=8)  # the tiny DiT's position table covers 128x128
     base = make_base(sp_model_path)
     monkeypatch.setattr(base.vae, "encode", lambda *a, **k: pytest.fail("encoded before the size check"))
-    with pytest.raises(ValueError, match=r"160x160, larger than base tiny takes: at most 128x128 pixels "
-                                         r"and 29 frames; pass --size 128x128"):
+    with pytest.raises(ValueError, match=r"160x160 pixels, larger than base tiny takes: at most 128x128 "
+                                         r"pixels and 29 frames; pass --size 128x128"):
         P.main(config(tmp_path, str(big)), base, sample_latents)
     assert not (tmp_path / "c.work").exists()
 

@@ -88,17 +88,18 @@ def check_clips(cfg: PersonalizeConfig, mc: ModelConfig) -> tuple[int | None, tu
         if limit is None:
             continue
         most_f, most_h, most_w = limit
+        largest = f"at most {most_h}x{most_w} pixels and {most_f} frames"
         if size[0] > most_h or size[1] > most_w:
-            given = "--size" if cfg.size else f"video {c.video!r} ({header[0]}x{header[1]} pixels)"
-            raise ValueError(f"{given} gives frames of {size[0]}x{size[1]}, larger than base {mc.name} "
-                             f"takes: at most {most_h}x{most_w} pixels and {most_f} frames; pass --size "
+            what = (f"--size {size[0]}x{size[1]} is" if cfg.size else
+                    f"video {c.video!r} has frames of {header[0]}x{header[1]} pixels,")
+            raise ValueError(f"{what} larger than base {mc.name} takes: {largest}; pass --size "
                              f"{min(size[0], most_h)}x{min(size[1], most_w)} (the video is resized) or a "
                              "smaller video")
         if frames is not None and frames > most_f:
-            given = "--frames" if cfg.frames else f"video {c.video!r}"
-            raise ValueError(f"{given} gives clips of {frames} frames, longer than base {mc.name} takes: at "
-                             f"most {most_f} frames of {most_h}x{most_w} pixels; pass --frames {most_f} or "
-                             "fewer")
+            what = (f"--frames {frames} is" if cfg.frames else
+                    f"video {c.video!r} gives clips of {frames} frames,")
+            raise ValueError(f"{what} longer than base {mc.name} takes: {largest}; pass --frames {most_f} "
+                             "or fewer")
     return plans[0]
 
 

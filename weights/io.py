@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.safetensors_header import sort_metadata
-from model.tempfiles import publish
+from model.tempfiles import publish, remove_stale, temp_path
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -171,13 +170,13 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     """Run `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale(path.parent, path.name)  # a killed earlier write's temporary (model/tempfiles.py)
+    tmp = str(temp_path(path))
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        publish(tmp, path)  # with the umask's permissions: mkstemp made it 0600
+        publish(tmp, path)  # with the umask's permissions: the safetensors library writes 0600
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
