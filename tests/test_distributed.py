@@ -236,3 +236,21 @@ def test_cuda_nccl_run_equals_the_plain_cuda_run_and_resumes_bit_equal(tmp_path,
               tmp_path, nproc=nproc)
     a, b = _tensors(tmp_path / "gpus.safetensors"), _tensors(tmp_path / "cut.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), _max_diff(a, b)
+
+
+@pytest.mark.slow
+def test_two_concepts_jointly_on_two_processes_like_one(tmp_path, sp_model_path):
+    """A joint run: stitched pairs are drawn by the same global coin on every rank (stitch_prob 0.5)."""
+    for i, shift in enumerate((0, 6)):
+        write_video(tmp_path / f"v{i}.mp4", square_video().roll(shift, dims=2), fps=8)
+    toml = _toml(tmp_path, str(tmp_path / "v0.mp4"), sp_model_path)
+    text = toml.read_text().split("[[concepts]]")[0].replace("seed = 1", "seed = 1\nstitch_prob = 0.5")
+    for i in (0, 1):
+        text += (f'\n[[concepts]]\nvideo = "{tmp_path / f"v{i}.mp4"}"\n'
+                 f'prompt = "a [v{i}] square on a grey background."\nmotion_prompt = "moving [u{i}]"\n'
+                 f'token = "[v{i}]"\nmotion_token = "[u{i}]"\n')
+    toml.write_text(text)
+    _torchrun(["--config", str(toml), "--out", "two.safetensors"], tmp_path)
+    assert cli_main(["personalize", "--config", str(toml), "--out", str(tmp_path / "one.safetensors")]) == 0
+    one, two = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two.safetensors")
+    assert _max_diff(one, two) < TOL
