@@ -254,3 +254,51 @@ def test_two_concepts_jointly_on_two_processes_like_one(tmp_path, sp_model_path)
     assert cli_main(["personalize", "--config", str(toml), "--out", str(tmp_path / "one.safetensors")]) == 0
     one, two = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two.safetensors")
     assert _max_diff(one, two) < TOL
+
+
+def _growth_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lora.inject import inject_lora
+    from model.config import PRESETS
+    from model.dit import DiT
+    from train.distributed import ShardedGrowth, World, shard
+    from train.step import AdapterGrowth
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        dit = DiT(dataclasses.replace(PRESETS["tiny"].dit, layers=2))
+        dit.requires_grad_(False)
+        inject_lora(dit, rank=3, name="c")  # rank 3: uneven shards of A1 (3 rows on 2 ranks)
+        plain = AdapterGrowth(dit, "c")
+        with torch.no_grad():
+            for a in plain.adapters:
+                a.lora_B1.normal_()
+                a.lora_B2.normal_()
+        sharded = ShardedGrowth(dit, "c")
+        before = plain()
+        shard(dit, World(rank, 2, init_device_mesh("cpu", (2,))))
+        torch.save({"before": before, "after": sharded()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_growth_is_the_one_process_bound_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_growth_on_two_ranks, args=(port, str(tmp_path / "g")), nprocs=2)
+    got = [torch.load(tmp_path / f"g.{r}") for r in range(2)]
+    (ratio, layer), (ratio0, layer0), (ratio1, layer1) = got[0]["before"], got[0]["after"], got[1]["after"]
+    assert (ratio0, layer0) == (ratio1, layer1)  # the same stop decision on every rank
+    assert layer0 == layer and abs(ratio0 - ratio) <= 1e-5 * ratio

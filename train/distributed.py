@@ -41,7 +41,7 @@ from .checkpoint_dcp import dcp_checkpoint_path, save_dcp_checkpoint
 from .config import PersonalizeConfig, require
 from .resume import adapter_state, start_stage
 from .stage_data import Batch
-from .step import StepOut
+from .step import AdapterGrowth, StepOut
 
 
 def launched() -> bool:
@@ -168,6 +168,25 @@ def full_adapters(dit: nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ the step
+
+
+class ShardedGrowth(AdapterGrowth):
+    """AdapterGrowth's bound from each rank's shards and ONE all-reduce of the squared norms: the same
+    number on every rank (so all stop together). Built before sharding (the base weights' norm is read
+    whole). On 2 CPU processes, tiny base (40 layers): 6-11 ms a call, where AdapterGrowth's per-layer
+    DTensor ops took 67-72 ms (~0.7 s a step for Wan 14B's ~400 layers); the same bound."""
+
+    @torch.no_grad()
+    def __call__(self) -> tuple[float, str]:
+        if not self.names:
+            return 0.0, ""
+        local = [torch.stack([(a.lora_B1.to_local() + a.lora_B2.to_local()).float().square().sum(),
+                              a.lora_A1.to_local().float().square().sum()]) for a in self.adapters]
+        squares = torch.stack(local)  # (layers, 2): this rank's part of ||B1 + B2||^2 and ||A1||^2
+        dist.all_reduce(squares)
+        bound = squares[:, 0].sqrt() * squares[:, 1].sqrt()
+        ratio = torch.nan_to_num(bound.norm() / self.base, nan=float("inf"))
+        return float(ratio), self.names[int(torch.nan_to_num(bound, nan=float("inf")).argmax())]
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

@@ -101,7 +101,7 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
             load_adapter_state(cfg, base.dit, tokens, ckpt.params)
         # what reads the base weights whole reads them before FSDP2 leaves each rank 1/N of the DiT
         identity = base_identity(base.dit, base.name)
-        growth = AdapterGrowth(base.dit, cfg.name) if world else None  # fp8: dequantizes whole weights
+        growth = distributed.ShardedGrowth(base.dit, cfg.name) if world else None  # fp8: whole weights
         if world:
             distributed.shard(base.dit, world)
 
