@@ -73,10 +73,11 @@ def quantize(weight: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
 def dequantize(w8: Tensor, scale: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     """fp8 weight and its tile scales -> the (out, in) weight in `dtype` (exact: the scales are 2^e)."""
     out, inp = w8.shape
-    if out % block == 0 and inp % block == 0:  # Wan's every width: a view, no expanded scale tensor
+    if out % block == 0 and inp % block == 0:  # Wan's every width: one temporary, no expanded scale tensor
         so, si = scale.shape
-        w = w8.to(dtype).view(so, block, si, block) * scale.to(dtype)[:, None, :, None]
-        return w.view(out, inp)
+        w = w8.to(dtype, copy=True)  # a new tensor even if w8 were already `dtype`: mul_ must not touch it
+        w.view(so, block, si, block).mul_(scale.to(dtype)[:, None, :, None])
+        return w
     return w8.to(dtype) * _expand(scale.to(dtype), (out, inp), block)
 
 
