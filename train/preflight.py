@@ -31,8 +31,8 @@ GIB = 2**30
 _PER_TOKEN_D, _PER_TOKEN_F = 16, 2
 
 
-def video_header(path: str) -> tuple[int, int, int | None]:
-    """(H, W, frames or None when the container does not say) of a video, reading one frame."""
+def video_header(path: str) -> tuple[int, int, int | None, float]:
+    """(H, W, frames or None when the container does not say, frame rate) of a video, reading one frame."""
     try:
         h, w = iio.improps(path, index=0).shape[:2]
         meta = iio.immeta(path)
@@ -45,7 +45,8 @@ def video_header(path: str) -> tuple[int, int, int | None]:
     frames = None
     if meta.get("plugin") == "ffmpeg" and fps and duration and math.isfinite(fps * duration):
         frames = round(fps * duration)
-    return int(h), int(w), frames
+    rate = float(fps) if fps and math.isfinite(fps) and fps > 0 else 24.0
+    return int(h), int(w), frames, rate
 
 
 def largest_clip(mc: ModelConfig) -> tuple[int, int, int] | None:
@@ -57,23 +58,18 @@ def largest_clip(mc: ModelConfig) -> tuple[int, int, int] | None:
     return 1 + (t * pt - 1) * tc, h * ph * sc, w * pw * sc
 
 
-def planned_clip(cfg: PersonalizeConfig, mc: ModelConfig, header: tuple[int, int, int | None]
+def planned_clip(cfg: PersonalizeConfig, mc: ModelConfig, header: tuple[int, int, int | None, float]
                  ) -> tuple[int | None, tuple[int, int]]:
     """(frames or None when unknown, (H, W)) the run will train on, as train/stage_data.read_videos picks."""
-    h, w, available = header
+    h, w, available, rate = header
     size = cfg.size or fit_size(h, w, mc.size_multiple)
     if cfg.frames is not None:
         return cfg.frames, size
     if available is None:
         return None, size
     if cfg.fps is not None:  # resampled: about this many frames at the target rate
-        available = max(1, round(available * cfg.fps / _source_fps(cfg.concepts[0].video)))
+        available = max(1, round(available * cfg.fps / rate))
     return mc.longest_clip(available) or None, size
-
-
-def _source_fps(path: str) -> float:
-    fps = iio.immeta(path).get("fps")
-    return float(fps) if fps and math.isfinite(fps) and fps > 0 else 24.0
 
 
 def check_clips(cfg: PersonalizeConfig, mc: ModelConfig) -> tuple[int | None, tuple[int, int]]:
