@@ -17,6 +17,7 @@ the bundle to `Pipeline.of`.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -153,8 +154,9 @@ class GenerateConfig:
         if out.steps < 1:
             raise ValueError(f"steps must be >= 1, got {out.steps}")
         for name in ("guidance", "low_noise_guidance"):
-            if (value := getattr(out, name)) is not None and value < 1.0:
-                raise ValueError(f"{name} must be >= 1 (1 = no classifier-free guidance), got {value}")
+            if (value := getattr(out, name)) is not None and not (math.isfinite(value) and value >= 1.0):
+                raise ValueError(f"{name} must be a finite number >= 1 (1 = no classifier-free guidance), "
+                                 f"got {value}")
         if out.self_cond and not cfg.dit.self_cond:
             raise ValueError(f"self-conditioning asked, but base {cfg.name} has no self-conditioning input")
         return out

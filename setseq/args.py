@@ -33,6 +33,10 @@ def nonnegative_float(text: str) -> float:
     return _number(text, lambda v: v >= 0, "a finite number >= 0")
 
 
+def guidance_scale(text: str) -> float:
+    return _number(text, lambda v: v >= 1, "a finite number >= 1 (1 = no classifier-free guidance)")
+
+
 def probability(text: str) -> float:
     return _number(text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 

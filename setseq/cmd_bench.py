@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from setseq.args import guidance_scale, nonnegative_float, positive_float
 from toyworld import bench
 from toyworld import experiment as X
 
@@ -61,14 +62,14 @@ def register(subparsers) -> None:
         "get steps1 + steps2)"
     )
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 1200 per concept)")
-    p.add_argument("--lr", type=float, help="LoRA learning rate of every row (default 1e-3)")
-    p.add_argument("--prior-weight", dest="prior_weight", type=float,
+    p.add_argument("--lr", type=positive_float, help="LoRA learning rate of every row (default 1e-3)")
+    p.add_argument("--prior-weight", dest="prior_weight", type=nonnegative_float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
     p.add_argument("--prior-pairs", dest="prior_pairs", type=int,
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")
     p.add_argument("--companions", type=int,
                    help="ordinary objects the base generates to stitch beside each concept (default 0)")
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--guidance", type=guidance_scale,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
                    "the tiny base's default before); a toyworld rerun that changes only --guidance, "
                    "--sample-steps or --samples reuses the trained concepts")

@@ -27,7 +27,7 @@ from setseq.args import (
     add_memory_flags,
     check_new_files,
     finite_float,
-    nonnegative_float,
+    guidance_scale,
     note_offload,
     positive_float,
     read_first_frame,
@@ -62,10 +62,10 @@ def register(subparsers) -> None:
                    help="motion scale beta of every concept (default 1)")
     p.add_argument("--steps", type=int,
                    help="Euler steps (default: the base model's own, ModelConfig.sample_steps)")
-    p.add_argument("--guidance", type=nonnegative_float,
+    p.add_argument("--guidance", type=guidance_scale,
                    help="classifier-free guidance scale (default: the base model's own, "
                         "ModelConfig.guidance, e.g. 5 for Wan 2.1, 1 (off) for tiny; the paper samples at 8)")
-    p.add_argument("--low-noise-guidance", type=nonnegative_float,
+    p.add_argument("--low-noise-guidance", type=guidance_scale,
                    help="two-expert bases (Wan 2.2 A14B): guidance of the low-noise stage (default: the "
                         "base's own, 3 for A14B; --guidance alone sets both stages)")
     p.add_argument("--shift", type=positive_float, help="timestep shift (default: the base model's own)")
