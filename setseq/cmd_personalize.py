@@ -31,11 +31,11 @@ from setseq.args import (
     warn_unreadable,
 )
 from train import distributed
-from train.checkpoint import list_checkpoints
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import Diverged, is_main_process, main
 from train.preflight import check_clips
-from train.recipe import RECIPES, config_unreadable_words, recipe, resolve
+from train.recipe import RECIPES, config_unreadable_words, recipe, resolve, settings_lines
+from train.resume import fresh_resume_note
 from weights.base import base_config, check_memory_options, load_base
 
 # TOML keys that choose the base and how it is held
@@ -159,19 +159,6 @@ def check_paths(cfg: PersonalizeConfig) -> None:
     check_folder(cfg.work, "--work-dir")
 
 
-def note_fresh_resume(cfg: PersonalizeConfig) -> None:
-    """--resume with no checkpoint yet (a run killed before its first one) starts at step 0: say so."""
-    folder = cfg.work / "checkpoints"
-    if cfg.resume and not list_checkpoints(folder):
-        print(f"setseq personalize: note: --resume: no checkpoint in {str(folder)!r} yet; starting at step 0",
-              file=sys.stderr)
-
-
-def settings_lines(settings: dict) -> list[str]:
-    """What the run resolved, one setting a line, and where it came from."""
-    return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
-
-
 def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
     distributed.init(cfg.device)  # under torchrun: join the process group before anything is on a device
@@ -185,15 +172,11 @@ def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
     main_proc = is_main_process()
     if main_proc:
         print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
-        note_fresh_resume(cfg)
-    if cfg.compile and extra.get("offload_blocks"):
-        raise ValueError("--compile with --offload-blocks: offload streams blocks from hooks that a compiled "
-                         "block would trace; drop one of them")
-    if distributed.launched() and extra.get("offload_blocks"):
-        raise ValueError("--offload-blocks under torchrun: FSDP2 already keeps 1/N of the DiT per GPU and "
-                         "gathers each block before it runs; drop --offload-blocks (or run one process)")
+        if note := fresh_resume_note(cfg):
+            print(f"setseq personalize: note: {note}", file=sys.stderr)
     base_cfg = base_config(extra["base"], bool(extra.get("random_weights")))
-    check_memory_options(base_cfg, extra.get("base_dtype"), extra.get("offload_blocks") or 0)  # the flags,
+    check_memory_options(base_cfg, extra.get("base_dtype"), extra.get("offload_blocks") or 0,  # the flags,
+                         compile=bool(cfg.compile), data_parallel=distributed.launched())
     check_clips(cfg, base_cfg)  # then the videos' headers, before the weights load
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),

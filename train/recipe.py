@@ -59,6 +59,11 @@ def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[
     return out
 
 
+def settings_lines(settings: dict[str, tuple[object, str]]) -> list[str]:
+    """What a run resolved (`resolve`), one setting a line, and where it came from."""
+    return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
+
+
 def config_unreadable_words(cfg, tokenizer) -> list[str]:
     """Tokenizer.unreadable_words of every text a run trains on: both stages of each concept and the prior."""
     texts = [c.text(s) for c in cfg.concepts for s in (1, 2)]
@@ -66,4 +71,5 @@ def config_unreadable_words(cfg, tokenizer) -> list[str]:
     return list(dict.fromkeys(w for t in texts for w in tokenizer.unreadable_words(t)))
 
 
-__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "config_unreadable_words"]
+__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "settings_lines",
+           "config_unreadable_words"]

@@ -112,6 +112,14 @@ def resume_point(cfg: PersonalizeConfig) -> Checkpoint | None:
     return ckpt
 
 
+def fresh_resume_note(cfg: PersonalizeConfig) -> str | None:
+    """--resume with no checkpoint yet (a run killed before its first one) starts at step 0: what to say."""
+    folder = cfg.work / "checkpoints"
+    if cfg.resume and not list_checkpoints(folder):
+        return f"--resume: no checkpoint in {str(folder)!r} yet; starting at step 0"
+    return None
+
+
 def replaces_stage1(cfg: PersonalizeConfig) -> bool:
     """Whether a `--stage 2` run may replace --out without --force: the file is the concept the `--stage 1`
     run of the same work folder wrote (the documented two-command flow)."""

@@ -83,8 +83,16 @@ def pick_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtyp
     return dt
 
 
-def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_blocks: int) -> None:
-    """--base-dtype and --offload-blocks, refused before anything is allocated."""
+def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_blocks: int, *,
+                         compile: bool = False, data_parallel: bool = False) -> None:
+    """--base-dtype and --offload-blocks (beside --compile, and under torchrun), refused before anything is
+    allocated."""
+    if offload_blocks and compile:
+        raise ValueError("--compile with --offload-blocks: offload streams blocks from hooks that a compiled "
+                         "block would trace; drop one of them")
+    if offload_blocks and data_parallel:
+        raise ValueError("--offload-blocks under torchrun: FSDP2 already keeps 1/N of the DiT per GPU and "
+                         "gathers each block before it runs; drop --offload-blocks (or run one process)")
     if base_dtype not in (None, "fp8"):
         raise ValueError(f"--base-dtype {base_dtype!r}: expected fp8 (or leave it out for --dtype's weights)")
     if base_dtype == "fp8":
