@@ -23,18 +23,16 @@ resident set): it shows the script runs, not what a GPU measures (on the CPU off
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 
 import torch
 
-from benchmarks.bench_personalize import REAL_VIDEO, frozen_dit, peak_of, real_inputs
+from benchmarks.bench_personalize import REAL_VIDEO, frozen_dit, lora_step, peak_of, real_inputs
 from benchmarks.timing import Row, add_common, goal_row, interleaved, main_of, median
 from lora.inject import DEFAULT_TARGETS, inject_lora, set_stage
 from model.config import PRESETS
 from model.dit import DiT
-from model.flow import add_noise, flow_loss_per_sample, velocity_target
 from model.fp8 import quantize_linears
 from model.offload import BlockOffload
 
@@ -90,20 +88,7 @@ def tiny_inputs(cfg, device: torch.device):
 def measure(cfg, setup: Setup, inputs, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     """Peak bytes, bytes held between steps and the step times of one configuration."""
     dit, offload = build(cfg, setup, device, dtype)
-    params = [p for p in dit.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
-    x0, eps, t, context, mask = inputs
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            v = dit(add_noise(x0, eps, t), t, context, context_mask=mask)
-        flow_loss_per_sample(v, velocity_target(x0, eps)).mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.05, foreach=True)
-        opt.step()
-
+    step = lora_step(dit, inputs, device)
     peak, held, exact = peak_of(step, device, calls=1)
     times = interleaved({"step": step}, repeats=repeats, warmup=0, device=device)["step"]
     return {"peak": peak, "held": held, "exact": exact, "time": median(times),

@@ -323,6 +323,25 @@ def real_inputs(preset: str, batch: int, device: torch.device, dtype: torch.dtyp
     return x0.to(device), eps.to(device), t.to(device), context, mask
 
 
+def lora_step(dit: DiT, inputs, device: torch.device, *, fused: bool = False):
+    """One LoRA training step of `dit` on cached inputs (x0, eps, t, context, mask): AdamW on the
+    trainable parameters, bf16 autocast on CUDA, clipped as personalization clips."""
+    params = [p for p in dit.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=fused or None)
+    x0, eps, t, context, mask = inputs
+    cuda = device.type == "cuda"
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            v = dit(add_noise(x0, eps, t), t, context, context_mask=mask)
+        flow_loss_per_sample(v, velocity_target(x0, eps)).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.05, foreach=True)
+        opt.step()
+
+    return step
+
+
 def run_real_size(args: argparse.Namespace) -> list[Row]:
     """One LoRA training step of a real-size base with cached text: time and peak memory."""
     device = torch.device(args.device)
@@ -336,20 +355,9 @@ def run_real_size(args: argparse.Namespace) -> list[Row]:
     dit = frozen_dit(cfg, device, dtype, lora=True, checkpointing=not args.no_checkpointing)
     if args.compile:
         dit.compile_blocks()
-    params = [p for p in dit.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
-    x0, eps, t, context, mask = real_inputs(args.real_size, args.batch, device, dtype)
-    latent, text_len = x0.shape[2:], context.shape[1]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            v = dit(add_noise(x0, eps, t), t, context, context_mask=mask)
-        flow_loss_per_sample(v, velocity_target(x0, eps)).mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.05, foreach=True)
-        opt.step()
-
+    inputs = real_inputs(args.real_size, args.batch, device, dtype)
+    latent, text_len = inputs[0].shape[2:], inputs[3].shape[1]
+    step = lora_step(dit, inputs, device, fused=True)
     peak, base_mem, exact = peak_of(step, device, calls=1)
     mm_dtype = torch.bfloat16 if cuda else torch.float32
     mm_n = 8192 if cuda else 512
