@@ -10,11 +10,20 @@ The boundary test is Wan's (wan/text2video.py, diffusers' WanPipeline): the time
 boundary * num_train_timesteps (1000), high-noise when at or above. Wan truncates its timesteps to
 integers first; for a boundary of k / 1000 (0.875, 0.9) floor(x) >= k exactly when x >= k, so comparing the
 unrounded values (as diffusers does) decides every step the same way.
+
+Idle-expert offload (sampling only, as Wan's `offload_model`): after `pair.offload_idle(device)` only the
+expert a batch needs is on `device`, the other waits on the CPU. A sampling batch shares one t per step, so
+the experts swap once per run, at the boundary (and back at the next run's first step); the idle expert
+leaves the device before the active one arrives, so at no moment are both there. Personalization trains
+both experts each step (its batch splits at the boundary): a mixed batch or a forward with grad is refused.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+from .offload import host_copy
 
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's timestep scale: the boundary is a fraction of it
 
@@ -42,6 +51,26 @@ class ExpertPair(nn.Module):
                              f"low has {low.cfg}")
         self.high, self.low = high, low
         self.boundary = float(boundary)
+        self.offload_device: torch.device | None = None  # set by offload_idle: where the active expert runs
+        self.resident: str | None = None  # under offload_idle: the expert now on offload_device
+
+    def keep_on(self, device: torch.device | str, active: str) -> None:
+        """The `active` expert on `device`, the other on the CPU; the idle one moves first, so the device
+        never holds both."""
+        idle = "low" if self.expert(active) is self.high else "high"
+        self.expert(idle).to("cpu")
+        self.expert(active).to(device)
+        self.resident = active
+
+    def offload_idle(self, device: torch.device | str) -> None:
+        """Idle-expert offload for sampling (see the module doc): the high-noise expert on `device` now (a run
+        starts there), the low-noise one on the CPU until a batch needs it."""
+        if any(host_copy(p) is not p for p in self.parameters()):  # model/offload.py's streamed blocks
+            raise ValueError("--offload-idle-expert with --offload-blocks: block offload already streams "
+                             "each expert's blocks from the host and the two cannot share them; drop one of "
+                             "the flags (--offload-idle-expert alone keeps one whole expert on the GPU)")
+        self.offload_device = torch.device(device)
+        self.keep_on(self.offload_device, "high")
 
     @property
     def cfg(self):
@@ -68,9 +97,13 @@ class ExpertPair(nn.Module):
                 self_cond: Tensor | None = None) -> Tensor:
         # (B,); a per-token t (B, L) (a clean first frame at t = 0) goes by its sample's noisiest token
         high = serves_high(t if t.ndim == 1 else t.amax(dim=1), self.boundary)
-        if bool(high.all()) or not bool(high.any()):  # sampling: the whole batch shares one t
-            model = self.high if bool(high.all()) else self.low
-            return model(x, t, context, context_mask=context_mask, self_cond=self_cond)
+        one = "high" if bool(high.all()) else "low" if not bool(high.any()) else None  # sampling: one t
+        if self.offload_device is not None:
+            self._check_sampling(mixed=one is None)
+            if one != self.resident:
+                self.keep_on(self.offload_device, one)  # the switch: once per sampling run
+        if one is not None:
+            return self.expert(one)(x, t, context, context_mask=context_mask, self_cond=self_cond)
         out = None
         for model, rows in ((self.high, high), (self.low, ~high)):  # training: split the batch by time
 
@@ -82,6 +115,12 @@ class ExpertPair(nn.Module):
             out = v.new_empty((x.shape[0], *v.shape[1:])) if out is None else out
             out[rows] = v
         return out
+
+    def _check_sampling(self, mixed: bool = False) -> None:
+        if mixed or torch.is_grad_enabled():
+            raise ValueError("idle-expert offload is for sampling: this forward " + (
+                "mixes times of both experts in one batch" if mixed else "needs gradients") + ", as "
+                "personalization does (it trains both experts each step); use a pair without offload_idle")
 
 
 __all__ = ["NUM_TRAIN_TIMESTEPS", "ExpertPair", "serves_high", "check_boundary"]

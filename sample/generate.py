@@ -44,6 +44,11 @@ class Pipeline(Base):
         for module in (self.dit, self.vae, self.t5):
             module.requires_grad_(False).eval()
 
+    @property
+    def device(self) -> torch.device:
+        # the text encoder's: under idle-expert offload (ExpertPair.offload_idle) one DiT expert is on the CPU
+        return next(self.t5.parameters()).device
+
     @classmethod
     def of(cls, base: Base) -> Pipeline:
         return cls(base.config, base.dit, base.vae, base.t5, base.tokenizer, base.name)

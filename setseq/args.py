@@ -86,8 +86,9 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-def add_memory_flags(p: argparse.ArgumentParser) -> None:
-    """--base-dtype and --offload-blocks: how the base DiT is held (personalize and generate)."""
+def add_memory_flags(p: argparse.ArgumentParser, sampling: bool = False) -> None:
+    """--base-dtype and --offload-blocks: how the base DiT is held (personalize and generate); with
+    `sampling` (generate) also --offload-idle-expert."""
     p.add_argument("--base-dtype", choices=("fp8",), default=None,
                    help="fp8: the DiT blocks' linear weights as float8_e4m3fn with 128x128 tile scales, "
                         "dequantized in the forward (half their bf16 memory); adapters and optimizer stay "
@@ -95,14 +96,23 @@ def add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-blocks", type=nonnegative_int, default=None, metavar="K",
                    help="keep the last K DiT blocks in pinned host memory and stream each to the GPU just "
                         "before its use, forward and backward (0 = off; at most the block count - 1)")
+    if sampling:
+        p.add_argument("--offload-idle-expert", action="store_true",
+                       help="two-expert bases (Wan 2.2 A14B): keep only the expert in use on the GPU, the "
+                            "other in host memory; they swap once per video, at the boundary (one expert's "
+                            "memory instead of two, for seconds of copying). Sampling only: personalization "
+                            "trains both experts each step. Works with --base-dtype fp8; not with "
+                            "--offload-blocks")
 
 
-def note_offload(command: str, offload_blocks: int | None, device: str | None) -> None:
+def note_offload(command: str, offload_blocks: int | None, device: str | None,
+                 idle_expert: bool = False) -> None:
     """Offload on the CPU runs (the schedule the tests check) but saves nothing: host and device are one
     memory. Allowed, so a run configured for a GPU also runs on a laptop; said once, on stderr."""
     cpu = device == "cpu" or (device is None and not _cuda())
-    if offload_blocks and cpu:
-        print(f"setseq {command}: note: --offload-blocks on the CPU saves no memory (host and device are the "
+    flag = "--offload-blocks" if offload_blocks else "--offload-idle-expert" if idle_expert else None
+    if flag and cpu:
+        print(f"setseq {command}: note: {flag} on the CPU saves no memory (host and device are the "
               "same memory); it is meant for CUDA", file=sys.stderr)
 
 

@@ -94,7 +94,7 @@ def register(subparsers) -> None:
                    "face is, for --arcface (no detector; default the centred square)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="base weights dtype (default: bf16 on cuda)")
-    add_memory_flags(p)
+    add_memory_flags(p, sampling=True)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -136,8 +136,8 @@ def load_pipeline(args: argparse.Namespace):
 
     base = load_base(args.base, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                      random_weights=args.random_weights, seed=args.base_seed, base_dtype=args.base_dtype,
-                     offload_blocks=args.offload_blocks or 0)
-    note_offload("generate", args.offload_blocks, args.device)
+                     offload_blocks=args.offload_blocks or 0, offload_idle_expert=args.offload_idle_expert)
+    note_offload("generate", args.offload_blocks, args.device, args.offload_idle_expert)
     return Pipeline.of(base)
 
 

@@ -84,9 +84,16 @@ def pick_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtyp
 
 
 def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_blocks: int, *,
-                         compile: bool = False, data_parallel: bool = False) -> None:
-    """--base-dtype and --offload-blocks (beside --compile, and under torchrun), refused before anything is
-    allocated."""
+                         compile: bool = False, data_parallel: bool = False,
+                         offload_idle_expert: bool = False) -> None:
+    """--base-dtype, --offload-blocks and --offload-idle-expert (beside --compile, and under torchrun),
+    refused before anything is allocated."""
+    if offload_idle_expert and cfg.boundary is None:
+        raise ValueError(f"--offload-idle-expert: base {cfg.name!r} has one DiT (no second expert to "
+                         "offload); drop the flag (it is for two-expert bases such as wan2.2-t2v-a14b)")
+    if offload_idle_expert and offload_blocks:
+        raise ValueError("--offload-idle-expert with --offload-blocks: block offload already streams each "
+                         "expert's blocks from the host and the two cannot share them; drop one of the flags")
     if offload_blocks and compile:
         raise ValueError("--compile with --offload-blocks: offload streams blocks from hooks that a compiled "
                          "block would trace; drop one of them")
@@ -106,19 +113,22 @@ def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_block
 
 def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
               tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0,
-              base_dtype: str | None = None, offload_blocks: int = 0) -> Base:
+              base_dtype: str | None = None, offload_blocks: int = 0,
+              offload_idle_expert: bool = False) -> Base:
     """Load the base model `base` names (see the module doc) in `dtype` (default bf16 on CUDA, else fp32)
     on `device` (default CUDA when available). `tokenizer` overrides the checkpoint's sentencepiece model;
     `seed` fixes random weights. `base_dtype="fp8"` stores the DiT's block linears in fp8 (model/fp8.py;
     a checkpoint converted with `--dtype fp8` already is); `offload_blocks=K` keeps the last K DiT blocks in
-    host memory, streamed to the device as they are used (model/offload.py). With either, the DiT is
-    loaded on the CPU first, so the device never holds its full-precision or whole self."""
+    host memory, streamed to the device as they are used (model/offload.py); `offload_idle_expert` puts only
+    a two-expert DiT's high-noise expert on the device, the other waiting on the CPU for sampling's switch
+    (ExpertPair.offload_idle). With any, the DiT is loaded on the CPU first, so the device never holds its
+    full-precision or whole self."""
     folder = base_source(base, random_weights)
     check_memory_options(PRESETS[str(base)] if folder is None else checkpoint_config(folder), base_dtype,
-                         offload_blocks)
+                         offload_blocks, offload_idle_expert=offload_idle_expert)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    staged = base_dtype == "fp8" or offload_blocks > 0
+    staged = base_dtype == "fp8" or offload_blocks > 0 or offload_idle_expert
     dit_dev = torch.device("cpu") if staged else dev
     if folder is None:
         models = random_models(PRESETS[str(base)], seed, dt, dev, parts=("vae", "t5"))
@@ -131,7 +141,10 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
     experts = (models.dit.high, models.dit.low) if isinstance(models.dit, ExpertPair) else (models.dit,)
     for dit in experts if offload_blocks else ():  # each kept alive by its hooks on the DiT
         BlockOffload(dit, dit.blocks, offload_blocks, dev)
-    models.dit.to(dev)
+    if offload_idle_expert:
+        models.dit.offload_idle(dev)
+    else:
+        models.dit.to(dev)
     return _bundle(models, tokenizer or models.tokenizer_path, str(base))
 
 
