@@ -96,6 +96,9 @@ ROWS = [
     ("personalize-resume-with-a-changed-setting", [*PERS, "--out", "r.safetensors", "--work-dir", "r.work",
                                                    "--resume", "--rank", "8"], "['rank']"),
     ("personalize-stage-2-without-stage-1", [*PERS, "--out", "p.safetensors", "--stage", "2"], "--stage 1"),
+    ("personalize-motion-prompt-without-token", ["personalize", "clip.mp4", "--prompt", "a [v] square",
+                                                 "--motion-prompt", "moves up", "--base", "tiny", "--out",
+                                                 "p.safetensors"], "--motion-prompt 'moves up'"),
     ("personalize-prompt-without-token", ["personalize", "clip.mp4", "--prompt", "a red square", "--base",
                                           "tiny", "--out", "p.safetensors"], "[v]"),
     # demo and bench: their numbers are checked while parsing or before the base loads

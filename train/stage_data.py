@@ -181,7 +181,10 @@ def check_prompts(cfg: PersonalizeConfig, base: Base) -> None:
         check_prompt(c.prompt, c.token, what, base.tokenizer, length)
         if 2 in cfg.stages or cfg.single_stage:
             what = f"concept {i + 1} motion prompt" if len(cfg.concepts) > 1 else "--motion-prompt"
-            check_prompt(c.text(2), c.motion_token, what, base.tokenizer, length)
+            if c.motion_prompt:  # the words the user gave first: the joined stage-2 text would quote others
+                check_prompt(c.motion_prompt, c.motion_token, what, base.tokenizer, length)
+            joined = f"{what} (joined: the stage-2 text)"
+            check_prompt(c.text(2), c.motion_token, joined, base.tokenizer, length)
     if cfg.stitches():
         _check_stitched_prompts(cfg, base)
 
