@@ -136,8 +136,15 @@ class PersonalizeConfig:
         require(self.train_lora or self.train_tokens,
                 "train_lora and train_tokens are both off: nothing to train")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.steps1 >= 1 and self.steps2 >= 1,
-                f"steps must be >= 1, got {self.steps1}, {self.steps2}")
+        require(self.steps1 >= 1, f"steps1 must be >= 1, got {self.steps1}")
+        require(self.steps2 >= 1, f"steps2 must be >= 1, got {self.steps2}")
+        require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        # Ranges of the numbers TOML can give (the flags check theirs while parsing): finite is checked there
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        for name in ("token_lr", "prior_weight"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.fps is None or self.fps > 0, f"fps must be > 0 (or left out: the video's own), "
+                                                   f"got {self.fps}")
         require(self.prior_count == 0 or 0 < self.prior_per_batch < self.batch_size,
                 f"prior_per_batch {self.prior_per_batch} must leave room in batch_size {self.batch_size} "
                 "for concept items (or set prior_count 0)")
