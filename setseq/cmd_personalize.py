@@ -181,7 +181,7 @@ def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
     base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
                      seed=cfg.seed, base_dtype=extra.get("base_dtype"),
-                     offload_blocks=extra.get("offload_blocks") or 0)
+                     offload_blocks=extra.get("offload_blocks") or 0, dit_on_host=distributed.launched())
     if main_proc:
         note_offload("personalize", extra.get("offload_blocks"), cfg.device)
         warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))

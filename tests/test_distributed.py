@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tensors 4.8e-8 .. 6e-8, on LoRA B factors of magnitude ~3e-3: float addition order only (each rank sums
 # its share's gradient, FSDP sums the shares).
 TOL = 1e-6
+PRIOR_TOL = 0.0  # the prior latents, sampled by the sharded DiT on 2 processes vs the whole one (measured)
 PROMPT = "a [v] square on a grey background."
 MOTION = "It is [u] moving right."
 
@@ -100,12 +101,40 @@ def _cut(src: Path, dst: Path, keep: str) -> Path:
     return dst
 
 
+# Loaded into each torchrun worker (PYTHONPATH): every sampler call (the prior generations; no previews in
+# this run) records how many of the DiT blocks' parameters are sharded (DTensors) and how many there are,
+# the same for all the DiT's parameters, and how many concepts its LoRA layers show: a line in record.RANK.
+RECORD_SAMPLER = """
+import os
+if "RANK" in os.environ and os.environ.get("SETSEQ_TEST_RECORD"):
+    import sample.sampler as sampler
+    from lora.inject import concept_names
+    from torch.distributed.tensor import DTensor
+
+    real = sampler.sample_latents
+
+    def recorded(dit, *args, **kwargs):
+        params = dict(dit.named_parameters())
+        blocks = [p for n, p in params.items() if n.startswith("blocks.")]
+        counts = [sum(isinstance(p, DTensor) for p in blocks), len(blocks),
+                  sum(isinstance(p, DTensor) for p in params.values()), len(params), len(concept_names(dit))]
+        with open(os.environ["SETSEQ_TEST_RECORD"] + "." + os.environ["RANK"], "a") as f:
+            f.write(" ".join(map(str, counts)) + "\\n")
+        return real(dit, *args, **kwargs)
+
+    sampler.sample_latents = recorded
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sp_model_path) -> Path:
     root = tmp_path_factory.mktemp("dist")
     write_video(root / "square.mp4", square_video(), fps=8)
     toml = _toml(root, str(root / "square.mp4"), sp_model_path)
-    _torchrun(["--config", str(toml), "--out", "two.safetensors"], root)
+    (root / "hook").mkdir()
+    (root / "hook" / "sitecustomize.py").write_text(RECORD_SAMPLER)
+    _torchrun(["--config", str(toml), "--out", "two.safetensors"], root,
+              PYTHONPATH=f"{root / 'hook'}{os.pathsep}{ROOT}", SETSEQ_TEST_RECORD=str(root / "record"))
     assert cli_main(["personalize", "--config", str(toml), "--out", str(root / "one.safetensors")]) == 0
     return root
 
@@ -121,6 +150,25 @@ def test_two_processes_give_the_one_process_concept(runs):
     # rank 0 alone logged, and the log is the whole batch's: the same rows as one process's
     rows = [(runs / f"{n}.work" / "loss.tsv").read_text().splitlines() for n in ("one", "two")]
     assert [r.split("\t")[:6] for r in rows[0]] == [r.split("\t")[:6] for r in rows[1]]
+
+
+def test_the_dit_is_sharded_before_the_caches_and_the_caches_are_one_process_s(runs):
+    """Under torchrun the DiT goes from the host straight into FSDP2: every rank samples the prior set with
+    the sharded DiT (before its first forward every parameter a DTensor; the blocks' stay sharded between
+    forwards, the root's few own layers stay gathered, as FSDP2 keeps a root; the adapter, injected before
+    sharding, hidden), and the caches are the one process's: the same keys (file names) and tensors."""
+    for rank in (0, 1):
+        calls = [tuple(map(int, line.split())) for line in (runs / f"record.{rank}").read_text().splitlines()]
+        assert len(calls) == 2, calls  # stage 1's and stage 2's prior generations (2 prompts, one batch each)
+        assert calls[0][2] == calls[0][3] > calls[0][1], calls  # the first: all sharded, blocks and root
+        assert all(sharded == blocks > 0 and concepts == 0 for sharded, blocks, _, _, concepts in calls), calls
+    names = [sorted(p.name for p in (runs / f"{n}.work" / "cache").iterdir()) for n in ("one", "two")]
+    assert names[0] == names[1] and any(n.startswith("prior-stage") for n in names[0]), names
+    for name in names[0]:
+        one, two = _tensors(runs / "one.work" / "cache" / name), _tensors(runs / "two.work" / "cache" / name)
+        diff = _max_diff(one, two)
+        print(f"cache {name}: max |diff| 2 processes vs 1 {diff:.2e}")
+        assert diff <= PRIOR_TOL, name
 
 
 def test_checkpoints_are_dcp_folders_with_a_shard_per_process(runs):

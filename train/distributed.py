@@ -23,22 +23,26 @@ import contextlib
 import copy
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lora.inject import concept_adapters
+from lora.inject import concept_adapters, lora_layers
+from lora.layers import ConceptAdapter
 from lora.tokens import AddedTokens
 
 from .checkpoint import Checkpoint, prune_checkpoints
 from .checkpoint_dcp import dcp_checkpoint_path, save_dcp_checkpoint
 from .config import PersonalizeConfig, require
+from .data import LatentCache
 from .resume import adapter_state, start_stage
 from .stage_data import Batch
 from .step import AdapterGrowth, StepOut
@@ -90,15 +94,6 @@ class World:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
-    @contextlib.contextmanager
-    def rank0_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (it fills the on-disk caches: latents, priors), then the others
-        (they read them): no two processes write one cache file."""
-        if not self.main:
-            dist.barrier()
-        yield
-        if self.main:
-            dist.barrier()
 
 
 def current(device: str = "cpu") -> World | None:
@@ -165,6 +160,71 @@ def full_adapters(dit: nn.Module) -> Iterator[None]:
     finally:
         for adapter, name, p in held:
             adapter._parameters[name] = p
+
+
+@torch.no_grad()
+def redraw_adapter(dit: nn.Module, concept: str, seed: int, device: str) -> None:
+    """A fresh adapter's factors drawn again on `device`, as one process draws them there: under torchrun the
+    adapter is injected into the host's DiT (before sharding), and a CUDA generator draws other numbers than
+    the CPU's. The same seeding and module order as the injection (train/personalize.py `_add_adapter`)."""
+    if torch.device(device).type == "cpu":
+        return
+    torch.manual_seed(seed)
+    for a in concept_adapters(dit, concept).values():
+        rank, features = a.lora_A1.shape
+        fresh = ConceptAdapter(features, a.lora_B1.shape[0], rank, device=device, dtype=a.lora_A1.dtype)
+        for name, p in a.named_parameters():
+            p.copy_(fresh.get_parameter(name))
+
+
+@contextlib.contextmanager
+def base_only(dit: nn.Module) -> Iterator[None]:
+    """The DiT without its adapters while the block runs (the caches sample the base model): each LoRA
+    layer's adapters are set aside, so its forward is the base layer's. Under torchrun the adapter is
+    injected before sharding, and so before the caches are built.
+
+    FSDP2 initializes itself at the first forward, from the parameters then requiring gradients (their dtype
+    is the gradients' reduction dtype): the adapter's, as at the first training step. Afterwards every unit
+    is resharded (the root stays gathered after a forward) and the flags restored, so training starts
+    from the state it would have had without the caches' forwards."""
+    held = [(layer, layer.adapters) for layer in lora_layers(dit).values()]
+    flags = [(p, p.requires_grad) for _, adapters in held for p in adapters.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    for layer, _ in held:
+        layer.adapters = nn.ModuleDict()
+    try:
+        yield
+    finally:
+        for layer, adapters in held:
+            layer.adapters = adapters
+        for m in dit.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class SharedCache(LatentCache):
+    """The on-disk caches for several processes: all ranks compute a missing entry together (a sharded DiT's
+    forward needs every rank), rank 0 alone writes it, and the others then read rank 0's file, so every
+    rank trains on the same bits. Whether an entry exists is rank 0's answer, so all ranks agree."""
+
+    def __init__(self, folder: str | Path, world: World):
+        super().__init__(folder)
+        self.world = world
+
+    def get(self, name: str, key: dict, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        path = self.path(name, key)
+        found = [path.is_file()]
+        dist.broadcast_object_list(found, src=0)
+        if found[0]:
+            return load_file(str(path))
+        tensors = compute()
+        if self.world.main:
+            super().get(name, key, lambda: tensors)  # writes it (nobody else does)
+        dist.barrier()
+        return tensors if self.world.main else load_file(str(path))
 
 
 # ------------------------------------------------------------------------------------------ the step

@@ -62,6 +62,7 @@ from .stage_data import (
     prior_latents,
     read_videos,
     stage_latents,
+    weights_digest,
 )
 from .step import BLOWUP, AdapterGrowth, build_optimizer, loss_step, trained_params
 
@@ -86,24 +87,19 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         check_inputs(cfg, base, world)
         ckpt = resume_point(cfg)
 
-        # -- data: videos -> cached latents; prior preservation from the base model (no adapter) ---
-        with world.rank0_first() if world else contextlib.nullcontext():  # one writer per cache file
-            videos, frames = read_videos(cfg, base.config)
-            companions = companion_videos(cfg, base, frames, tuple(videos[0].shape[2:]), sample_fn, cache)
-            latents = {s: stage_latents(cfg, base, videos, frames, s, cache, companions) for s in cfg.stages}
-            priors = prior_latents(cfg, base, latents, sample_fn, cache)
-
-        # -- model: the adapter (one shared basis for every concept), restored when resuming -------
-        _add_adapter(cfg, base.dit)
+        if world:  # the DiT is never whole on a device: the host copy's whole reads, shard, then the caches
+            dit_key = weights_digest(base.dit, cfg.device)  # the caches' key, as one process takes it
+            identity, growth = _adapter(cfg, base, tokens, ckpt, world)
+            distributed.shard(base.dit, world)
+            cuda = [torch.cuda.current_device()] if torch.device(cfg.device).type == "cuda" else []
+            with distributed.base_only(base.dit), torch.random.fork_rng(devices=cuda):  # RNG: as 1 process
+                latents, priors = _caches(cfg, base, sample_fn, distributed.SharedCache(cache.folder, world),
+                                          dit_key)
+        else:
+            latents, priors = _caches(cfg, base, sample_fn, cache)
+            identity, growth = _adapter(cfg, base, tokens, ckpt)
         start = (ckpt.stage, ckpt.step) if ckpt else (0, 0)
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
-        if ckpt is not None:
-            load_adapter_state(cfg, base.dit, tokens, ckpt.params)
-        # what reads the base weights whole reads them before FSDP2 leaves each rank 1/N of the DiT
-        identity = base_identity(base.dit, base.name)
-        growth = distributed.ShardedGrowth(base.dit, cfg.name) if world else None  # fp8: whole weights
-        if world:
-            distributed.shard(base.dit, world)
 
         # -- loop: the stages, one loop in two configurations (each builds its own optimizer) ------
         for stage in cfg.stages:
@@ -121,6 +117,29 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
             save_concept(cfg.out, concept)
         write_token_rows(base.t5, tokens.rows())  # the caller's T5 knows the trained tokens without the hook
     return Path(cfg.out)
+
+
+def _caches(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | None, cache: LatentCache,
+            dit_key: str | None = None) -> tuple[dict, dict]:
+    """Videos -> cached latents, and prior preservation from the base model (no adapter): each stage's
+    (singles, pairs) latents and each text stage's prior set."""
+    videos, frames = read_videos(cfg, base.config)
+    companions = companion_videos(cfg, base, frames, tuple(videos[0].shape[2:]), sample_fn, cache, dit_key)
+    latents = {s: stage_latents(cfg, base, videos, frames, s, cache, companions) for s in cfg.stages}
+    return latents, prior_latents(cfg, base, latents, sample_fn, cache, dit_key)
+
+
+def _adapter(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens, ckpt: Checkpoint | None,
+             world: distributed.World | None = None) -> tuple[BaseIdentity, AdapterGrowth | None]:
+    """The adapter (one shared basis for every concept), restored when resuming; then what reads the base
+    weights whole, before FSDP2 leaves each rank 1/N of the DiT: the base identity, the blow-up bound."""
+    _add_adapter(cfg, base.dit)
+    if world:
+        distributed.redraw_adapter(base.dit, cfg.name, cfg.seed, cfg.device)  # as on cfg.device
+    if ckpt is not None:
+        load_adapter_state(cfg, base.dit, tokens, ckpt.params)
+    identity = base_identity(base.dit, base.name)
+    return identity, distributed.ShardedGrowth(base.dit, cfg.name) if world else None  # fp8: whole weights
 
 
 def is_main_process() -> bool:

@@ -71,10 +71,13 @@ def read_videos(cfg: PersonalizeConfig, mc: ModelConfig) -> tuple[list[Tensor], 
 # ------------------------------------------------------------------------------------------ latents
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """Cheap identity of a module's weights for cache keys: names, shapes and per-tensor sums."""
+def weights_digest(module: nn.Module, device: torch.device | str | None = None) -> str:
+    """Cheap identity of a module's weights for cache keys: names, shapes and per-tensor sums. Reads whole
+    tensors: under torchrun it is taken before sharding, each tensor summed on `device` (one at a time), so
+    the sums and the key are one process's on that device."""
     h = hashlib.sha256()
     for name, p in module.state_dict().items():
+        p = p if device is None else p.to(device)
         h.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -90,7 +93,7 @@ def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], fram
                   cache: LatentCache, companions: list[Tensor] = ()) -> tuple[list[Tensor], list[Tensor]]:
     """VAE latents of each concept's items and of each stitched pair (computed once, cached on disk);
     companions: the base's generations stitched beside the concepts (pixels, see companion_videos)."""
-    key = {"vae": _weights_digest(base.vae), "base": base.name, "stage": stage, "frames": frames,
+    key = {"vae": weights_digest(base.vae), "base": base.name, "stage": stage, "frames": frames,
            "fps": cfg.fps, "size": list(videos[0].shape[2:]), "clips": cfg.text_stage(stage) == 2}
 
     def items(v: Tensor) -> Tensor:
@@ -113,15 +116,17 @@ def stage_latents(cfg: PersonalizeConfig, base: Base, videos: list[Tensor], fram
 
 
 def companion_videos(cfg: PersonalizeConfig, base: Base, frames: int, size: tuple[int, int],
-                     sample_fn: Callable[..., Tensor], cache: LatentCache) -> list[Tensor]:
+                     sample_fn: Callable[..., Tensor], cache: LatentCache, dit_key: str | None = None
+                     ) -> list[Tensor]:
     """The base's own generations (no adapter) of the companion prompts' full parts, decoded:
-    (C, frames, H, W) each in [-1, 1]; none without companions. Call before any adapter is injected."""
+    (C, frames, H, W) each in [-1, 1]; none without companions. Call before any adapter is injected (or
+    with it hidden). `dit_key`: the DiT's `weights_digest` when it was taken before sharding."""
     if not (cfg.companion_prompts and cfg.stitches()):
         return []
     require(sample_fn is not None, "companion prompts need a sampler (sample_fn)")
     shape = base.config.latent_shape(frames, size)
     texts = [split_prompt(p)[1] for p in cfg.companion_prompts]
-    key = {"dit": _weights_digest(base.dit), "vae": _weights_digest(base.vae), "base": base.name,
+    key = {"dit": dit_key or weights_digest(base.dit), "vae": weights_digest(base.vae), "base": base.name,
            "texts": texts, "shape": list(shape), "seed": cfg.seed, "steps": cfg.prior_steps}
 
     @torch.no_grad()
@@ -138,15 +143,17 @@ def companion_videos(cfg: PersonalizeConfig, base: Base, frames: int, size: tupl
 
 
 def prior_latents(cfg: PersonalizeConfig, base: Base, latents: dict[int, tuple[list[Tensor], list[Tensor]]],
-                  sample_fn: Callable[..., Tensor] | None, cache: LatentCache) -> dict[int, PriorSet]:
+                  sample_fn: Callable[..., Tensor] | None, cache: LatentCache, dit_key: str | None = None
+                  ) -> dict[int, PriorSet]:
     """The base model's own generations per text stage, in the shape of that stage's items (call it before
-    the adapter is injected); none when prior preservation is off."""
+    the adapter is injected, or with it hidden); none when prior preservation is off. `dit_key` as in
+    companion_videos."""
     if not (cfg.prior_count and cfg.prior_weight):
         return {}
     shapes = {cfg.text_stage(s): tuple(latents[s][0][0].shape[1:]) for s in cfg.stages}
     prompts = [cfg.prior_prompts[i % len(cfg.prior_prompts)] for i in range(cfg.prior_count)]
     return prior_sets(base.dit, _encoder(base), sample_fn, prompts, shapes, cache=cache,
-                      key={"dit": _weights_digest(base.dit), "base": base.name},
+                      key={"dit": dit_key or weights_digest(base.dit), "base": base.name},
                       steps=cfg.prior_steps or base.config.sample_steps,
                       guidance=base.config.guidance, shift=base.config.sample_shift, seed=cfg.seed)
 

@@ -114,7 +114,7 @@ def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_block
 def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
               tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0,
               base_dtype: str | None = None, offload_blocks: int = 0,
-              offload_idle_expert: bool = False) -> Base:
+              offload_idle_expert: bool = False, dit_on_host: bool = False) -> Base:
     """Load the base model `base` names (see the module doc) in `dtype` (default bf16 on CUDA, else fp32)
     on `device` (default CUDA when available). `tokenizer` overrides the checkpoint's sentencepiece model;
     `seed` fixes random weights. `base_dtype="fp8"` stores the DiT's block linears in fp8 (model/fp8.py;
@@ -122,13 +122,14 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
     host memory, streamed to the device as they are used (model/offload.py); `offload_idle_expert` puts only
     a two-expert DiT's high-noise expert on the device, the other waiting on the CPU for sampling's switch
     (ExpertPair.offload_idle). With any, the DiT is loaded on the CPU first, so the device never holds its
-    full-precision or whole self."""
+    full-precision or whole self. `dit_on_host` leaves the DiT on the CPU (torchrun: FSDP2's `fully_shard`
+    moves each rank's shard to the device)."""
     folder = base_source(base, random_weights)
     check_memory_options(PRESETS[str(base)] if folder is None else checkpoint_config(folder), base_dtype,
                          offload_blocks, offload_idle_expert=offload_idle_expert)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    staged = base_dtype == "fp8" or offload_blocks > 0 or offload_idle_expert
+    staged = base_dtype == "fp8" or offload_blocks > 0 or offload_idle_expert or dit_on_host
     dit_dev = torch.device("cpu") if staged else dev
     if folder is None:
         models = random_models(PRESETS[str(base)], seed, dt, dev, parts=("vae", "t5"))
@@ -143,7 +144,7 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
         BlockOffload(dit, dit.blocks, offload_blocks, dev)
     if offload_idle_expert:
         models.dit.offload_idle(dev)
-    else:
+    elif not dit_on_host:
         models.dit.to(dev)
     return _bundle(models, tokenizer or models.tokenizer_path, str(base))
 
