@@ -161,7 +161,7 @@ def test_the_dit_is_sharded_before_the_caches_and_the_caches_are_one_process_s(r
         calls = [tuple(map(int, line.split())) for line in (runs / f"record.{rank}").read_text().splitlines()]
         assert len(calls) == 2, calls  # stage 1's and stage 2's prior generations (2 prompts, one batch each)
         assert calls[0][2] == calls[0][3] > calls[0][1], calls  # the first: all sharded, blocks and root
-        assert all(sharded == blocks > 0 and concepts == 0 for sharded, blocks, _, _, concepts in calls), calls
+        assert all(sharded == blocks > 0 and shown == 0 for sharded, blocks, _, _, shown in calls), calls
     names = [sorted(p.name for p in (runs / f"{n}.work" / "cache").iterdir()) for n in ("one", "two")]
     assert names[0] == names[1] and any(n.startswith("prior-stage") for n in names[0]), names
     for name in names[0]:
