@@ -403,6 +403,22 @@ PRESETS: dict[str, ModelConfig] = {
         # objects (one object 0.94 -> 0.55; assets/tiny/report.md); concepts measured better at 1 too.
         sample_shift=5.0, guidance=1.0, sample_steps=25,
     ),
+    # The tiny base's DiT on a causal conv VAE in the paper's style (Table 4's features at a small width:
+    # causal 3D convs with replicate padding, residual blocks, GroupNorm, adaptive norm in the decoder only,
+    # KL posterior, frame 0 encoded alone) behind a 4x8x8 pixel-unshuffle stem, 64 latent channels (the
+    # linear `tiny` keeps 160). Its VAE alone is measured: benchmarks/results/toyworld-base-experiments.md.
+    "tiny-conv": ModelConfig(
+        name="tiny-conv",
+        dit=DiTConfig(in_channels=64, out_channels=64, dim=128, heads=4, layers=4, ffn_dim=512, text_dim=64,
+                      text_proj=True, modulation="shared", qk_norm="rms_per_head", rope_split=(16, 8, 8),
+                      self_cond=True, prediction="x0", abs_pos=(8, 8, 8)),
+        vae=VAEConfig(in_channels=3, latent_channels=64, arch="conv", patch=(4, 8), base_channels=64,
+                      channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,), time_strides=(1,),
+                      space_strides=(1,), padding="replicate", norm="group", decoder_adaptive_norm=True,
+                      kl=True),
+        t5=T5Config(vocab_size=512, dim=64, head_dim=16, heads=4, ffn_dim=128, layers=2, max_length=64),
+        sample_shift=5.0, guidance=1.0, sample_steps=25,
+    ),
     # The paper's model (Tables 4-5): build on the meta device only. The T5 size is not named in
     # the paper beyond 1024 context channels; T5 v1.1 large has d_model 1024.
     "paper": ModelConfig(
@@ -442,6 +458,7 @@ PRESETS: dict[str, ModelConfig] = {
 # folder converted from a preset (config.json records the name) has the same default.
 DEFAULT_CLIPS: dict[str, tuple[int, int, int]] = {
     "tiny": (17, 64, 64),  # the toy world
+    "tiny-conv": (17, 64, 64),
     "paper": (121, 576, 1024),  # 5 s at 24 fps, 16:9 (paper §8)
     "wan2.1-1.3b": (81, 480, 832),
     "wan2.1-14b": (81, 720, 1280),

@@ -20,7 +20,7 @@ from toyworld.evaluate import contact_sheet, motion_quality, report_markdown
 from toyworld.pretrain import PretrainConfig, all_captions, build_tokenizer, caption_length, model_config
 from toyworld.pretrain_dit import Bank, dit_loss, train_dit, train_head, train_layout
 from toyworld.pretrain_loop import Log
-from toyworld.pretrain_vae import latent_stats, psnr, train_vae
+from toyworld.pretrain_vae import heldout_clips, heldout_psnr, latent_stats, train_vae, vae_lr
 from toyworld.world import ToyWorldConfig, generate_batch, to_model_video
 
 LATENT = PRESETS["tiny"].dit.in_channels  # latent channels of the tiny preset
@@ -205,15 +205,36 @@ def test_frozen_text_encoder_stays_at_its_init(tmp_path):
                                                      strict=True)), "frozen T5 changed in training"
 
 
-def test_vae_stage_lowers_reconstruction_error(tmp_path):
-    cfg = _cfg(tmp_path, vae_steps=30, vae_full_steps=0, vae_batch=4, vae_schedule_steps=None)
-    x = to_model_video(generate_batch(4, seed=321, cfg=SMALL).video)
+# The tiny-conv preset's VAE at a test width: 4x8x8 unshuffle stem, KL posterior, adaptive decoder norm.
+SMALL_CONV = dataclasses.replace(PRESETS["tiny-conv"], vae=dataclasses.replace(
+    PRESETS["tiny-conv"].vae, base_channels=16, latent_channels=8),
+    dit=dataclasses.replace(SMALL_DIT, in_channels=8, out_channels=8))
+
+
+def test_conv_vae_stage_raises_heldout_psnr_and_logs_it(tmp_path):
+    """The conv VAE stage logs a PSNR on the same whole held-out clips at each log step, and it rises."""
+    cfg = _cfg(tmp_path, vae_steps=20, vae_full_steps=10, vae_batch=4, vae_full_batch=2, vae_lr=3e-3,
+               vae_full_lr=3e-3, vae_heldout_clips=4, log_every=10, checkpoint_every=30)
+    held = heldout_clips(cfg)
+    assert held.shape == (4, 3, SMALL.frames, SMALL.size, SMALL.size)
     torch.manual_seed(cfg.seed)  # train_vae's own initialization
-    before = psnr(VAE(TINY.vae)(x)[0], x)
-    vae = train_vae(cfg, TINY, Log(tmp_path))
-    with torch.no_grad():
-        after = psnr(vae(x)[0], x)
-    assert after > before + 1.0, f"VAE PSNR on held clips {before:.2f} -> {after:.2f} dB: should rise > 1 dB"
+    before = heldout_psnr(VAE(SMALL_CONV.vae), held)
+    vae = train_vae(cfg, SMALL_CONV, Log(tmp_path))
+    after = heldout_psnr(vae, held)
+    logged = [r["heldout_psnr"] for r in map(json.loads, open(tmp_path / "pretrain.jsonl"))
+              if r["stage"] == "vae"]
+    assert len(logged) == 3 and abs(logged[-1] - after) < 0.01, (logged, after)
+    assert after > before + 1.5, f"held-out PSNR {before:.2f} -> {after:.2f} dB: should rise > 1.5 dB"
+
+
+def test_vae_lr_covers_both_phases_and_ends_at_zero():
+    """One cosine over crops + whole clips: warmup, then non-increasing, capped on whole clips, ~0 at the end
+    (the old 1000-step horizon left the 900 crop steps at 2% of the peak and never used the rest)."""
+    cfg = PretrainConfig(vae_steps=900, vae_full_steps=150, vae_lr=2e-3, vae_full_lr=5e-4)
+    lrs = [vae_lr(cfg, s) for s in range(1050)]
+    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] < 1e-3 * 2e-3
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[50:], lrs[51:], strict=False))
+    assert max(lrs[900:]) <= 5e-4
 
 
 CONV_VAE = dataclasses.replace(TINY.vae, arch="conv", patch=(1, 1), latent_channels=8, base_channels=8,

@@ -63,16 +63,19 @@ class PretrainConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     # -- VAE
     vae_steps: int = 900  # crop steps
-    # Then whole 17-frame clips at a constant lr: a decoder trained on 3 latent frames alone got the
-    # colours of latent frames 3-4 wrong.
+    # Then whole 17-frame clips: a decoder trained on 3 latent frames alone got the colours of latent
+    # frames 3-4 wrong. One cosine spans both phases (pretrain_vae.vae_lr), capped at vae_full_lr on whole
+    # clips. (Its horizon was once a separate 1000 steps, past the 900 crop steps: the crops never
+    # reached the low-lr end of their schedule.)
     vae_full_steps: int = 150
     vae_full_lr: float = 5e-4
-    vae_schedule_steps: int | None = 1000  # horizon of the VAE's cosine lr (None = its step count)
     vae_batch: int = 16
     vae_full_batch: int = 4
     vae_crop: tuple[int, int] = (9, 32)  # (frames, pixels) of a training crop
     vae_lr: float = 2e-3
     vae_l1: float = 0.5  # weight of the L1 term beside the MSE (sharper edges early)
+    vae_kl: float = 0.0  # KL term's weight (KL posterior); 0: trains on the posterior mean
+    vae_heldout_clips: int = 64  # whole held-out clips whose PSNR each VAE log line reports
     vae_fit_clips: int = 2048  # linear VAE: toy clips whose patch covariance gives the PCA
     stats_clips: int = 256  # clips for the latent mean/std
     # -- text

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from model.config import ModelConfig
-from model.vae import VAE, patchify
+from model.vae import VAE, kl_loss, patchify
 from toyworld.pretrain_loop import (
     STAGE_VAE,
     Log,
@@ -46,6 +46,23 @@ def vae_batch(cfg: PretrainConfig, step: int) -> Tensor:
     t0 = int(rng.integers(0, cfg.world.frames - frames + 1))
     y0, x0 = (int(v) for v in rng.integers(0, cfg.world.size - size + 1, 2))
     return video[:, :, t0 : t0 + frames, y0 : y0 + size, x0 : x0 + size]
+
+
+def heldout_clips(cfg: PretrainConfig) -> Tensor:
+    """The fixed held-out batch of the VAE stage: `vae_heldout_clips` whole held-out clips (B, 3, T, H, W)."""
+    seed = clip_seed(cfg.seed, 11, 0)
+    held = generate_batch(cfg.vae_heldout_clips, seed=seed, split="heldout", cfg=cfg.world)
+    return to_model_video(held.video)
+
+
+@torch.no_grad()
+def heldout_psnr(vae: VAE, held: Tensor, batch: int = 8) -> float:
+    """PSNR of the posterior-mean reconstruction of whole held-out clips (`batch` at a time)."""
+    mse = 0.0
+    for x in held.split(batch):
+        rec = vae(x, sample=False)[0]
+        mse += ((rec.clamp(-1, 1) - x) / 2).pow(2).sum().item()
+    return 10 * math.log10(1 / max(mse / held.numel(), 1e-12))
 
 
 def psnr(rec: Tensor, video: Tensor) -> float:
@@ -86,8 +103,7 @@ def fit_linear_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
         conv.weight.copy_(eye)
         conv.bias.zero_()
     kept = float(evals[-k:].sum() / evals.sum())
-    held = generate_batch(64, seed=clip_seed(cfg.seed, 11, 0), split="heldout", cfg=cfg.world)
-    held = to_model_video(held.video)
+    held = heldout_clips(cfg)
     log("vae", fit="pca", clips=cfg.vae_fit_clips, variance_kept=round(kept, 5),
         heldout_psnr=round(psnr(vae(held)[0], held), 2), seconds=round(time.time() - t0, 1))
     tmp = path.with_suffix(".tmp")
@@ -96,8 +112,18 @@ def fit_linear_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     return vae
 
 
+def vae_lr(cfg: PretrainConfig, step: int) -> float:
+    """One cosine over the whole stage (crops, then whole clips; warmup 50), capped at vae_full_lr on whole
+    clips (their batch is smaller). Its horizon is the stage's length, so it ends at 0 with the last step."""
+    total = cfg.vae_steps + cfg.vae_full_steps
+    lr = cosine_lr(step, total, min(50, total // 10), cfg.vae_lr)
+    return lr if step < cfg.vae_steps else min(lr, cfg.vae_full_lr)
+
+
 def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
-    """Stage 1; resumes from the newest stage-1 checkpoint and skips when the stage is done."""
+    """Stage 1; resumes from the newest stage-1 checkpoint and skips when the stage is done. Each log step
+    records the training PSNR (on that window's crops or clips) and the PSNR on a fixed held-out batch of
+    whole clips (`heldout_psnr`, the number to compare with the PCA's)."""
     if mc.vae.arch == "linear":
         return fit_linear_vae(cfg, mc, log)
     torch.manual_seed(cfg.seed)
@@ -109,21 +135,26 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     start = resume_stage(cfg, STAGE_VAE, {"vae": vae}, opt, g)
     if start >= total:
         return vae
+    held = heldout_clips(cfg)
     bar = tqdm(range(start, total), desc="VAE", initial=start, total=total)
     t0, window = time.time(), []
     for step in bar:
         x = vae_batch(cfg, step)
         crop = step < cfg.vae_steps
-        lr = cosine_lr(step, cfg.vae_schedule_steps or total, 50, cfg.vae_lr) if crop else cfg.vae_full_lr
-        rec, _, _ = vae(x)
+        # Without a KL term the posterior's noise only blurs the code (at init its std is ~1, above the
+        # mean's): train on the mean then.
+        rec, mean, logvar = vae(x, sample=cfg.vae_kl > 0, generator=g)
         loss = F.mse_loss(rec, x) + cfg.vae_l1 * F.l1_loss(rec, x)
+        if logvar is not None and cfg.vae_kl:
+            loss = loss + cfg.vae_kl * kl_loss(mean, logvar)
         hint = f"lower vae_lr (now {cfg.vae_lr})" if crop else f"lower vae_full_lr (now {cfg.vae_full_lr})"
-        optimizer_step(opt, params, loss, lr, f"VAE loss at step {step}", hint)
+        optimizer_step(opt, params, loss, vae_lr(cfg, step), f"VAE loss at step {step}", hint)
         window.append(psnr(rec.detach(), x))
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{window[-1]:.1f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log("vae", step=step + 1, loss=loss.item(), psnr=float(np.mean(window)),
-                crop=step < cfg.vae_steps, seconds=round(time.time() - t0, 1))
+                heldout_psnr=round(heldout_psnr(vae, held), 2), crop=crop, lr=vae_lr(cfg, step),
+                seconds=round(time.time() - t0, 1))
             window = []
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
             save_stage(cfg, STAGE_VAE, step + 1, {"vae": vae}, opt, g)
@@ -147,4 +178,5 @@ def latent_stats(cfg: PretrainConfig, vae: VAE) -> tuple[tuple[float, ...], tupl
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-__all__ = ["vae_batch", "psnr", "fit_linear_vae", "train_vae", "latent_stats"]
+__all__ = ["vae_batch", "vae_lr", "heldout_clips", "heldout_psnr", "psnr", "fit_linear_vae", "train_vae",
+           "latent_stats"]
