@@ -101,8 +101,8 @@ def _cut(src: Path, dst: Path, keep: str) -> Path:
     return dst
 
 
-# Loaded into each torchrun worker (PYTHONPATH): every sampler call (the prior generations; no previews in
-# this run) records how many of the DiT blocks' parameters are sharded (DTensors) and how many there are,
+# Loaded into each torchrun worker (PYTHONPATH): every sampler call (the prior generations, then the
+# preview) records how many of the DiT blocks' parameters are sharded (DTensors) and how many there are,
 # the same for all the DiT's parameters, and how many concepts its LoRA layers show: a line in record.RANK.
 RECORD_SAMPLER = """
 import os
@@ -131,6 +131,9 @@ def runs(tmp_path_factory, sp_model_path) -> Path:
     root = tmp_path_factory.mktemp("dist")
     write_video(root / "square.mp4", square_video(), fps=8)
     toml = _toml(root, str(root / "square.mp4"), sp_model_path)
+    # a preview at stage 1's last step: its sampling left FSDP's root gathered into stage 2, which then
+    # trained apart from the one process (2.0e-3) until every unit was resharded after it (4.8e-8)
+    toml.write_text(toml.read_text().replace("seed = 1", "seed = 1\npreview_every = 3\npreview_steps = 2"))
     (root / "hook").mkdir()
     (root / "hook" / "sitecustomize.py").write_text(RECORD_SAMPLER)
     _torchrun(["--config", str(toml), "--out", "two.safetensors"], root,
@@ -147,6 +150,7 @@ def test_two_processes_give_the_one_process_concept(runs):
     b2 = [k for k in one if k.endswith("lora_B2")]
     assert all(one[k].abs().max() > 100 * TOL for k in b2)  # every layer's stage 2 trained: a real check
     assert _base(runs / "one.safetensors") == _base(runs / "two.safetensors")  # read before sharding
+    assert (runs / "two.work" / "previews" / "stage1-step000003.gif").is_file()  # rank 0 wrote it
     # rank 0 alone logged, and the log is the whole batch's: the same rows as one process's
     rows = [(runs / f"{n}.work" / "loss.tsv").read_text().splitlines() for n in ("one", "two")]
     assert [r.split("\t")[:6] for r in rows[0]] == [r.split("\t")[:6] for r in rows[1]]
@@ -159,9 +163,11 @@ def test_the_dit_is_sharded_before_the_caches_and_the_caches_are_one_process_s(r
     sharding, hidden), and the caches are the one process's: the same keys (file names) and tensors."""
     for rank in (0, 1):
         calls = [tuple(map(int, line.split())) for line in (runs / f"record.{rank}").read_text().splitlines()]
-        assert len(calls) == 2, calls  # stage 1's and stage 2's prior generations (2 prompts, one batch each)
+        # stage 1's and stage 2's prior generations (2 prompts, one batch each), then stage 1's preview
+        assert len(calls) == 3, calls
         assert calls[0][2] == calls[0][3] > calls[0][1], calls  # the first: all sharded, blocks and root
-        assert all(sharded == blocks > 0 and shown == 0 for sharded, blocks, _, _, shown in calls), calls
+        assert all(sharded == blocks > 0 for sharded, blocks, *_ in calls), calls
+        assert [shown for *_, shown in calls] == [0, 0, 1], calls  # the adapter: hidden, then sampled
     names = [sorted(p.name for p in (runs / f"{n}.work" / "cache").iterdir()) for n in ("one", "two")]
     assert names[0] == names[1] and any(n.startswith("prior-stage") for n in names[0]), names
     for name in names[0]:

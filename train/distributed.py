@@ -162,6 +162,15 @@ def full_adapters(dit: nn.Module) -> Iterator[None]:
             adapter._parameters[name] = p
 
 
+def reshard(dit: nn.Module) -> None:
+    """Every FSDP unit back to its shards. FSDP2 keeps the root gathered after a forward until the backward;
+    after a forward without one (sampling) its parameters would stay plain tensors, and what then reads or
+    flags them (set_stage's requires_grad, the optimizer, a checkpoint) would miss the shards."""
+    for m in dit.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @torch.no_grad()
 def redraw_adapter(dit: nn.Module, concept: str, seed: int, device: str) -> None:
     """A fresh adapter's factors drawn again on `device`, as one process draws them there: under torchrun the
@@ -197,9 +206,7 @@ def base_only(dit: nn.Module) -> Iterator[None]:
     finally:
         for layer, adapters in held:
             layer.adapters = adapters
-        for m in dit.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        reshard(dit)
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -236,6 +236,8 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
         if cfg.preview_every and done % cfg.preview_every == 0:  # every rank samples (a sharded DiT)
             write_preview(cfg.work / "previews" / f"stage{stage}-step{done:06d}.gif", cfg, base, data, stage,
                           sample_fn, write=main_proc)
+            if world:
+                distributed.reshard(base.dit)  # the sampling left FSDP's root gathered
         if done % cfg.checkpoint_every == 0 or done == steps:
             save = distributed.save_stage_checkpoint if world else save_stage_checkpoint  # DCP: every rank
             save(cfg, base.dit, tokens, optimizer, g, stage, done)
