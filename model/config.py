@@ -406,8 +406,8 @@ PRESETS: dict[str, ModelConfig] = {
     # The tiny base's DiT on a causal conv VAE in the paper's style (Table 4's features at a small width:
     # causal 3D convs with replicate padding, residual blocks, GroupNorm, adaptive norm in the decoder only,
     # KL posterior, frame 0 encoded alone) behind a 4x8x8 pixel-unshuffle stem, 64 latent channels (the
-    # linear `tiny` keeps 160). Its VAE reached 22.3 dB on held-out whole clips in 700 steps (17 min, 1 thread),
-    # below the PCA at 64 channels (27.95 dB): benchmarks/results/toyworld-base-experiments.md, entry 4.
+    # linear `tiny` keeps 160). Its VAE reached 22.3 dB on held-out whole clips in 700 steps (17 min, one
+    # thread), below the PCA at 64 channels (27.95 dB): benchmarks/results/toyworld-base-experiments.md, 4.
     "tiny-conv": ModelConfig(
         name="tiny-conv",
         dit=DiTConfig(in_channels=64, out_channels=64, dim=128, heads=4, layers=4, ffn_dim=512, text_dim=64,
