@@ -10,7 +10,10 @@ so the summed gradient is the one-process gradient up to the order of float addi
 embeddings are replicated (small, outside the DiT): their gradients are all-reduced here.
 
 The DiT is sharded with `fully_shard`, each block then the root (frozen base weights and LoRA factors
-alike), so a rank holds 1/N of the DiT plus the one block it is running. Rank 0 alone logs, previews to
+alike), so a rank holds 1/N of the DiT plus the one block it is running. The DiT comes from host memory
+(load_base's `dit_on_host`): what reads it whole runs first, `fully_shard` moves each unit to the device,
+and only then are the caches built, every rank sampling the prior set together (`base_only`,
+`SharedCache`), so no device ever holds the whole DiT. Rank 0 alone logs, previews to
 disk and writes the concept file; checkpoints are `torch.distributed.checkpoint` folders written by all
 ranks together (train/checkpoint_dcp.py), readable at any world size, or by one plain process.
 
