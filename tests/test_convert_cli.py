@@ -4,7 +4,6 @@ and matches the references; bad input fails with a clear message and leaves noth
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -13,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import PRESETS, T5Config
+from model.config import PRESETS
 from model.dit import DiT
 from model.t5 import T5Encoder
 from setseq.cli import main
+from tests.makers import TINY_UMT5, TINY_WAN_DIT, write_wan_release
 from weights.checkpoint import load_checkpoint
 from weights.convert import model_config
 from weights.io import read_state_dict, write_safetensors_atomic
@@ -185,29 +185,13 @@ def test_original_wan_release_converts(tmp_path, sp_model_path, capsys):
     """DiT (sharded safetensors + Wan's config.json) and umT5 (.pth, read with weights_only) in Wan's
     own names, which ours mirror; the VAE config comes from the Wan preset and is not converted."""
     src = tmp_path / "Wan2.1-T2V-tiny"
-    src.mkdir()
-    t5_cfg = T5Config(vocab_size=50, dim=32, head_dim=8, heads=4, ffn_dim=48, layers=2,
-                      per_layer_position_bias=True)
     torch.manual_seed(0)
-    t5 = _randomize(T5Encoder(t5_cfg), 0.3)
-    dit_cfg = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, dim=24, heads=2, layers=2, ffn_dim=40,
-                                  text_dim=32)
+    t5 = _randomize(T5Encoder(TINY_UMT5), 0.3)
+    dit_cfg = TINY_WAN_DIT
     dit = _randomize(DiT(dit_cfg), 0.2)
-    sd = dit.state_dict()
-    keys = sorted(sd)
-    shards = {k: f"diffusion_pytorch_model-0000{1 + (i >= 9)}-of-00002.safetensors"
-              for i, k in enumerate(keys)}
-    for shard in sorted(set(shards.values())):
-        write_safetensors_atomic(src / shard, {k: sd[k] for k in keys if shards[k] == shard})
-    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
-    (src / "config.json").write_text(json.dumps({
-        "_class_name": "WanModel", "dim": 24, "eps": 1e-6, "ffn_dim": 40, "freq_dim": 256, "in_dim": 16,
-        "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512}))
-    # no text_dim, as in real releases: the width 32 is read from text_embedding.0.weight, not assumed 4096
-    t5_bf16 = {k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}  # as Wan ships it
-    torch.save(t5_bf16, src / "models_t5_umt5-xxl-enc-bf16.pth")
-    (src / "google" / "umt5-xxl").mkdir(parents=True)
-    shutil.copy(sp_model_path, src / "google" / "umt5-xxl" / "spiece.model")
+    # no text_dim in its config.json, as in real releases: the width 32 is read from text_embedding.0.weight,
+    # not assumed 4096
+    write_wan_release(src, sp_model_path, dit, t5)
 
     out = tmp_path / "ckpt"
     assert _convert(src, out, "wan", "--parts", "dit,t5") == 0

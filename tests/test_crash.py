@@ -108,36 +108,13 @@ def test_personalize_killed_in_a_checkpoint_write_then_in_the_final_write(refere
 
 def _wan_release(src: Path, sp_model_path: str) -> None:
     """A tiny original-layout Wan release (DiT in two safetensors shards + umT5 .pth + tokenizer)."""
-    import dataclasses
-    import json
-    import shutil
-
-    from model.config import PRESETS, T5Config
     from model.dit import DiT
     from model.t5 import T5Encoder
-    from weights.io import write_safetensors_atomic
+    from tests.makers import TINY_UMT5, TINY_WAN_DIT, write_wan_release
 
-    src.mkdir()
     torch.manual_seed(0)
-    t5 = T5Encoder(T5Config(vocab_size=50, dim=32, head_dim=8, heads=4, ffn_dim=48, layers=2,
-                            per_layer_position_bias=True))
-    dit = DiT(dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, dim=24, heads=2, layers=2, ffn_dim=40,
-                                  text_dim=32))
-    sd = dit.state_dict()
-    keys = sorted(sd)
-    shards = {k: f"diffusion_pytorch_model-0000{1 + (i >= 9)}-of-00002.safetensors"
-              for i, k in enumerate(keys)}
-    for shard in sorted(set(shards.values())):
-        write_safetensors_atomic(src / shard, {k: sd[k] for k in keys if shards[k] == shard})
-    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
-    (src / "config.json").write_text(json.dumps({
-        "_class_name": "WanModel", "dim": 24, "eps": 1e-6, "ffn_dim": 40, "freq_dim": 256, "in_dim": 16,
-        "model_type": "t2v", "num_heads": 2, "num_layers": 2, "out_dim": 16, "text_len": 512,
-        "text_dim": 32}))
-    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()},
-               src / "models_t5_umt5-xxl-enc-bf16.pth")
-    (src / "google" / "umt5-xxl").mkdir(parents=True)
-    shutil.copy(sp_model_path, src / "google" / "umt5-xxl" / "spiece.model")
+    t5 = T5Encoder(TINY_UMT5)
+    write_wan_release(src, sp_model_path, DiT(TINY_WAN_DIT), t5)
 
 
 def test_convert_killed_mid_conversion_leaves_no_output_and_the_next_run_clears_its_folder(tmp_path,

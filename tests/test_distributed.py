@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from setseq.cli import main as cli_main
+from tests.makers import square_video
 from train.checkpoint import list_checkpoints
 from train.video import write_video
 
@@ -31,14 +32,6 @@ PRIOR_TOL = 0.0  # the prior latents, sampled by the sharded DiT on 2 processes 
 PROMPT = "a [v] square on a grey background."
 MOTION = "It is [u] moving right."
 
-
-def square_video(frames: int = 13, size: int = 32) -> torch.Tensor:
-    """(3, T, H, W): a bright square moving right on grey."""
-    video = torch.full((3, frames, size, size), -0.4)
-    for i in range(frames):
-        video[0, i, 8:20, i : i + 12] = 1.0
-        video[1:, i, 8:20, i : i + 12] = -1.0
-    return video
 
 
 def _toml(folder: Path, video: str, sp_model_path: str, device: str = "cpu") -> Path:

@@ -20,6 +20,7 @@ from model.tokenizer import Tokenizer
 from model.vae import VAE
 from sample.sampler import sample_latents
 from setseq.cli import main as cli_main
+from tests.makers import square_video
 from train import personalize as P
 from train.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from train.config import ConceptSpec, PersonalizeConfig
@@ -51,14 +52,6 @@ def make_base(sp_model_path: str, seed: int = 0) -> Base:
     tokenizer = Tokenizer(sp_model_path, first_added_id=TINY.t5.vocab_size)  # concept tokens get fresh rows
     return Base(TINY, dit, VAE(TINY.vae), T5Encoder(TINY.t5), tokenizer, "tiny-test")
 
-
-def square_video(frames: int = 13, size: int = 32) -> torch.Tensor:
-    """(3, T, H, W): a bright square moving right on grey."""
-    video = torch.full((3, frames, size, size), -0.4)
-    for i in range(frames):
-        video[0, i, 8:20, i : i + 12] = 1.0
-        video[1:, i, 8:20, i : i + 12] = -1.0
-    return video
 
 
 @pytest.fixture
