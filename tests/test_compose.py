@@ -168,6 +168,18 @@ def test_every_shipped_pair_and_the_pooled_goals():
     assert not s["goal_margins"] and s["goal_motion"]  # 75% in one order misses the 80% goal
 
 
+def test_the_pooled_protocol_report_prints_as_setseq_bench_does(tmp_path):
+    from toyworld.bench import summary
+    from toyworld.compose_bench import protocol_report
+
+    good = {"a_crop_margin": 0.5, "b_crop_margin": 0.4, "a_colour_margin": 0.1, "b_colour_margin": 0.1,
+            "a_motion": 0.9, "b_motion": 0.85}
+    rec = {"method": "joint+stitch", "scores": {"compose": [good] * 4, "compose_ba": [good] * 4}}
+    data = protocol_report({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}}, tmp_path)
+    printed = summary(data)  # `setseq bench compose --pair all` ended in a KeyError here, after its runs
+    assert "| joint+stitch | 8 | 1 | 1 |" in printed and str(tmp_path / "compose-all.md") in printed
+
+
 def test_compose_methods_are_validated_with_a_clear_error():
     assert [m.key for m in C.pick_methods("joint,joint+stitch-sbs")] == ["joint", "joint+stitch-sbs"]
     with pytest.raises(ValueError, match="joint\\+stitch-squeeze"):

@@ -137,7 +137,7 @@ def protocol_report(per_pair: dict[str, dict], out: Path) -> dict:
     summary_ = protocol_summary(per_pair)
     md, js = write_report(out, render_protocol(per_pair, summary_), {"pairs": list(per_pair),
                                                                      "summary": summary_}, stem="compose-all")
-    return {"protocol": True, "summary": summary_, "per_pair": per_pair,
+    return {"command": "setseq bench compose", "protocol": True, "summary": summary_, "per_pair": per_pair,
             "paths": {"markdown": str(md), "json": str(js)}}
 
 
