@@ -20,6 +20,15 @@ TINY_WAN_DIT = dataclasses.replace(PRESETS["wan2.1-1.3b"].dit, dim=24, heads=2, 
 TINY_UMT5 = T5Config(vocab_size=50, dim=32, head_dim=8, heads=4, ffn_dim=48, layers=2,
                      per_layer_position_bias=True)
 
+# A two-expert (Wan 2.2 A14B-like) config at tiny size: the A14B switch, shift and per-stage guidance.
+_TINY = PRESETS["tiny"]
+SMALL_PAIR = dataclasses.replace(
+    _TINY, name="a14b-test",
+    dit=dataclasses.replace(_TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128, rope_split=(12, 10, 10),
+                            self_cond=False, prediction="velocity"),
+    t5=dataclasses.replace(_TINY.t5, layers=1),
+    sample_shift=12.0, guidance=4.0, low_noise_guidance=3.0, boundary=0.875, sample_steps=4)
+
 
 def square_video(frames: int = 13, size: int = 32) -> torch.Tensor:
     """(3, T, H, W): a bright square moving right on grey."""

@@ -10,19 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import PRESETS
 from model.dit import DiT
 from model.experts import ExpertPair
 from model.offload import BlockOffload
 from sample.sampler import sample_latents
-
-_TINY = PRESETS["tiny"]
-PAIR = dataclasses.replace(
-    _TINY, name="a14b-test",
-    dit=dataclasses.replace(_TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128, rope_split=(12, 10, 10),
-                            self_cond=False, prediction="velocity"),
-    t5=dataclasses.replace(_TINY.t5, layers=1),
-    sample_shift=12.0, guidance=4.0, low_noise_guidance=3.0, boundary=0.875, sample_steps=4)
+from tests.makers import SMALL_PAIR
 
 
 def _dit(cfg, seed: int) -> DiT:
@@ -32,8 +24,8 @@ def _dit(cfg, seed: int) -> DiT:
     return dit
 
 
-def _pair(cfg=PAIR.dit) -> ExpertPair:
-    return ExpertPair(_dit(cfg, 0), _dit(cfg, 1), PAIR.boundary).requires_grad_(False)
+def _pair(cfg=SMALL_PAIR.dit) -> ExpertPair:
+    return ExpertPair(_dit(cfg, 0), _dit(cfg, 1), SMALL_PAIR.boundary).requires_grad_(False)
 
 
 def _sample(pair, steps: int = 8, shift: float = 3.0, device="cpu") -> torch.Tensor:
@@ -99,7 +91,7 @@ def test_offload_generation_from_a_checkpoint_is_bit_identical(tmp_path, sp_mode
     from weights.checkpoint import save_checkpoint
 
     torch.manual_seed(2)
-    save_checkpoint(tmp_path / "base", PAIR, _pair(), VAE(PAIR.vae), T5Encoder(PAIR.t5),
+    save_checkpoint(tmp_path / "base", SMALL_PAIR, _pair(), VAE(SMALL_PAIR.vae), T5Encoder(SMALL_PAIR.t5),
                     tokenizer_path=sp_model_path)
     gen = GenerateConfig(frames=5, size=(32, 32), seed=0)
     videos = []
@@ -140,8 +132,8 @@ def test_memory_flags_refused_before_loading():
     with pytest.raises(ValueError, match="base 'tiny' has one DiT .*drop the flag"):
         load_base("tiny", random_weights=True, device="cpu", offload_idle_expert=True)
     with pytest.raises(ValueError, match="--offload-idle-expert with --offload-blocks"):
-        check_memory_options(PAIR, None, 1, offload_idle_expert=True)
-    check_memory_options(PAIR, None, 0, offload_idle_expert=True)  # alone: fine
+        check_memory_options(SMALL_PAIR, None, 1, offload_idle_expert=True)
+    check_memory_options(SMALL_PAIR, None, 0, offload_idle_expert=True)  # alone: fine
 
 
 def test_generate_cli_offloads_the_idle_expert(tmp_path, sp_model_path, capsys):
@@ -150,7 +142,7 @@ def test_generate_cli_offloads_the_idle_expert(tmp_path, sp_model_path, capsys):
     from setseq.cli import main
     from weights.checkpoint import save_checkpoint
 
-    save_checkpoint(tmp_path / "base", PAIR, _pair(), VAE(PAIR.vae), T5Encoder(PAIR.t5),
+    save_checkpoint(tmp_path / "base", SMALL_PAIR, _pair(), VAE(SMALL_PAIR.vae), T5Encoder(SMALL_PAIR.t5),
                     tokenizer_path=sp_model_path)
     args = ["generate", "--base", str(tmp_path / "base"), "--prompt", "a red square moving right.",
             "--frames", "5", "--size", "32x32", "--no-progress", "--device", "cpu",
@@ -176,7 +168,7 @@ def test_flag_is_generate_only(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_cuda_offload_drops_peak_memory_by_an_expert():
-    cfg = dataclasses.replace(PAIR.dit, dim=1024, heads=8, layers=8, ffn_dim=4096, rope_split=None)
+    cfg = dataclasses.replace(SMALL_PAIR.dit, dim=1024, heads=8, layers=8, ffn_dim=4096, rope_split=None)
     pair = _pair(cfg).cuda()
     expert_bytes = sum(p.numel() * p.element_size() for p in pair.high.parameters())
     seen = []

@@ -17,6 +17,7 @@ from model.config import PRESETS, DiTConfig, ModelConfig
 from model.dit import DiT
 from model.experts import ExpertPair, serves_high
 from sample.sampler import euler_sample, sample_latents, time_grid
+from tests.makers import SMALL_PAIR
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -181,13 +182,6 @@ def test_expert_switch_and_guidance_match_wan_pipeline():
 
 # ------------------------------------------------------------------------------- checkpoint and generate
 
-_TINY = PRESETS["tiny"]
-SMALL_PAIR = dataclasses.replace(
-    _TINY, name="a14b-test",
-    dit=dataclasses.replace(_TINY.dit, dim=64, heads=2, layers=2, ffn_dim=128, rope_split=(12, 10, 10),
-                            self_cond=False, prediction="velocity"),
-    t5=dataclasses.replace(_TINY.t5, layers=1),
-    sample_shift=12.0, guidance=4.0, low_noise_guidance=3.0, boundary=0.875, sample_steps=4)
 
 
 def _random_dit(seed: int) -> DiT:
