@@ -124,6 +124,11 @@ class VAEConfig:
     decoder_base_channels: int | None = None  # decoder width base (Wan 2.2: 256, encoder 160); None = same
     # Channel order of the space-to-depth stem: "hw" (C, pt, h, w), or Wan 2.2's "wh" (C, pt, w, h).
     patch_order: str = "hw"
+    # A linear VAE beside the convs: 1x1x1 maps on patches of the whole compression (time_compression x
+    # space_compression^2 pixels) to the posterior mean and back to the video, added to the convs' outputs.
+    # `setseq pretrain` sets it to the PCA of toy clips and zeroes the convs' last layers
+    # (vae.init_linear_skip): training starts at the PCA and the convs learn the residual.
+    linear_skip: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.channel_mult)
@@ -150,6 +155,8 @@ class VAEConfig:
             v = getattr(self, name)
             _check(v is None or len(v) == self.latent_channels,
                    f"VAE {name} has {0 if v is None else len(v)} values for {self.latent_channels} channels")
+        _check(not self.linear_skip or self.arch == "conv",
+               f"VAE linear_skip is a linear path beside a conv VAE's convs; arch {self.arch!r} has none")
         _check(self.patch_order in ("hw", "wh"), f"unknown VAE patch_order {self.patch_order!r}; "
                "choose 'hw' or 'wh'")
         if self.residual:

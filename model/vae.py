@@ -173,6 +173,38 @@ class LinearDecoder(nn.Module):
         return self.proj(z)
 
 
+@torch.no_grad()
+def init_linear_skip(vae: VAE, linear: VAE) -> None:
+    """Start a `linear_skip` conv VAE as the linear VAE `linear` (the PCA, on patches of the conv VAE's
+    compression, at its latent size): the skip maps take `linear`'s maps, its quant convs folded in (exact
+    for the PCA's identities); our quant convs become identities and the last conv of encoder and decoder
+    zero. Encode and decode then equal `linear`'s (to fp32 rounding) until training moves the convs, which
+    learn the residual."""
+    if not vae.cfg.linear_skip or linear.cfg.arch != "linear":
+        raise ValueError(f"init_linear_skip wants a linear_skip conv VAE and a linear VAE, got linear_skip "
+                         f"{vae.cfg.linear_skip} and arch {linear.cfg.arch!r}")
+    for name, ours, theirs in (("patch", vae.skip_patch, linear.cfg.patch),
+                               ("patch_order", vae.cfg.patch_order, linear.cfg.patch_order),
+                               ("latent_channels", vae.cfg.latent_channels, linear.cfg.latent_channels)):
+        if ours != theirs:
+            raise ValueError(f"init_linear_skip: the skip path's {name} {ours} != the linear VAE's {theirs}; "
+                             f"fit the linear VAE with {name} {ours}")
+    z, d = vae.cfg.latent_channels, vae.skip_encoder.in_channels
+    q, enc = linear.quant_conv.weight[:z, :, 0, 0, 0], linear.encoder.proj  # q: the posterior mean's rows
+    vae.skip_encoder.weight.copy_((q @ enc.weight.view(-1, d)).view(z, d, 1, 1, 1))
+    vae.skip_encoder.bias.copy_(q @ enc.bias + linear.quant_conv.bias[:z])
+    pq, dec = linear.post_quant_conv, linear.decoder.proj
+    vae.skip_decoder.weight.copy_((dec.weight.view(d, z) @ pq.weight.view(z, z)).view(d, z, 1, 1, 1))
+    vae.skip_decoder.bias.copy_(dec.weight.view(d, z) @ pq.bias + dec.bias)
+    for conv in (vae.quant_conv, vae.post_quant_conv):
+        n = conv.weight.shape[0]
+        conv.weight.copy_(torch.eye(n).view(n, n, 1, 1, 1))
+        conv.bias.zero_()
+    for conv in (vae.encoder.conv_out, vae.decoder.conv_out):
+        conv.weight.zero_()
+        conv.bias.zero_()
+
+
 def patchify(x: torch.Tensor, patch: tuple[int, int], first: bool, order: str = "hw") -> torch.Tensor:
     """(B, C, T, H, W) -> (B, C * pt * ps * ps, T', H / ps, W / ps), channels ordered (C, pt, h, w), or
     (C, pt, w, h) with order "wh" (Wan 2.2's).
@@ -224,6 +256,13 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv3d(z * (2 if cfg.kl else 1), z * (2 if cfg.kl else 1), 1)
         self.post_quant_conv = nn.Conv3d(z, z, 1)
         self.decoder = LinearDecoder(cfg) if linear else Decoder(cfg)
+        # linear_skip: a linear VAE on (time, space) compression patches beside the convs, whose outputs add
+        # to its posterior mean and its decoded video (init_linear_skip sets it to the PCA).
+        self.skip_encoder = self.skip_decoder = None
+        if cfg.linear_skip:
+            self.skip_patch = (cfg.time_compression, cfg.space_compression)
+            d = cfg.in_channels * cfg.time_compression * cfg.space_compression ** 2
+            self.skip_encoder, self.skip_decoder = nn.Conv3d(d, z, 1), nn.Conv3d(z, d, 1)
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -292,18 +331,30 @@ class VAE(nn.Module):
         if chunk == "auto":
             chunk = self.stream_chunks(*video.shape[2:])[0]
         pieces = self._pieces(video, chunk, self.cfg.time_compression)
-        patch, order = self.cfg.patch, self.cfg.patch_order
         if pieces is None:
-            h = self.encoder(patchify(video, patch, first=True, order=order))
+            h = self._encode_piece(video, True, None)
         else:
             cache = StreamCache()
-            h = torch.cat([self.encoder(patchify(p, patch, first=i == 0, order=order), cache)
-                           for i, p in enumerate(pieces)], dim=2)
+            h = torch.cat([self._encode_piece(p, i == 0, cache) for i, p in enumerate(pieces)], dim=2)
         h = self.quant_conv(h)
         if not self.cfg.kl:
             return h, None
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
+
+    def _encode_piece(self, x: torch.Tensor, first: bool, cache: StreamCache | None) -> torch.Tensor:
+        h = self.encoder(patchify(x, self.cfg.patch, first=first, order=self.cfg.patch_order), cache)
+        if self.skip_encoder is None:
+            return h
+        z = self.cfg.latent_channels  # the skip adds to the posterior mean only
+        s = self.skip_encoder(patchify(x, self.skip_patch, first=first, order=self.cfg.patch_order))
+        return torch.cat([h[:, :z] + s, h[:, z:]], dim=1)
+
+    def _decode_piece(self, z: torch.Tensor, first: bool, cache: StreamCache | None) -> torch.Tensor:
+        x = unpatchify(self.decoder(z, cache), self.cfg.patch, first=first, order=self.cfg.patch_order)
+        if self.skip_decoder is None:
+            return x
+        return x + unpatchify(self.skip_decoder(z), self.skip_patch, first=first, order=self.cfg.patch_order)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
@@ -332,12 +383,10 @@ class VAE(nn.Module):
             chunk = self.stream_chunks(1 + (z.shape[2] - 1) * tc, z.shape[3] * sc, z.shape[4] * sc)[1]
         z = self.post_quant_conv(z)
         pieces = self._pieces(z, chunk, 1)
-        patch, order = self.cfg.patch, self.cfg.patch_order
         if pieces is None:
-            return unpatchify(self.decoder(z), patch, first=True, order=order)
+            return self._decode_piece(z, True, None)
         cache = StreamCache()
-        return torch.cat([unpatchify(self.decoder(p, cache), patch, first=i == 0, order=order)
-                          for i, p in enumerate(pieces)], dim=2)
+        return torch.cat([self._decode_piece(p, i == 0, cache) for i, p in enumerate(pieces)], dim=2)
 
     def decode(self, z: torch.Tensor, *, chunk: int | str | None = None, clamp: bool = True) -> torch.Tensor:
         """Video (B, C, 1 + (T'-1) * time_compression, H, W) from a normalized latent, clamped to [-1, 1]."""

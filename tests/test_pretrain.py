@@ -227,6 +227,24 @@ def test_conv_vae_stage_raises_heldout_psnr_and_logs_it(tmp_path):
     assert after > before + 1.5, f"held-out PSNR {before:.2f} -> {after:.2f} dB: should rise > 1.5 dB"
 
 
+SMALL_SKIP = dataclasses.replace(SMALL_CONV, vae=dataclasses.replace(SMALL_CONV.vae, linear_skip=True))
+
+
+def test_linear_skip_vae_starts_at_the_pca_and_trains_past_it(tmp_path):
+    """A linear_skip VAE's stage starts at the PCA of the same size (the held-out PSNR fit_linear_vae logged),
+    and a short training lowers its loss and lifts its held-out PSNR above the PCA's."""
+    kw = dict(vae_steps=0, vae_full_batch=4, vae_full_lr=1e-3, vae_lr=1e-3, vae_heldout_clips=8,
+              vae_fit_clips=256, log_every=15, checkpoint_every=100)
+    held = heldout_clips(_cfg(tmp_path, **kw))
+    start = heldout_psnr(train_vae(_cfg(tmp_path, vae_full_steps=0, **kw), SMALL_SKIP, Log(tmp_path)), held)
+    pca = [r for r in map(json.loads, open(tmp_path / "pretrain.jsonl")) if r.get("fit") == "pca"]
+    assert len(pca) == 1 and abs(pca[0]["heldout_psnr"] - start) < 0.01, (pca, start)
+    after = heldout_psnr(train_vae(_cfg(tmp_path, vae_full_steps=30, **kw), SMALL_SKIP, Log(tmp_path)), held)
+    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "pretrain.jsonl")) if "step" in r]
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
+    assert after > start + 0.1, f"held-out PSNR {start:.2f} (PCA) -> {after:.2f} dB: should rise > 0.1 dB"
+
+
 def test_vae_lr_covers_both_phases_and_ends_at_zero():
     """One cosine over crops + whole clips: warmup, then non-increasing, capped on whole clips, ~0 at the end
     (the old 1000-step horizon left the 900 crop steps at 2% of the peak and never used the rest)."""

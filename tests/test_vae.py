@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import PRESETS, VAEConfig
-from model.vae import VAE, kl_loss, patchify, unpatchify
+from model.vae import VAE, init_linear_skip, kl_loss, patchify, unpatchify
 from model.vae_blocks import Norm
 
 # Tiny layouts, each with time compression 4 and space compression 4: the paper's (GroupNorm, replicate
@@ -23,6 +23,13 @@ TINY = {
                   patch_order="wh", decoder_base_channels=12, space_strides=(2, 1, 1)),
     "linear": dict(arch="linear", patch=(4, 4), channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,),
                    time_strides=(1,), space_strides=(1,)),
+    # the tiny-conv preset's layout: convs at the patch grid beside a linear skip path (linear_skip)
+    "skip": dict(patch=(4, 4), channel_mult=(1,), encoder_blocks=(1,), decoder_blocks=(1,), time_strides=(1,),
+                 space_strides=(1,), norm="group", norm_groups=4, padding="replicate",
+                 decoder_adaptive_norm=True, linear_skip=True),
+    # the same skip path beside the paper's conv levels (strides 2: the convs' grids are finer)
+    "skip-levels": dict(norm="group", norm_groups=4, padding="replicate", decoder_adaptive_norm=True,
+                        linear_skip=True),
 }
 
 
@@ -78,6 +85,39 @@ def test_patchify_round_trips_and_frame_0_fills_its_group(patch):
     assert torch.equal(unpatchify(p, patch, first=True), x)
     if patch[0] > 1:  # group 0 holds frame 0 only, repeated: a chunk of it alone patchifies the same
         assert torch.equal(patchify(x[:, :, :1], patch, first=True), p[:, :, :1])
+
+
+@pytest.mark.parametrize("layout", ["skip", "skip-levels"])
+def test_linear_skip_vae_starts_as_its_linear_vae_then_learns_the_residual(layout):
+    """After init_linear_skip, encode and decode equal the (random) linear VAE's; one Adam step on the
+    reconstruction moves the conv residual, and the encoder's convs get gradient after it."""
+    vae, linear = tiny_vae(layout), tiny_vae("linear", seed=1)
+    init_linear_skip(vae, linear)
+    x = video(9)
+    with torch.no_grad():
+        mean, logvar = vae.encode_dist(x)
+        # fp32 rounding of the folded quant convs (random here; the PCA's are identities and fold exactly)
+        torch.testing.assert_close(mean, linear.encode_dist(x)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logvar, vae.encoder.conv_out.bias.new_zeros(mean.shape))  # conv out is 0
+        torch.testing.assert_close(vae.decode_raw(mean), linear.decode_raw(mean), rtol=1e-5, atol=1e-6)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for step in range(2):
+        opt.zero_grad()
+        (vae(x, sample=False)[0] - x).square().mean().backward()
+        if step == 0:  # the zeroed last convs learn first; nothing upstream of them can yet
+            assert vae.decoder.conv_out.weight.grad.abs().max() > 0
+            assert vae.encoder.conv_in.weight.grad.abs().max() == 0
+        opt.step()
+    assert vae.encoder.conv_in.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        assert (vae(x, sample=False)[0] - linear(x, sample=False)[0]).abs().max() > 1e-4
+
+
+def test_linear_skip_needs_a_conv_vae_and_a_matching_linear_vae():
+    with pytest.raises(ValueError, match="linear_skip is a linear path beside a conv VAE's convs"):
+        VAEConfig(linear_skip=True, **TINY["linear"])
+    with pytest.raises(ValueError, match="the skip path's latent_channels 4 != the linear VAE's 8"):
+        init_linear_skip(tiny_vae("skip"), VAE(VAEConfig(**{**TINY["linear"], "latent_channels": 8})))
 
 
 def test_linear_vae_needs_unit_strides():

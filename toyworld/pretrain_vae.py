@@ -3,6 +3,7 @@ clips) or a conv VAE trained on crops then whole clips; then its latent statisti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from model.config import ModelConfig
-from model.vae import VAE, kl_loss, patchify
+from model.vae import VAE, init_linear_skip, kl_loss, patchify
 from toyworld.pretrain_loop import (
     STAGE_VAE,
     Log,
@@ -112,6 +113,15 @@ def fit_linear_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     return vae
 
 
+def linear_model(mc: ModelConfig) -> ModelConfig:
+    """`mc` with its VAE replaced by the linear VAE of its compression and latent size (its skip path)."""
+    one, v = (1,), mc.vae
+    vae = dataclasses.replace(v, arch="linear", kl=False, linear_skip=False, patch=(v.time_compression,
+                              v.space_compression), channel_mult=one, encoder_blocks=one, decoder_blocks=one,
+                              time_strides=one, space_strides=one, residual=False, decoder_base_channels=None)
+    return dataclasses.replace(mc, vae=vae)
+
+
 def vae_lr(cfg: PretrainConfig, step: int) -> float:
     """One cosine over the whole stage (crops, then whole clips; warmup 50), capped at vae_full_lr on whole
     clips (their batch is smaller). Its horizon is the stage's length, so it ends at 0 with the last step."""
@@ -129,7 +139,13 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     torch.manual_seed(cfg.seed)
     vae = VAE(mc.vae)
     total = cfg.vae_steps + cfg.vae_full_steps
-    params = list(vae.parameters())
+    if mc.vae.linear_skip:  # start at the PCA of the same patches and latent size (a resume overwrites it)
+        init_linear_skip(vae, fit_linear_vae(cfg, linear_model(mc), log))
+    # A linear_skip VAE's skip path stays the PCA (trained at the convs' lr it fell below the PCA: 26.8
+    # against 27.8 dB held-out at step 100; benchmarks/results/toyworld-base-experiments.md, 5).
+    for p in (*vae.skip_encoder.parameters(), *vae.skip_decoder.parameters()) if mc.vae.linear_skip else ():
+        p.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     start = resume_stage(cfg, STAGE_VAE, {"vae": vae}, opt, g)
