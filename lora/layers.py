@@ -94,6 +94,14 @@ class ConceptAdapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, beta={self.beta}, dropout={self.dropout}"
 
 
+def _token_weights(weights: Tensor, x: Tensor) -> Tensor:
+    """(L,) region weights as (L, 1), after checking x (..., L, in) has L tokens."""
+    if x.ndim < 2 or x.shape[-2] != weights.shape[0]:
+        raise ValueError(f"a region of {weights.shape[0]} tokens cannot weight an input of shape "
+                         f"{tuple(x.shape)}: the region was made for another video size")
+    return weights.to(x.device)[:, None]
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear (same `weight`/`bias` parameters and names) plus named concept adapters."""
 
@@ -103,6 +111,8 @@ class LoRALinear(nn.Linear):
         self.adapters = nn.ModuleDict()
         # Scales folded into `weight` by merge(), per adapter; None when not merged.
         self._merged_scales: dict[str, tuple[float, float]] | None = None
+        # Per-token weights (L,) of an adapter's output, by concept, while lora/regions.py confines it.
+        self.regions: dict[str, Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> LoRALinear:
@@ -207,8 +217,11 @@ class LoRALinear(nn.Linear):
                 raise RuntimeError("cannot train a LoRA while it is merged into the base weight; "
                                    "call unmerge() first")
             return y
-        for adapter in self.adapters.values():
-            y = y + adapter(x).to(y.dtype)
+        for name, adapter in self.adapters.items():
+            delta = adapter(x)
+            if self.regions is not None and name in self.regions:
+                delta = delta * _token_weights(self.regions[name], x).to(delta.dtype)
+            y = y + delta.to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

@@ -14,13 +14,12 @@ framing the number says little about identity.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lora.regions import check_box
 from model.arcface import INPUT_SIZE, IResNet
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width and height
@@ -70,18 +69,6 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"ArcFace scoring takes uint8 frames (T, H, W, 3) with T >= 1; got a {what}")
 
 
-def check_box(box: Sequence[float]) -> Box:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"box must be four numbers (x0, y0, x1, y1), fractions of width and height; "
-                         f"got {box!r}") from e
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise ValueError(f"box {box!r} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
-                         "(x0, y0, x1, y1: left, top, right, bottom as fractions of width and height)")
-    return x0, y0, x1, y1
-
-
 def _crop(frames: np.ndarray, box: Box | None) -> np.ndarray:
     """The box of every frame, (T, h, w, 3); the centred square when box is None."""
     _, h, w, _ = frames.shape
@@ -107,4 +94,4 @@ def _network_input(crops: np.ndarray, device: torch.device) -> Tensor:
     return (x / 255 - 0.5) / 0.5
 
 
-__all__ = ["Box", "face_embeddings", "ArcFaceScorer", "check_box"]
+__all__ = ["Box", "face_embeddings", "ArcFaceScorer"]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lora.concept import Concept, apply_concept, base_identity, load_concept
 from lora.inject import set_scales
+from lora.regions import box_weights, check_box, regions
 from lora.tokens import TOKEN_LIKE, add_token_rows, write_token_rows
 from model.base import Base
 from model.config import ModelConfig
@@ -147,6 +148,9 @@ class GenerateConfig:
     self_cond: bool | None = None  # None = when the DiT has self-conditioning
     # Two-expert bases (Wan 2.2 A14B): guidance of the low-noise stage; `guidance` is the high-noise stage's.
     low_noise_guidance: float | None = None
+    # Concept adapter name -> box (x0, y0, x1, y1) in fractions of the frame: that concept's adapters act
+    # only there (lora/regions.py); concepts not named act everywhere.
+    regions: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
     def resolved(self, cfg: ModelConfig) -> GenerateConfig:
         out = GenerateConfig(
@@ -155,7 +159,10 @@ class GenerateConfig:
             guidance=cfg.guidance if self.guidance is None else self.guidance,
             shift=cfg.sample_shift if self.shift is None else self.shift,
             self_cond=cfg.dit.self_cond if self.self_cond is None else self.self_cond,
-            low_noise_guidance=self._low_noise_guidance(cfg))
+            low_noise_guidance=self._low_noise_guidance(cfg),
+            regions={name: check_box(box) for name, box in self.regions.items()})
+        for box in out.regions.values():
+            box_weights(box, out.token_grid(cfg))  # a box between token centres: refused before sampling
         if out.steps < 1:
             raise ValueError(f"steps must be >= 1, got {out.steps}")
         for name in ("guidance", "low_noise_guidance"):
@@ -165,6 +172,11 @@ class GenerateConfig:
         if out.self_cond and not cfg.dit.self_cond:
             raise ValueError(f"self-conditioning asked, but base {cfg.name} has no self-conditioning input")
         return out
+
+    def token_grid(self, cfg: ModelConfig) -> tuple[int, int, int]:
+        """(T', H', W') DiT tokens of this clip on base `cfg`."""
+        latent = cfg.latent_shape(self.frames, self.size)[1:]
+        return tuple(n // p for n, p in zip(latent, cfg.dit.patch, strict=True))
 
     def _low_noise_guidance(self, cfg: ModelConfig) -> float | None:
         """The low-noise stage's guidance: given, else the base's own, else the high-noise stage's; None for a
@@ -213,9 +225,12 @@ def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequ
         uncond = encode_prompts(pipe, [gen.negative_prompt])
         vae_dtype = next(pipe.vae.parameters()).dtype
         first = None if image is None else pipe.vae.encode(image[None].to(device, vae_dtype)).float()
-        z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps, guidance=gen.guidance,
-                           shift=gen.shift, self_cond=gen.self_cond, progress=progress,
-                           low_noise_guidance=gen.low_noise_guidance, first_frame=first)
+        grid = gen.token_grid(pipe.config)
+        with regions(pipe.dit, {name: box_weights(box, grid) for name, box in gen.regions.items()}):
+            z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps,
+                               guidance=gen.guidance, shift=gen.shift, self_cond=gen.self_cond,
+                               progress=progress, low_noise_guidance=gen.low_noise_guidance,
+                               first_frame=first)
         video = pipe.vae.decode(z.to(vae_dtype), chunk="auto")  # (B, 3, T, H, W); long clips stream
     return [v.float().cpu() for v in video]
 

@@ -138,3 +138,15 @@ def read_first_frame(path: str | None, cfg, size: tuple[int, int]):
         return read_video(path, frames=1, size=size)
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--image {path!r}: {err}") from None
+
+
+def parse_box(text: str | None, flag: str = "--face-box") -> tuple[float, float, float, float] | None:
+    """'x0,y0,x1,y1' (fractions of the frame) -> the box, or None; a ValueError naming the flag."""
+    if text is None:
+        return None
+    from lora.regions import check_box
+
+    try:
+        return check_box(text.split(","))
+    except ValueError as err:
+        raise ValueError(f"{flag} {text!r}: {err}") from None

@@ -3,21 +3,19 @@
     setseq generate --base wan-1.3b-dir --concept dancer.safetensors \\
         --prompt "A [v] man in a cap dancing on the moon. He is performing [u] dancing motion." --out moon.mp4
 
-Writes FILE.mp4 and FILE.gif beside it (and FILE.png, a contact sheet, with --contact-sheet). Several
---concept flags mix separately trained concepts (each its own adapter, with its own tokens).
---identity / --motion scale every concept's identity and motion terms (stylization: e.g. --motion 0
-keeps the look and drops the learned motion); `--concept FILE:ALPHA:BETA` sets them for one concept.
-With --reference VIDEO the contact sheet shows the reference first and FILE.metrics.json holds the
-pixel metrics against it (sample/metrics.py): MSE and temporal coherence for any base, the toy world's
-object instruments (ID, motion fidelity) only for the tiny base, whose world they assume. The paper's
-model-based columns need local weights: --clip DIR (a HF CLIP folder) adds CLIP-T of the video and the
-prompt; --arcface FILE (an insightface IResNet backbone) adds ArcFace identity similarity to the
-reference, read inside --face-box.
+Writes FILE.mp4 and FILE.gif (and FILE.png, a contact sheet, with --contact-sheet). Several --concept
+flags mix separately trained concepts (each its own adapter and tokens); --region confines one to a box.
+--identity / --motion scale every concept's identity and motion terms (stylization: --motion 0 keeps the
+look, drops the learned motion); `--concept FILE:ALPHA:BETA` sets them for one concept. --reference
+VIDEO: the sheet shows it first, FILE.metrics.json holds MSE and temporal coherence against it (and on
+the tiny base the toy world's object instruments); --clip DIR adds CLIP-T, --arcface FILE (an IResNet
+backbone) ArcFace identity similarity to the reference inside --face-box.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,11 +27,12 @@ from setseq.args import (
     finite_float,
     guidance_scale,
     note_offload,
+    parse_box,
     positive_float,
     read_first_frame,
     warn_unreadable,
 )
-from setseq.scoring import check_scorer_args, load_scorers, wants_scores, write_scores
+from setseq.scoring import check_scorer_args, load_scorers, read_reference, wants_scores, write_scores
 
 if TYPE_CHECKING:
     from lora.concept import Concept
@@ -52,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="sentencepiece model, when the base checkpoint ships none")
     p.add_argument("--concept", action="append", default=[], metavar="FILE[:ALPHA:BETA]",
                    help="concept file (repeat to mix several); ALPHA:BETA set its identity and motion scales")
+    p.add_argument("--region", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                   help="confine the i-th --concept to a box (fractions of the frame; 0,0,0.5,1: the left "
+                        "half): its adapters act only there, against one concept's look leaking to others")
     p.add_argument("--prompt", required=True,
                    help='e.g. "A [v] man in a cap on the moon. He does [u] dancing."')
     p.add_argument("--negative-prompt", default="",
@@ -147,20 +149,16 @@ def check_args(args: argparse.Namespace) -> list[tuple[Path, Concept, float, flo
 
     check_out(args)
     concepts = [parse_concept(text, args.identity, args.motion) for text in args.concept]
+    if len(args.region) > len(concepts):
+        raise ValueError(f"{len(args.region)} --region for {len(concepts)} --concept: the i-th --region "
+                         "confines the i-th --concept")
+    args.region = [parse_box(text, "--region") for text in args.region]
     check_scorer_args(args)
     return [(path, read_concept_file(path), alpha, beta) for path, alpha, beta in concepts]
 
 
-def read_reference(args: argparse.Namespace, size: tuple[int, int]):
-    """The --reference video (3, T, H, W), or None: read before sampling, so a bad one costs nothing."""
-    if args.reference is None:
-        return None
-    from train.video import read_video
-
-    return read_video(args.reference, frames=None, size=size)
-
-
 def run(args: argparse.Namespace) -> int:
+    from lora.regions import box_weights
     from sample.generate import GenerateConfig, add_concept_file, check_prompt_tokens, generate
     from sample.media import write_video_files
     from weights.base import base_config
@@ -173,12 +171,15 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, negative_prompt=args.negative_prompt, self_cond=args.self_cond,
                          low_noise_guidance=args.low_noise_guidance)
     g = gen.resolved(base_cfg)  # bad --steps / --guidance: an error before any weights load
+    for box in args.region:  # a box between token centres: refused before any weights load
+        box_weights(box, gen.token_grid(base_cfg))
     reference = read_reference(args, size)
     image = read_first_frame(args.image, base_cfg, size)
 
     pipe = load_pipeline(args)
     for path, concept, alpha, beta in concepts:
         print(add_concept_file(pipe, path, concept, identity=alpha, motion=beta))
+    gen = dataclasses.replace(gen, regions=dict(zip(pipe.concepts, args.region, strict=False)))
     check_prompt_tokens(pipe, args.prompt)
     warn_unreadable("generate", pipe.tokenizer.unreadable_words(args.prompt))
     experts = "" if g.low_noise_guidance is None else \

@@ -10,21 +10,7 @@ import json
 from pathlib import Path
 
 from model.config import ModelConfig
-
-
-def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
-    if text is None:
-        return None
-    try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise ValueError(f"--face-box {text!r}: give x0,y0,x1,y1 as fractions of the frame, "
-                         "e.g. 0.3,0.1,0.7,0.5")
-    from sample.arcface import check_box
-
-    return check_box(box)
+from setseq.args import parse_box
 
 
 def check_scorer_args(args: argparse.Namespace) -> None:
@@ -81,3 +67,12 @@ def write_scores(path: Path, video, reference, prompt: str, scorers: dict) -> Pa
     shown = ("mse", "id", "motion_fidelity", "temporal_coherence", "clip_t", "arcface")
     print(json.dumps({k: v for k, v in scores.items() if k in shown and v != NOT_AVAILABLE}))
     return path
+
+
+def read_reference(args: argparse.Namespace, size: tuple[int, int]):
+    """The --reference video (3, T, H, W), or None: read before sampling, so a bad one costs nothing."""
+    if args.reference is None:
+        return None
+    from train.video import read_video
+
+    return read_video(args.reference, frames=None, size=size)

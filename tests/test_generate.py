@@ -194,6 +194,20 @@ def test_concept_argument_with_scales():
         parse_concept("a.safetensors:x:1", 1.0, 1.0)
 
 
+def test_a_concept_confined_to_the_whole_frame_changes_nothing_and_to_half_of_it_does(files):
+    pipe = pipeline(files)
+    adapter = add_concept(pipe, load_concept(files["square"]))
+    prompt = "a [v] square [u] moving."
+    free = sample(pipe, prompt)
+    assert torch.equal(sample(pipe, prompt, regions={adapter: (0, 0, 1, 1)}), free)
+    left = sample(pipe, prompt, regions={adapter: (0, 0, 0.5, 1)})
+    assert (left - free).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="holds no token centre"):
+        sample(pipe, prompt, regions={adapter: (0, 0, 0.05, 1)})
+    with pytest.raises(ValueError, match="does not hold"):
+        sample(pipe, prompt, regions={"nosuch": (0, 0, 1, 1)})
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -212,6 +226,17 @@ def test_cli_writes_mp4_gif_and_contact_sheet(files, tmp_path):
     sheet = iio.imread(out.with_suffix(".png"))
     pad = media.SHEET_PAD
     assert sheet.shape[:2] == (2 * pad + media.LABEL_HEIGHT + 32, pad + 5 * (32 + pad))
+
+
+def test_cli_region_confines_its_concept(files, tmp_path):
+    whole, left = tmp_path / "whole.mp4", tmp_path / "left.mp4"
+    prompt = ("--prompt", "a [v] square [u] moving beside a [v2] circle.")
+    concepts = ("--concept", files["square"], "--concept", files["circle"])
+    assert run_cli(files, *concepts, *prompt, "--region", "0,0,1,1", "--out", whole) == 0
+    halves = ("--region", "0,0,0.5,1", "--region", "0.5,0,1,1")
+    assert run_cli(files, *concepts, *prompt, *halves, "--out", left) == 0
+    a, b = iio.imread(whole, index=None).astype(int), iio.imread(left, index=None).astype(int)
+    assert a.shape == b.shape and abs(a - b).max() > 0
 
 
 def test_cli_with_reference_puts_it_first_and_writes_metrics(files, tmp_path):
