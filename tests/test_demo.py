@@ -58,7 +58,7 @@ def test_demo_contact_sheet_has_a_row_per_video_and_a_column_per_frame(demo):
 
     out, _, _ = demo
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
-    rows = 3 + 1 + 8  # reference, two edit targets, the VAE round trip, eight generated videos
+    rows = 3 + 1 + 9  # reference, two edit targets, the VAE round trip, nine generated videos
     from sample.media import LABEL_HEIGHT, SHEET_PAD
 
     assert sheet.shape[0] == SHEET_PAD + rows * (LABEL_HEIGHT + 64 + SHEET_PAD)
@@ -83,6 +83,8 @@ def test_demo_report_holds_metrics_beside_their_floors(demo):
         assert key in recon
     assert "edit_background" in jobs[("ours", "edit_background")]["summary"]
     assert "extra_adherence" in jobs[("ours", "edit_object")]["summary"]
+    confined = jobs[("ours", "edit_object_region")]  # the same prompt, the concept confined to the left half
+    assert confined["per_seed"] != jobs[("ours", "edit_object")]["per_seed"] and "goals" in confined
     assert {g["goal"] for g in jobs[("ours", "recon")]["goals"]} >= {"MSE below the flat-video floor"}
     md = (out / "report.md").read_text()
     assert "flat floor" in md and "centre floor" in md and "Random base" in md

@@ -26,7 +26,7 @@ from toyworld import prompts as P
 from toyworld.concepts import ConceptSpec
 from toyworld.demo_report import render_markdown, report_data
 from toyworld.runner import Generated, ceiling, generate_jobs, resolve_base_arg
-from toyworld.world import Clip, ToyWorldConfig
+from toyworld.world import HALVES, Clip, ToyWorldConfig
 
 # The one shipped concept the committed tiny VAE can carry: its encode-decode round trip of the clip
 # beats the MSE floor with a 1.4 px trajectory error; checker_eight's and split_hop_spin's round trips
@@ -71,6 +71,9 @@ def demo_jobs(spec, budget: X.ToyBudget) -> list[DemoJob]:
         ("ours", "recon", X.Job("recon", recon, seeds=s)),
         ("ours", "edit_background", X.Job("edit_background", edit_bg, seeds=s)),
         ("ours", "edit_object", X.Job("edit_object", P.full_prompt(spec, extra=P.EXTRA), seeds=s)),
+        # the same edit with the concept confined to the half the base puts it in (lora/regions.py)
+        ("ours", "edit_object", X.Job("edit_object_region", P.full_prompt(spec, extra=P.EXTRA), seeds=s,
+                                      regions=(HALVES[0],))),
         ("ours", "recon", X.Job("style_identity_only", recon, identity=1.0, motion=0.0, seeds=s)),
         ("ours", "recon", X.Job("style_half_identity", recon, identity=0.5, motion=1.0, seeds=s)),
         ("ours", "recon", X.Job("base_adapter_off", recon, identity=0.0, motion=0.0, seeds=s)),

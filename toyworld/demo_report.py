@@ -21,7 +21,7 @@ GOAL_TEXT = {
     "background": "requested background >= 90% of seeds",
     "extra": "added object present and moving as asked >= 90% of seeds",
 }
-GOAL_JOBS = ("recon", "edit_background", "edit_object")  # the jobs whose goals the report checks
+GOAL_JOBS = ("recon", "edit_background", "edit_object", "edit_object_region")  # whose goals it checks
 PASSES = {"<": operator.lt, "<=": operator.le, ">=": operator.ge, ">": operator.gt}
 
 COLUMNS = [  # (summary key, header)

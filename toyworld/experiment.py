@@ -347,6 +347,8 @@ class Job:
     identity: float = 1.0
     motion: float = 1.0
     seeds: tuple[int, ...] = (0,)
+    # The box each applied concept is confined to (lora/regions.py), in pipeline order; None: everywhere.
+    regions: tuple[tuple[float, float, float, float] | None, ...] = ()
 
 
 def generate_videos(
@@ -358,8 +360,9 @@ def generate_videos(
 
     if adapter is not None:
         set_concept_scales(pipe, adapter, job.identity, job.motion)
+    regions = {name: box for name, box in zip(pipe.concepts, job.regions, strict=False) if box is not None}
     gen = GenerateConfig(frames=world.frames, size=(world.size, world.size), steps=budget.sample_steps,
-                         guidance=budget.guidance)
+                         guidance=budget.guidance, regions=regions)
     return generate_batch(pipe, job.prompt, gen, job.seeds)
 
 

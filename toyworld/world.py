@@ -69,6 +69,8 @@ MOTION_PHRASES: dict[str, str] = {
     "up": "moves up", "down": "moves down", "clockwise": "orbits clockwise",
 }
 SPLITS = ("train", "heldout")
+# The boxes (x0, y0, x1, y1, fractions of the frame) of a two-object scene's first- and second-named object.
+HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
 _HELDOUT_MOD = 7
 
 
