@@ -32,7 +32,7 @@ from setseq.args import (
 )
 from train import distributed
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
-from train.personalize import Diverged, is_main_process, main
+from train.personalize import Diverged, main
 from train.preflight import check_clips
 from train.recipe import RECIPES, config_unreadable_words, recipe, resolve, settings_lines
 from train.resume import fresh_resume_note
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
-    main_proc = is_main_process()
+    main_proc = distributed.is_main_process()
     if main_proc:
         print("settings (and where each came from):\n" + "\n".join(settings_lines(settings)))
         if note := fresh_resume_note(cfg):
@@ -178,10 +178,10 @@ def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:
     check_memory_options(base_cfg, extra.get("base_dtype"), extra.get("offload_blocks") or 0,  # the flags,
                          compile=bool(cfg.compile), data_parallel=distributed.launched())
     check_clips(cfg, base_cfg)  # then the videos' headers, before the weights load
-    base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"),
+    base = load_base(extra["base"], device=cfg.device, dtype=extra.get("dtype"), seed=cfg.seed,
                      tokenizer=extra.get("tokenizer"), random_weights=bool(extra.get("random_weights")),
-                     seed=cfg.seed, base_dtype=extra.get("base_dtype"),
-                     offload_blocks=extra.get("offload_blocks") or 0, dit_on_host=distributed.launched())
+                     base_dtype=extra.get("base_dtype"), offload_blocks=extra.get("offload_blocks") or 0,
+                     dit_on_host=distributed.launched(), dit_on_meta=not main_proc)  # rank 0 reads the DiT
     if main_proc:
         note_offload("personalize", extra.get("offload_blocks"), cfg.device)
         warn_unreadable("personalize", config_unreadable_words(cfg, base.tokenizer))

@@ -96,13 +96,24 @@ def _cut(src: Path, dst: Path, keep: str) -> Path:
 
 # Loaded into each torchrun worker (PYTHONPATH): every sampler call (the prior generations, then the
 # preview) records how many of the DiT blocks' parameters are sharded (DTensors) and how many there are,
-# the same for all the DiT's parameters, and how many concepts its LoRA layers show: a line in record.RANK.
+# the same for all the DiT's parameters, and how many concepts its LoRA layers show: a line in record.RANK;
+# and where the DiT's parameters are when sharding starts (record.shard.RANK).
 RECORD_SAMPLER = """
 import os
 if "RANK" in os.environ and os.environ.get("SETSEQ_TEST_RECORD"):
     import sample.sampler as sampler
+    import train.distributed as distributed
     from lora.inject import concept_names
     from torch.distributed.tensor import DTensor
+
+    real_shard = distributed.shard
+
+    def recorded_shard(dit, world):
+        with open(os.environ["SETSEQ_TEST_RECORD"] + ".shard." + os.environ["RANK"], "w") as f:
+            f.write(" ".join(sorted({p.device.type for p in dit.parameters()})))
+        return real_shard(dit, world)
+
+    distributed.shard = recorded_shard
 
     real = sampler.sample_latents
 
@@ -161,6 +172,8 @@ def test_the_dit_is_sharded_before_the_caches_and_the_caches_are_one_process_s(r
         assert calls[0][2] == calls[0][3] > calls[0][1], calls  # the first: all sharded, blocks and root
         assert all(sharded == blocks > 0 for sharded, blocks, *_ in calls), calls
         assert [shown for *_, shown in calls] == [0, 0, 1], calls  # the adapter: hidden, then sampled
+    # one host copy: rank 0 read the DiT, rank 1 built it on the meta device and got its shards from rank 0
+    assert [(runs / f"record.shard.{r}").read_text() for r in (0, 1)] == ["cpu", "meta"]
     names = [sorted(p.name for p in (runs / f"{n}.work" / "cache").iterdir()) for n in ("one", "two")]
     assert names[0] == names[1] and any(n.startswith("prior-stage") for n in names[0]), names
     for name in names[0]:

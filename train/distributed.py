@@ -10,12 +10,15 @@ so the summed gradient is the one-process gradient up to the order of float addi
 embeddings are replicated (small, outside the DiT): their gradients are all-reduced here.
 
 The DiT is sharded with `fully_shard`, each block then the root (frozen base weights and LoRA factors
-alike), so a rank holds 1/N of the DiT plus the one block it is running. The DiT comes from host memory
-(load_base's `dit_on_host`): what reads it whole runs first, `fully_shard` moves each unit to the device,
-and only then are the caches built, every rank sampling the prior set together (`base_only`,
-`SharedCache`), so no device ever holds the whole DiT. Rank 0 alone logs, previews to
-disk and writes the concept file; checkpoints are `torch.distributed.checkpoint` folders written by all
-ranks together (train/checkpoint_dcp.py), readable at any world size, or by one plain process.
+alike), so a rank holds 1/N of the DiT plus the one block it is running. Rank 0 alone reads the DiT, into
+host memory (load_base's `dit_on_host`); the other ranks build it on the meta device (`dit_on_meta`), so a
+machine holds one host copy, not one per process. What reads it whole runs first, on rank 0, its answers
+sent to all (`from_main`); `fully_shard` moves each unit to the device, each rank's shards are filled from
+rank 0's tensors (`fill_from_main`), and only then are the caches built, every rank sampling the prior
+set together (`base_only`, `SharedCache`), so no device ever holds the whole DiT. Rank 0 alone logs,
+previews to disk and writes the concept file; checkpoints are `torch.distributed.checkpoint` folders
+written by all ranks together (train/checkpoint_dcp.py), readable at any world size, or by one plain
+process.
 
 Without torchrun (no RANK / WORLD_SIZE in the environment) none of this runs: `current()` is None.
 """
@@ -49,6 +52,8 @@ from .data import LatentCache
 from .resume import adapter_state, start_stage
 from .stage_data import Batch
 from .step import AdapterGrowth, StepOut
+
+_BYTES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}  # gloo: as uint8
 
 
 def launched() -> bool:
@@ -99,6 +104,19 @@ class World:
 
 
 
+def is_main_process() -> bool:
+    """Whether this process logs and writes: rank 0 of a process group, or a process without one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def from_main(compute: Callable[[], object]) -> object:
+    """Rank 0's `compute()` on every rank (all ranks enter): what reads the whole DiT, which only rank 0's
+    host holds (the others' is on the meta device until `shard` fills it). A small picklable value."""
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def current(device: str = "cpu") -> World | None:
     """The run's World when a process group is up (see `init`), else None."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -134,7 +152,10 @@ def per_device(cfg: PersonalizeConfig, world: World) -> PersonalizeConfig:
 
 def shard(dit: nn.Module, world: World) -> None:
     """FSDP2 over the DiT (each expert's, for a two-expert base): each block its own unit (gathered just
-    before it runs), then the rest of that DiT, then the whole as the root."""
+    before it runs), then the rest of that DiT, then the whole as the root. Only rank 0 holds the DiT's
+    values (in host memory, adapter included); the others' is on the meta device: every rank's shards are
+    then filled from rank 0's tensors (`fill_from_main`), so one machine holds one host copy, not N."""
+    whole = dit.state_dict() if world.main else {}  # kept alive until the others have their shards
     nets = [m for m in dit.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
     for net in nets:
         for block in net.blocks:
@@ -146,6 +167,30 @@ def shard(dit: nn.Module, world: World) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum the shares' gradients: each share's loss is weighted
             m.set_force_sum_reduction_for_comms(True)  # ... by the global batch (gloo has no PREMUL_SUM)
+    if any(t.is_meta for t in [*dit.parameters(), *dit.buffers()]):
+        dit.to_empty(device=world.mesh.device_type)  # this rank's shards, allocated and not yet filled
+    fill_from_main(dit, whole)
+
+
+@torch.no_grad()
+def fill_from_main(dit: nn.Module, whole: dict[str, Tensor]) -> None:
+    """Every parameter's shard and every buffer from rank 0's whole tensors (`whole`, its state dict taken
+    before sharding; {} on the other ranks), one tensor at a time: rank 0 broadcasts it, each rank keeps
+    its own rows. torch's set_model_state_dict(broadcast_from_rank0=True) does the same, but gloo cannot
+    broadcast float8 (fp8 base weights), which travel here as their bytes. Rank 0 rewrites its own shards
+    with the values they hold."""
+    own = dict(dit.named_parameters()) | dict(dit.named_buffers())  # the same order on every rank
+    for name, target in own.items():
+        local = target.to_local() if isinstance(target, DTensor) else target
+        if dist.get_rank() == 0:  # a non-persistent buffer (no state dict holds it) as rank 0 has it
+            full = whole.get(name, local).to(local.device)
+        else:
+            full = torch.empty(target.shape, dtype=target.dtype, device=local.device)
+        dist.broadcast(full.view(torch.uint8) if full.dtype in _BYTES else full, src=0)
+        if isinstance(target, DTensor):  # this rank's rows as FSDP2 cut them (src_data_rank=None: no comms)
+            mesh, placements = target.device_mesh, target.placements
+            full = distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+        local.copy_(full)
 
 
 @contextlib.contextmanager
@@ -242,8 +287,14 @@ class SharedCache(LatentCache):
 class ShardedGrowth(AdapterGrowth):
     """AdapterGrowth's bound from each rank's shards and ONE all-reduce of the squared norms: the same
     number on every rank (so all stop together). Built before sharding (the base weights' norm is read
-    whole). On 2 CPU processes, tiny base (40 layers): 6-11 ms a call, where AdapterGrowth's per-layer
-    DTensor ops took 67-72 ms (~0.7 s a step for Wan 14B's ~400 layers); the same bound."""
+    whole, by rank 0). On 2 CPU processes, tiny base (40 layers): 6-11 ms a call, where AdapterGrowth's
+    per-layer DTensor ops took 67-72 ms (~0.7 s a step for Wan 14B's ~400 layers); the same bound."""
+
+    def __init__(self, dit: nn.Module, concept: str):
+        adapters = concept_adapters(dit, concept)
+        self.names = list(adapters)
+        self.adapters = [adapters[n] for n in self.names]
+        self.base = from_main(lambda: AdapterGrowth(dit, concept).base)  # rank 0's whole base weights
 
     @torch.no_grad()
     def __call__(self) -> tuple[float, str]:

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -75,7 +74,7 @@ class Diverged(RuntimeError):
 def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | None = None) -> Path:
     """Train the concept through the configured stages; returns the concept file's path."""
     # -- setup: one seed for every draw, a frozen base, inputs checked before any work ------------
-    main_proc = is_main_process()
+    main_proc = distributed.is_main_process()
     world = distributed.current(cfg.device)  # None unless launched by torchrun (train/distributed.py)
     g = torch.Generator(torch.device(cfg.device))
     seed_everything(cfg.seed, g)
@@ -87,8 +86,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         check_inputs(cfg, base, world)
         ckpt = resume_point(cfg)
 
-        if world:  # the DiT is never whole on a device: the host copy's whole reads, shard, then the caches
-            dit_key = weights_digest(base.dit, cfg.device)  # the caches' key, as one process takes it
+        if world:  # the DiT is never whole on a device: rank 0's host copy's whole reads, shard, the caches
+            dit_key = distributed.from_main(lambda: weights_digest(base.dit, cfg.device))  # as 1 process
             identity, growth = _adapter(cfg, base, tokens, ckpt, world)
             distributed.shard(base.dit, world)
             cuda = [torch.cuda.current_device()] if torch.device(cfg.device).type == "cuda" else []
@@ -132,18 +131,18 @@ def _caches(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor]
 def _adapter(cfg: PersonalizeConfig, base: Base, tokens: AddedTokens, ckpt: Checkpoint | None,
              world: distributed.World | None = None) -> tuple[BaseIdentity, AdapterGrowth | None]:
     """The adapter (one shared basis for every concept), restored when resuming; then what reads the base
-    weights whole, before FSDP2 leaves each rank 1/N of the DiT: the base identity, the blow-up bound."""
+    weights whole, before FSDP2 leaves each rank 1/N of the DiT: the base identity, the blow-up bound.
+    Under torchrun only rank 0's DiT holds values (the others' is on the meta device, see
+    distributed.shard): rank 0 reads, every rank gets its answers."""
     _add_adapter(cfg, base.dit)
     if world:
         distributed.redraw_adapter(base.dit, cfg.name, cfg.seed, cfg.device)  # as on cfg.device
     if ckpt is not None:
         load_adapter_state(cfg, base.dit, tokens, ckpt.params)
-    identity = base_identity(base.dit, base.name)
-    return identity, distributed.ShardedGrowth(base.dit, cfg.name) if world else None  # fp8: whole weights
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not world:
+        return base_identity(base.dit, base.name), None
+    identity = distributed.from_main(lambda: base_identity(base.dit, base.name))
+    return identity, distributed.ShardedGrowth(base.dit, cfg.name)  # fp8: whole weights
 
 
 def _check_sampler(cfg: PersonalizeConfig, sample_fn: Callable[..., Tensor] | None) -> None:
@@ -212,7 +211,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
               growth: AdapterGrowth | None = None) -> None:
     """The loop: draw, forward, backward, clip, step; log, preview, checkpoint. With a `world`, this rank
     runs its share of each batch (train/distributed.py) and the checkpoints are DCP folders."""
-    main_proc = is_main_process()
+    main_proc = distributed.is_main_process()
     lora, emb = trained_params(cfg, base.dit, tokens, stage)
     optimizer = build_optimizer(cfg, lora, emb)
     start = (distributed.start_sharded_stage if world else start_stage)(cfg, stage, optimizer, g, resume)

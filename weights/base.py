@@ -113,8 +113,8 @@ def check_memory_options(cfg: ModelConfig, base_dtype: str | None, offload_block
 
 def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None,
               tokenizer: str | Path | None = None, random_weights: bool = False, seed: int = 0,
-              base_dtype: str | None = None, offload_blocks: int = 0,
-              offload_idle_expert: bool = False, dit_on_host: bool = False) -> Base:
+              base_dtype: str | None = None, offload_blocks: int = 0, offload_idle_expert: bool = False,
+              dit_on_host: bool = False, dit_on_meta: bool = False) -> Base:
     """Load the base model `base` names (see the module doc) in `dtype` (default bf16 on CUDA, else fp32)
     on `device` (default CUDA when available). `tokenizer` overrides the checkpoint's sentencepiece model;
     `seed` fixes random weights. `base_dtype="fp8"` stores the DiT's block linears in fp8 (model/fp8.py;
@@ -123,14 +123,19 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
     a two-expert DiT's high-noise expert on the device, the other waiting on the CPU for sampling's switch
     (ExpertPair.offload_idle). With any, the DiT is loaded on the CPU first, so the device never holds its
     full-precision or whole self. `dit_on_host` leaves the DiT on the CPU (torchrun: FSDP2's `fully_shard`
-    moves each rank's shard to the device)."""
+    moves each rank's shard to the device); `dit_on_meta` builds it on the meta device, the structure a
+    load would give without reading a weight (torchrun's ranks but the first, whose shards are filled
+    from the first's host copy: train/distributed.py `shard`)."""
     folder = base_source(base, random_weights)
     check_memory_options(PRESETS[str(base)] if folder is None else checkpoint_config(folder), base_dtype,
                          offload_blocks, offload_idle_expert=offload_idle_expert)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if dit_on_meta and (offload_blocks or offload_idle_expert):
+        raise ValueError("a DiT on the meta device (torchrun) cannot be offloaded; drop --offload-blocks and "
+                         "--offload-idle-expert")
     staged = base_dtype == "fp8" or offload_blocks > 0 or offload_idle_expert or dit_on_host
-    dit_dev = torch.device("cpu") if staged else dev
+    dit_dev = torch.device("meta") if dit_on_meta else torch.device("cpu") if staged else dev
     if folder is None:
         models = random_models(PRESETS[str(base)], seed, dt, dev, parts=("vae", "t5"))
         models.dit = random_models(PRESETS[str(base)], seed, dt, dit_dev, parts=("dit",)).dit
@@ -144,7 +149,7 @@ def load_base(base: str | Path, *, device: str | None = None, dtype: str | torch
         BlockOffload(dit, dit.blocks, offload_blocks, dev)
     if offload_idle_expert:
         models.dit.offload_idle(dev)
-    elif not dit_on_host:
+    elif not (dit_on_host or dit_on_meta):
         models.dit.to(dev)
     return _bundle(models, tokenizer or models.tokenizer_path, str(base))
 

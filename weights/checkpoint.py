@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from .io import (
     read_safetensors,
     read_safetensors_header,
+    read_safetensors_meta,
     write_atomic,
     write_json_atomic,
     write_safetensors_atomic,
@@ -233,7 +234,8 @@ def checkpoint_config(folder: str | Path) -> ModelConfig:
 
 def load_checkpoint(folder: str | Path, dtype: torch.dtype | str = torch.float32,
                     device: torch.device | str = "cpu", parts: Sequence[str] = PARTS) -> BaseModels:
-    """Load the parts asked for, strictly, in `dtype` on `device`. A part the folder lacks is an error."""
+    """Load the parts asked for, strictly, in `dtype` on `device`. A part the folder lacks is an error.
+    On the meta device only the files' layouts are read: the modules a load would give, without data."""
     folder = Path(folder)
     meta = read_checkpoint_config(folder)
     cfg = checkpoint_config(folder)
@@ -249,7 +251,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype | str = torch.float32
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {folder / 'config.json'} lists it as the "
                                     f"{part} weights")
-        sd = read_safetensors(path)
+        sd = read_safetensors_meta(path) if torch.device(device).type == "meta" else read_safetensors(path)
         module = load_into(part_ctor(part, part_config(cfg, part)), sd, dtype, device, source=str(path))
         if part == LOW_EXPERT:
             low = module

@@ -98,6 +98,21 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[st
         raise ValueError(f"{path} is truncated or corrupt, not a readable safetensors file ({err})") from None
 
 
+# safetensors' dtype names (get_slice().get_dtype()) -> torch dtypes, for reading a file's layout alone
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def read_safetensors_meta(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on the meta device: names, shapes and dtypes, no tensor data read."""
+    entries, _ = read_safetensors_header(path)
+    if unknown := sorted({dt for dt, _ in entries.values() if _DTYPES.get(dt) is None}):
+        raise ValueError(f"{path} holds tensors of dtypes {unknown}, which this reader does not know")
+    return {k: torch.empty(shape, dtype=_DTYPES[dt], device="meta") for k, (dt, shape) in entries.items()}
+
+
 def read_index(index_path: Path) -> dict[str, str]:
     """weight_map of a sharded checkpoint (key -> shard file name), after checking every shard exists."""
     try:
@@ -206,6 +221,6 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-__all__ = ["read_state_dict", "read_safetensors", "read_safetensors_header", "read_sharded", "read_pickle",
-           "read_index", "find_weights_file", "write_safetensors_atomic", "write_json_atomic", "write_atomic",
-           "preview"]
+__all__ = ["read_state_dict", "read_safetensors", "read_safetensors_header", "read_safetensors_meta",
+           "read_sharded", "read_pickle", "read_index", "find_weights_file", "write_safetensors_atomic",
+           "write_json_atomic", "write_atomic", "preview"]

@@ -68,7 +68,8 @@ def load_into(module_ctor: Callable[[], nn.Module], state_dict: Mapping[str, tor
     keep their fp8 weights and fp32 scales. Non-persistent
     buffers (tables a module computes from its config) are rebuilt on `device` by the module's
     `init_buffers()` (or a CPU build when it has none); float64 tables keep their precision.
-    Returns the module in eval mode."""
+    On the meta device (a state dict of meta tensors: a file's layout) it is the same module without
+    data, its non-persistent buffers left on the meta device too. Returns the module in eval mode."""
     dtype = parse_dtype(dtype)
     module = build_meta(module_ctor)
     fp8 = fp8_names_in(state_dict)  # a checkpoint written by `setseq convert --dtype fp8`
@@ -82,7 +83,8 @@ def load_into(module_ctor: Callable[[], nn.Module], state_dict: Mapping[str, tor
     cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k not in kept else v.dtype)
             for k, v in state_dict.items()}
     module.load_state_dict(cast, strict=True, assign=True)
-    materialize_buffers(module, device, module_ctor)
+    if torch.device(device).type != "meta":
+        materialize_buffers(module, device, module_ctor)
     return module.eval()
 
 
@@ -113,7 +115,10 @@ def materialize_buffers(module: nn.Module, device: torch.device | str,
 def random_init(module_ctor: Callable[[], nn.Module], seed: int, dtype: torch.dtype | str = torch.float32,
                 device: torch.device | str = "cpu", *, source: str = "random init") -> nn.Module:
     """A freshly initialized module from a fixed seed, built on the CPU (the same seed gives the same
-    weights on every machine) and then put through `load_into`, so dtype and buffers follow one path."""
+    weights on every machine) and then put through `load_into`, so dtype and buffers follow one path.
+    On the meta device: the module without data (nothing drawn)."""
+    if torch.device(device).type == "meta":
+        return load_into(module_ctor, build_meta(module_ctor).state_dict(), dtype, device, source=source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = module_ctor().state_dict()
