@@ -97,6 +97,8 @@ def main(cfg: PersonalizeConfig, base: Base, sample_fn: Callable[..., Tensor] | 
         else:
             latents, priors = _caches(cfg, base, sample_fn, cache)
             identity, growth = _adapter(cfg, base, tokens, ckpt)
+        if cfg.compile:  # after the LoRA is in, so the compiled blocks hold it, and after the caches: their
+            base.dit.compile_blocks()  # sampling would use up dynamo's 8 recompiles before training starts
         start = (ckpt.stage, ckpt.step) if ckpt else (0, 0)
         log = LossLog(cfg.work / "loss.tsv", cfg.loss_bins, main_proc, until=start)
 
@@ -177,8 +179,6 @@ def _add_adapter(cfg: PersonalizeConfig, dit: nn.Module) -> None:
     torch.manual_seed(cfg.seed)  # the LoRA's initial A factors
     inject_lora(dit, expert_targets(cfg, dit), cfg.rank, name=cfg.name)
     dit.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:  # after the LoRA is in place, so the compiled blocks hold it
-        dit.compile_blocks()
     dit.train()
 
 
