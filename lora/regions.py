@@ -5,8 +5,10 @@ every object in the scene (the leak). Within `regions(model, weights)`, concept 
 video token i is multiplied by weights[c][i] in [0, 1] (Mix-of-Show's regional sampling, applied to
 the LoRA outputs): the concept changes only its region, the rest of the frame is the base's (or
 another concept's). Layers that read the text (cross-attention k and v) keep their whole adapter:
-their input has no place in the frame. Self-attention still mixes the tokens, so the base sees the
-concept everywhere; only what the adapters write is confined.
+their input has no place in the frame. Given where each concept's tokens ([v], [u]) sit in the prompt,
+the words are confined too: a video token outside the concept's region may not read them in
+cross-attention (regional prompting). Self-attention still mixes the tokens, so the base sees the
+concept everywhere; only what the adapters write, and who reads its words, is confined.
 
 A region is a box (x0, y0, x1, y1) in fractions of the frame's width and height, the same in every
 frame; a token belongs to it when its patch centre does.
@@ -55,10 +57,23 @@ def box_weights(box: Sequence[float], grid: tuple[int, int, int]) -> Tensor:
     return inside.expand(t, h, w).reshape(-1).float()
 
 
+def word_mask(weights: Mapping[str, Tensor], positions: Mapping[str, Tensor]) -> Tensor:
+    """(L, N) bool: video token i may read text token j unless j is a word of a concept whose region
+    weight at i is 0. positions: concept -> (N,) bool, where its tokens sit in the prompt."""
+    (n,) = {p.shape[0] for p in positions.values()}
+    (length,) = {w.shape[0] for w in weights.values()}
+    allowed = torch.ones(length, n, dtype=torch.bool)
+    for concept, pos in positions.items():
+        allowed &= ~((weights[concept] <= 0)[:, None] & pos.bool().cpu()[None, :])
+    return allowed
+
+
 @contextmanager
-def regions(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[None]:
-    """Confine each named concept's adapters to its token weights (L,) while the block runs; concepts not
-    named act everywhere, as outside the block."""
+def regions(model: nn.Module, weights: Mapping[str, Tensor],
+            positions: Mapping[str, Tensor] | None = None) -> Iterator[None]:
+    """Confine each named concept's adapters to its token weights (L,) while the block runs, and, with
+    `positions` (concept -> (N,) bool: its words in the prompt), its words to the video tokens of its
+    region (word_mask); concepts not named act everywhere, as outside the block."""
     held = concept_names(model)
     unknown = sorted(set(weights) - set(held))
     if unknown:
@@ -67,13 +82,21 @@ def regions(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[None]:
     if any(layer.merged for layer in layers):
         raise RuntimeError("cannot confine concepts to regions while the LoRA is merged; "
                            "call unmerge_lora() first")
+    readers = [m for name, m in model.named_modules() if name.endswith("cross_attn")]
+    confined = {c: positions[c] for c in weights if positions and c in positions}
+    mask = word_mask(weights, confined) if confined else None
+    mask = None if mask is None or bool(mask.all()) else mask  # nothing confined: the plain kernel
     for layer in layers:
         layer.regions = {c: w for c, w in weights.items() if c in layer.adapters} or None
+    for attn in readers:
+        attn.key_mask = mask
     try:
         yield
     finally:
         for layer in layers:
             layer.regions = None
+        for attn in readers:
+            attn.key_mask = None
 
 
-__all__ = ["TEXT_INPUT", "check_box", "box_weights", "regions"]
+__all__ = ["TEXT_INPUT", "check_box", "box_weights", "word_mask", "regions"]

@@ -116,6 +116,9 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(kv, d), nn.Linear(kv, d), nn.Linear(d, d)
         self.norm_q = qk_norm(cfg.qk_norm, d, cfg.head_dim, cfg.eps)
         self.norm_k = qk_norm(cfg.qk_norm, d, cfg.head_dim, cfg.eps)
+        # Cross-attention: (L, N) bool, which text tokens each video token may read (True = may), on top of
+        # the key padding mask; set while regional concepts confine their words (lora/regions.py).
+        self.key_mask: torch.Tensor | None = None
 
     def forward(
         self,
@@ -134,6 +137,12 @@ class Attention(nn.Module):
         if freqs is not None:
             q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N)
+        if self.key_mask is not None and context is not None:
+            if self.key_mask.shape != (x.shape[1], src.shape[1]):
+                raise ValueError(f"key mask {tuple(self.key_mask.shape)} does not fit {x.shape[1]} video and "
+                                 f"{src.shape[1]} text tokens")
+            km = self.key_mask.to(x.device)[None, None]  # (1, 1, L, N)
+            attn_mask = km if attn_mask is None else attn_mask & km
         out = attention(q, k, v, mask=attn_mask, window=self.window)  # (B, h, L, hd)
         return self.o(out.transpose(1, 2).flatten(2))  # (B, L, D)
 

@@ -207,6 +207,23 @@ def encode_prompts(pipe: Pipeline, texts: list[str]) -> tuple[Tensor, Tensor]:
     return pipe.t5(ids, mask).float(), mask
 
 
+def word_positions(pipe: Pipeline, prompt: str, adapters: list[str]) -> dict[str, Tensor]:
+    """Adapter -> (N,) bool: its concept's words in the encoded prompt, the span from its first token to
+    its last ("[v] square moves [u]"), which a region confines. The span, not the tokens alone: on the
+    toy base, confining [v] and [u] alone left the added object wrong in 1 of 4 samples, the span in none."""
+    ids, _ = pipe.tokenizer.encode([prompt], pipe.config.t5.max_length, truncate=False)
+    out = {}
+    for name in adapters:
+        concept = pipe.concepts.get(name)
+        if concept is not None and concept.tokens:
+            own = torch.tensor([pipe.tokenizer.added_tokens[t] for t in concept.tokens])
+            at = torch.isin(ids[0], own).nonzero().flatten()
+            if len(at):
+                out[name] = torch.zeros(ids.shape[1], dtype=torch.bool)
+                out[name][int(at.min()):int(at.max()) + 1] = True
+    return out
+
+
 @torch.no_grad()
 def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequence[int], *,
                    progress: bool = False, image: Tensor | None = None) -> list[Tensor]:
@@ -226,7 +243,8 @@ def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequ
         vae_dtype = next(pipe.vae.parameters()).dtype
         first = None if image is None else pipe.vae.encode(image[None].to(device, vae_dtype)).float()
         grid = gen.token_grid(pipe.config)
-        with regions(pipe.dit, {name: box_weights(box, grid) for name, box in gen.regions.items()}):
+        weights = {name: box_weights(box, grid) for name, box in gen.regions.items()}
+        with regions(pipe.dit, weights, word_positions(pipe, prompt, list(gen.regions))):
             z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps,
                                guidance=gen.guidance, shift=gen.shift, self_cond=gen.self_cond,
                                progress=progress, low_noise_guidance=gen.low_noise_guidance,

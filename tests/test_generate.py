@@ -30,6 +30,7 @@ from sample.generate import (
     Pipeline,
     add_concept,
     generate,
+    word_positions,
 )
 from setseq.cli import main as cli_main
 from setseq.cmd_generate import parse_concept
@@ -206,6 +207,19 @@ def test_a_concept_confined_to_the_whole_frame_changes_nothing_and_to_half_of_it
         sample(pipe, prompt, regions={adapter: (0, 0, 0.05, 1)})
     with pytest.raises(ValueError, match="does not hold"):
         sample(pipe, prompt, regions={"nosuch": (0, 0, 1, 1)})
+
+
+def test_a_concepts_words_are_the_span_from_its_first_token_to_its_last(files):
+    pipe = pipeline(files)
+    square = add_concept(pipe, load_concept(files["square"]))
+    circle = add_concept(pipe, load_concept(files["circle"]))
+    prompt = "a [v] square [u] moving beside a [v2] circle."
+    ids = pipe.tokenizer.encode([prompt], pipe.config.t5.max_length)[0][0].tolist()
+    at = {t: ids.index(pipe.tokenizer.added_tokens[t]) for t in ("[v]", "[u]", "[v2]")}
+    words = word_positions(pipe, prompt, [square, circle])
+    assert words[square].nonzero().flatten().tolist() == list(range(at["[v]"], at["[u]"] + 1))
+    assert words[circle].nonzero().flatten().tolist() == [at["[v2]"]]  # its only token in the prompt
+    assert word_positions(pipe, "a red square.", [square]) == {}
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from lora.inject import inject_lora, lora_layers, merge_lora
 from lora.layers import LoRALinear
-from lora.regions import box_weights, check_box, regions
+from lora.regions import box_weights, check_box, regions, word_mask
 from model.config import PRESETS
-from model.dit import DiT
+from model.dit import Attention, DiT
 
 CFG = dataclasses.replace(PRESETS["tiny"].dit, dim=32, heads=2, layers=2, ffn_dim=64, rope_split=(6, 4, 6))
 
@@ -126,3 +126,41 @@ def test_unknown_concepts_and_merged_layers_are_refused():
     merge_lora(dit)
     with pytest.raises(RuntimeError, match="merged"), regions(dit, {"a": torch.ones(8)}):
         pass
+
+
+def test_word_mask_hides_a_concepts_words_outside_its_region_only():
+    weights = {"a": torch.tensor([1.0, 0.0, 0.5]), "b": torch.tensor([0.0, 1.0, 1.0])}
+    positions = {"a": torch.tensor([0, 1, 0, 0]).bool(), "b": torch.tensor([0, 0, 0, 1]).bool()}
+    got = word_mask(weights, positions)
+    assert got.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            hidden = any(weights[c][i] <= 0 and positions[c][j] for c in "ab")
+            assert bool(got[i, j]) is not hidden, (i, j)
+
+
+def test_a_key_mask_equals_attention_without_those_keys():
+    torch.manual_seed(0)
+    attn = Attention(CFG, kv_dim=CFG.dim).eval()
+    x, ctx = torch.randn(1, 3, CFG.dim), torch.randn(1, 5, CFG.dim)
+    attn.key_mask = torch.tensor([[True] * 5, [True, False, True, True, False], [True] * 5])
+    with torch.no_grad():
+        got = attn(x, ctx)
+        attn.key_mask = None
+        keep = [0, 2, 3]
+        alone = attn(x[:, 1:2], ctx[:, keep])  # query 1 with only the keys it may read
+        free = attn(x, ctx)
+    torch.testing.assert_close(got[:, 1:2], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, 0::2], free[:, 0::2], rtol=1e-5, atol=1e-6)
+
+
+def test_the_block_confines_a_concepts_words_when_told_where_they_are():
+    dit = dit_with_concepts()
+    cross = [m for name, m in dit.named_modules() if name.endswith("cross_attn")]
+    left = box_weights((0, 0, 0.5, 1), (2, 2, 2))
+    with regions(dit, {"a": left}):
+        assert all(m.key_mask is None for m in cross)  # no positions: only the adapters are confined
+    words = {"a": torch.tensor([False, True, False])}
+    with regions(dit, {"a": left}, words):
+        assert all(torch.equal(m.key_mask, word_mask({"a": left}, words)) for m in cross)
+    assert all(m.key_mask is None for m in cross)
