@@ -95,6 +95,33 @@ def test_truncated_safetensors_is_named_and_called_truncated(tmp_path):
         read_state_dict(path)
 
 
+def test_safetensors_read_into_own_memory_equals_the_librarys_tensors_and_the_layout_alone(tmp_path):
+    """read_safetensors reads each tensor into a new tensor (not the library's memory map): every dtype a
+    base holds, 0-dim and empty ones, bit for bit; read_safetensors_meta gives their layout, no data."""
+    from safetensors import safe_open
+
+    from weights.io import read_safetensors, read_safetensors_meta
+
+    state = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "i64": torch.arange(4),
+             "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+             "empty": torch.zeros(0, 3)}
+    if hasattr(torch, "float8_e4m3fn"):
+        state["fp8"] = (torch.randn(4, 4) * 10).to(torch.float8_e4m3fn)
+    path = tmp_path / "w.safetensors"
+    write_safetensors_atomic(path, state)
+    got = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}
+    assert list(got) == list(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].view(torch.uint8) if v.element_size() == 1 else got[k],
+                           v.view(torch.uint8) if v.element_size() == 1 else v), k
+    meta = read_safetensors_meta(path)
+    assert {k: (t.dtype, t.shape, t.is_meta) for k, t in meta.items()} == {
+        k: (v.dtype, v.shape, True) for k, v in ref.items()}
+
+
 def test_corrupt_safetensors_header_is_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
     write_safetensors_atomic(path, _tensors())
