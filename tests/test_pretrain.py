@@ -205,10 +205,12 @@ def test_frozen_text_encoder_stays_at_its_init(tmp_path):
                                                      strict=True)), "frozen T5 changed in training"
 
 
-# The tiny-conv preset's VAE at a test width: 4x8x8 unshuffle stem, KL posterior, adaptive decoder norm.
-SMALL_CONV = dataclasses.replace(PRESETS["tiny-conv"], vae=dataclasses.replace(
+# The tiny-conv preset's VAE at a test width (4x8x8 unshuffle stem, KL posterior, adaptive decoder norm), with
+# its linear skip path (SMALL_SKIP) and without it (SMALL_CONV: the convs alone).
+SMALL_SKIP = dataclasses.replace(PRESETS["tiny-conv"], vae=dataclasses.replace(
     PRESETS["tiny-conv"].vae, base_channels=16, latent_channels=8),
     dit=dataclasses.replace(SMALL_DIT, in_channels=8, out_channels=8))
+SMALL_CONV = dataclasses.replace(SMALL_SKIP, vae=dataclasses.replace(SMALL_SKIP.vae, linear_skip=False))
 
 
 def test_conv_vae_stage_raises_heldout_psnr_and_logs_it(tmp_path):
@@ -225,9 +227,6 @@ def test_conv_vae_stage_raises_heldout_psnr_and_logs_it(tmp_path):
               if r["stage"] == "vae"]
     assert len(logged) == 3 and abs(logged[-1] - after) < 0.01, (logged, after)
     assert after > before + 1.5, f"held-out PSNR {before:.2f} -> {after:.2f} dB: should rise > 1.5 dB"
-
-
-SMALL_SKIP = dataclasses.replace(SMALL_CONV, vae=dataclasses.replace(SMALL_CONV.vae, linear_skip=True))
 
 
 def test_linear_skip_vae_starts_at_the_pca_and_trains_past_it(tmp_path):

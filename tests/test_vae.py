@@ -118,6 +118,8 @@ def test_linear_skip_needs_a_conv_vae_and_a_matching_linear_vae():
         VAEConfig(linear_skip=True, **TINY["linear"])
     with pytest.raises(ValueError, match="the skip path's latent_channels 4 != the linear VAE's 8"):
         init_linear_skip(tiny_vae("skip"), VAE(VAEConfig(**{**TINY["linear"], "latent_channels": 8})))
+    with pytest.raises(ValueError, match=r"the skip path's patch \(4, 4\) != the linear VAE's \(4, 2\)"):
+        init_linear_skip(tiny_vae("skip"), VAE(VAEConfig(**{**TINY["linear"], "patch": (4, 2)})))
 
 
 def test_linear_vae_needs_unit_strides():
