@@ -5,9 +5,10 @@ every object in the scene (the leak). Within `regions(model, weights)`, concept 
 video token i is multiplied by weights[c][i] in [0, 1] (Mix-of-Show's regional sampling, applied to
 the LoRA outputs): the concept changes only its region, the rest of the frame is the base's (or
 another concept's). Layers that read the text (cross-attention k and v) keep their whole adapter:
-their input has no place in the frame. Given where each concept's tokens ([v], [u]) sit in the prompt,
-the words are confined too: a video token outside the concept's region may not read them in
-cross-attention (regional prompting). Self-attention still mixes the tokens, so the base sees the
+their input has no place in the frame. Given where each concept's words sit in the prompt (the caller's
+choice; sample/generate.py takes the span from its first token to its last, "[v] square moves [u]"),
+they are confined too: a video token outside the region may not read them in cross-attention
+(regional prompting). Self-attention still mixes the tokens, so the base sees the
 concept everywhere; only what the adapters write, and who reads its words, is confined.
 
 A region is a box (x0, y0, x1, y1) in fractions of the frame's width and height, the same in every
