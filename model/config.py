@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from model.wan_latents import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
@@ -345,36 +347,18 @@ class ModelConfig:
         return cls(**{k: build(kind, d[k]) for k, kind in kinds.items()}, **top)
 
 
-# Wan 2.1 VAE statistics (per latent channel), from the released model's config.
-_WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-_WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
 _WAN_VAE = VAEConfig(
     in_channels=3, latent_channels=16, base_channels=96, channel_mult=(1, 2, 4, 4),
     encoder_blocks=(2, 2, 2, 2), decoder_blocks=(3, 3, 3, 3),
     time_strides=(1, 2, 2, 1), space_strides=(2, 2, 2, 1),
     padding="zeros", norm="rms", decoder_adaptive_norm=False, mid_attention=True, kl=True,
-    latents_mean=_WAN_LATENTS_MEAN, latents_std=_WAN_LATENTS_STD,
+    latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD,
 )
 
-# Wan 2.2 VAE (TI2V-5B): 2x2 space-to-depth stem, residual resampling, 48 channels, 4x16x16; its latent
-# statistics from Wan-Video/Wan2.2 wan/modules/vae2_2.py (diffusers' vae22 config holds the same).
-_WAN22_LATENTS_MEAN = (
-    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
-_WAN22_LATENTS_STD = (
-    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
-
+# Wan 2.2 VAE (TI2V-5B): 2x2 space-to-depth stem, residual resampling, 48 channels, 4x16x16.
 _WAN22_VAE = dataclasses.replace(
     _WAN_VAE, latent_channels=48, base_channels=160, decoder_base_channels=256, patch=(1, 2),
-    patch_order="wh", residual=True, latents_mean=_WAN22_LATENTS_MEAN, latents_std=_WAN22_LATENTS_STD)
+    patch_order="wh", residual=True, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
 
 # umT5-XXL, the text encoder of Wan 2.1.
 _UMT5_XXL = T5Config(vocab_size=256384, dim=4096, head_dim=64, heads=64, ffn_dim=10240, layers=24,
