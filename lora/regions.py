@@ -63,9 +63,10 @@ def word_mask(weights: Mapping[str, Tensor], positions: Mapping[str, Tensor]) ->
     weight at i is 0. positions: concept -> (N,) bool, where its tokens sit in the prompt."""
     (n,) = {p.shape[0] for p in positions.values()}
     (length,) = {w.shape[0] for w in weights.values()}
-    allowed = torch.ones(length, n, dtype=torch.bool)
+    device = next(iter(weights.values())).device  # where the weights are, so the mask is used in place
+    allowed = torch.ones(length, n, dtype=torch.bool, device=device)
     for concept, pos in positions.items():
-        allowed &= ~((weights[concept] <= 0)[:, None] & pos.bool().cpu()[None, :])
+        allowed &= ~((weights[concept] <= 0)[:, None] & pos.bool().to(device)[None, :])
     return allowed
 
 

@@ -224,6 +224,16 @@ def word_positions(pipe: Pipeline, prompt: str, adapters: list[str]) -> dict[str
     return out
 
 
+def _confined(pipe: Pipeline, prompt: str, gen: GenerateConfig):
+    """gen.regions in force while sampling (lora/regions.py), their weights on the DiT's device once, not
+    moved at every layer and step; no region: nothing to enter."""
+    if not gen.regions:
+        return contextlib.nullcontext()
+    grid = gen.token_grid(pipe.config)
+    weights = {name: box_weights(box, grid).to(pipe.device) for name, box in gen.regions.items()}
+    return regions(pipe.dit, weights, word_positions(pipe, prompt, list(gen.regions)))
+
+
 @torch.no_grad()
 def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequence[int], *,
                    progress: bool = False, image: Tensor | None = None) -> list[Tensor]:
@@ -242,9 +252,7 @@ def generate_batch(pipe: Pipeline, prompt: str, gen: GenerateConfig, seeds: Sequ
         uncond = encode_prompts(pipe, [gen.negative_prompt])
         vae_dtype = next(pipe.vae.parameters()).dtype
         first = None if image is None else pipe.vae.encode(image[None].to(device, vae_dtype)).float()
-        grid = gen.token_grid(pipe.config)
-        weights = {name: box_weights(box, grid) for name, box in gen.regions.items()}
-        with regions(pipe.dit, weights, word_positions(pipe, prompt, list(gen.regions))):
+        with _confined(pipe, prompt, gen):
             z = sample_latents(pipe.dit, noise.to(device), cond, uncond, steps=gen.steps,
                                guidance=gen.guidance, shift=gen.shift, self_cond=gen.self_cond,
                                progress=progress, low_noise_guidance=gen.low_noise_guidance,
