@@ -11,7 +11,9 @@ from torch import nn
 
 from weights.io import (
     preview,
+    read_safetensors,
     read_safetensors_header,
+    read_safetensors_meta,
     read_state_dict,
     write_atomic,
     write_safetensors_atomic,
@@ -100,7 +102,6 @@ def test_safetensors_read_into_own_memory_equals_the_librarys_tensors_and_the_la
     base holds, 0-dim and empty ones, bit for bit; read_safetensors_meta gives their layout, no data."""
     from safetensors import safe_open
 
-    from weights.io import read_safetensors, read_safetensors_meta
 
     state = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "i64": torch.arange(4),
              "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
@@ -120,6 +121,16 @@ def test_safetensors_read_into_own_memory_equals_the_librarys_tensors_and_the_la
     meta = read_safetensors_meta(path)
     assert {k: (t.dtype, t.shape, t.is_meta) for k, t in meta.items()} == {
         k: (v.dtype, v.shape, True) for k, v in ref.items()}
+
+
+def test_a_dtype_the_reader_does_not_know_is_named_not_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "u16.safetensors"
+    save_file({"a": torch.zeros(3, dtype=torch.uint16)}, str(path))
+    for read in (read_safetensors, read_safetensors_meta):
+        with pytest.raises(ValueError, match="dtype U16, which this reader does not know"):
+            read(path)
 
 
 def test_corrupt_safetensors_header_is_refused(tmp_path):

@@ -78,6 +78,13 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
 
+def _torch_dtype(name: str, path: Path) -> torch.dtype:
+    """A safetensors dtype name as a torch dtype, or a ValueError naming the file (never a silent float32)."""
+    if _DTYPES.get(name) is None:
+        raise ValueError(f"{path} holds tensors of dtype {name}, which this reader does not know")
+    return _DTYPES[name]
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the file, each read into its own new tensor: one copy in memory. Not through the
     library's memory map: its pages, once read, count in the process's memory beside the copies until the
@@ -93,7 +100,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             out = {}
             for name in names:
                 entry = header[name]
-                t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+                t = torch.empty(entry["shape"], dtype=_torch_dtype(entry["dtype"], path))
                 begin, end = entry["data_offsets"]
                 raw.seek(start + begin)
                 if raw.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
@@ -123,9 +130,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[st
 def read_safetensors_meta(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors on the meta device: names, shapes and dtypes, no tensor data read."""
     entries, _ = read_safetensors_header(path)
-    if unknown := sorted({dt for dt, _ in entries.values() if _DTYPES.get(dt) is None}):
-        raise ValueError(f"{path} holds tensors of dtypes {unknown}, which this reader does not know")
-    return {k: torch.empty(shape, dtype=_DTYPES[dt], device="meta") for k, (dt, shape) in entries.items()}
+    return {k: torch.empty(shape, dtype=_torch_dtype(dt, path), device="meta")
+            for k, (dt, shape) in entries.items()}
 
 
 def read_index(index_path: Path) -> dict[str, str]:
