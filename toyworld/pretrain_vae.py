@@ -141,10 +141,10 @@ def train_vae(cfg: PretrainConfig, mc: ModelConfig, log: Log) -> VAE:
     total = cfg.vae_steps + cfg.vae_full_steps
     if mc.vae.linear_skip:  # start at the PCA of the same patches and latent size (a resume overwrites it)
         init_linear_skip(vae, fit_linear_vae(cfg, linear_model(mc), log))
-    # A linear_skip VAE's skip path stays the PCA (trained at the convs' lr it fell below the PCA: 26.8
-    # against 27.8 dB held-out at step 100; benchmarks/results/toyworld-base-experiments.md, 5).
-    for p in (*vae.skip_encoder.parameters(), *vae.skip_decoder.parameters()) if mc.vae.linear_skip else ():
-        p.requires_grad_(False)
+        # The skip path stays the PCA (trained at the convs' lr it fell below the PCA: 26.8 against 27.8 dB
+        # held-out at step 100; benchmarks/results/toyworld-base-experiments.md, 5).
+        vae.skip_encoder.requires_grad_(False)
+        vae.skip_decoder.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
