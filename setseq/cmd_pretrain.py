@@ -17,7 +17,7 @@ from pathlib import Path
 
 from setseq.args import check_folder, nonnegative_float, positive_float, probability
 from toyworld.build_base import Evaluation, build_base
-from toyworld.pretrain import PretrainConfig
+from toyworld.pretrain import PretrainConfig, config_for_preset
 
 # Flags mapped 1:1 onto PretrainConfig fields.
 _FLAGS: dict[str, tuple[type, str]] = {
@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     if args.head_joint:
         values["head_joint"] = True
     work_dir = args.work_dir or f"runs/pretrain-{args.preset}"
-    return PretrainConfig(preset=args.preset, work_dir=work_dir, **values)
+    return config_for_preset(args.preset, work_dir=work_dir, **values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -376,3 +376,16 @@ def test_the_committed_base_reads_word_order():
     base = load_base("tiny", device="cpu")
     [(_, right, swapped, hurt)] = order_losses(base, clips=4, seed=99, times=[1.0])
     assert swapped > 2 * right and hurt == 1.0, (right, swapped, hurt)
+
+
+def test_a_preset_recipe_sets_defaults_that_flags_override():
+    from setseq import cli, cmd_pretrain
+
+    parser = cli.build_parser()
+    conv = cmd_pretrain.config_from_args(parser.parse_args(["pretrain", "--preset", "tiny-conv"]))
+    assert (conv.vae_steps, conv.vae_full_steps, conv.vae_full_batch, conv.vae_l1) == (0, 1000, 8, 0.0)
+    flagged = cmd_pretrain.config_from_args(parser.parse_args(["pretrain", "--preset", "tiny-conv",
+                                                               "--vae-full-steps", "7"]))
+    assert flagged.vae_full_steps == 7 and flagged.vae_steps == 0
+    linear = cmd_pretrain.config_from_args(parser.parse_args(["pretrain", "--preset", "tiny"]))
+    assert linear == PretrainConfig(work_dir="runs/pretrain-tiny")  # the committed base's recipe unchanged

@@ -135,6 +135,20 @@ class PretrainConfig:
                              f"{self.caption_dropout} must be probabilities (caption_dropout < 1)")
 
 
+# Settings a preset trains with unless the caller sets them. The conv VAE beside its PCA skip path trains on
+# whole clips with the MSE alone at batch 8 (the L1 term held it at the PCA; crops and batch 4 were below):
+# 28.83 dB held-out in 1000 steps (benchmarks/results/toyworld-base-experiments.md, entry 5, row h).
+PRESET_RECIPES: dict[str, dict] = {
+    "tiny-conv": {"vae_steps": 0, "vae_full_steps": 1000, "vae_full_batch": 8, "vae_full_lr": 2e-3,
+                  "vae_l1": 0.0},
+}
+
+
+def config_for_preset(preset: str, **values) -> PretrainConfig:
+    """A PretrainConfig for `preset`: its recipe (PRESET_RECIPES), then `values` over it."""
+    return PretrainConfig(preset=preset, **{**PRESET_RECIPES.get(preset, {}), **values})
+
+
 @dataclass
 class Pretrained:
     """What `main` returns: the config that describes the weights, and the trained parts."""
@@ -254,5 +268,5 @@ def resume_step(work_dir: str | Path) -> tuple[int, int] | None:
     return ck.stage, ck.step
 
 
-__all__ = ["PretrainConfig", "Pretrained", "main", "model_config", "resume_step", "all_captions",
-           "build_tokenizer", "caption_length"]
+__all__ = ["PretrainConfig", "PRESET_RECIPES", "config_for_preset", "Pretrained", "main", "model_config",
+           "resume_step", "all_captions", "build_tokenizer", "caption_length"]
