@@ -286,6 +286,28 @@ def test_stitched_pairs_come_in_both_orders_in_the_layouts_grammar(sp_model_path
         "a [v1] square moves [u1] and a red circle moves up on a gray background")
 
 
+def test_several_videos_of_one_concept_share_its_tokens_and_never_stitch_beside_each_other(
+        sp_model_path, tmp_path, video):
+    def spec(v, u, bg):
+        return ConceptSpec(video, f"a {v} square on a {bg} background", f"moves {u}", v, u,
+                           full_prompt=f"a {v} square moves {u} on a {bg} background")
+
+    two_videos = [spec("[v1]", "[u1]", "gray"), spec("[v1]", "[u1]", "blue")]
+    cfg = config(tmp_path, video, concepts=two_videos, stitch_prob=0.5, pair_layout="halves", prior_count=0,
+                 steps1=2, steps2=2)
+    assert cfg.tokens() == ["[v1]", "[u1]"] and cfg.concept_count() == 1
+    assert not cfg.stitches() and cfg.pair_plan() == []  # one concept: nothing to compose
+    other = dataclasses.replace(cfg, concepts=[*two_videos, spec("[v2]", "[u2]", "gray")])
+    assert other.tokens() == ["[v1]", "[v2]", "[u1]", "[u2]"]
+    assert other.pair_plan() == [(0, 2), (1, 2), (2, 0), (2, 1)]  # only across the two concepts
+    with pytest.raises(ValueError, match="used by more than one concept"):
+        dataclasses.replace(cfg, concepts=[spec("[v1]", "[u1]", "gray"), spec("[v1]", "[u2]", "gray")])
+    P.main(cfg, make_base(sp_model_path))
+    concept = load_concept(cfg.out)
+    assert set(concept.tokens) == {"[v1]", "[u1]"}
+    assert concept.prompts["static.1"] == "a [v1] square on a blue background"
+
+
 def test_a_concept_trains_beside_the_bases_own_generation_of_an_ordinary_object(sp_model_path, tmp_path):
     path = tmp_path / "v.mp4"
     write_video(path, square_video(frames=9, size=32), fps=8)

@@ -101,11 +101,17 @@ class ToyBudget:
     # the demo (two seeds) 8 companions + 4 two-object priors made the added object 4/8 (0/8 without)
     # but lowered the worst reconstruction and background-edit frames (docs/results.md).
     companions: int = 0
+    # The concept's clip also on this many other backgrounds (toyworld/backgrounds.py: its flat background
+    # keyed out and repainted, captioned with the new colour; never the edit's colour), as videos of the
+    # same concept sharing its tokens.
+    backgrounds: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps1", "steps2", "rank", "batch_size", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.backgrounds <= len(BACKGROUNDS) - 2:  # the clip's own and the edit's excluded
+            raise ValueError(f"backgrounds must be 0 to {len(BACKGROUNDS) - 2}, got {self.backgrounds}")
 
 
 # A smoke run: seconds on a random tiny base, every file written, numbers meaningless.
@@ -277,12 +283,22 @@ def personalize(
     from train.config import ConceptSpec
 
     out = folder / f"{variant.key}.safetensors"
-    concept = ConceptSpec(
-        video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]", full_prompt=full_prompt(spec)
-    )
+    concepts = [ConceptSpec(video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]",
+                            full_prompt=full_prompt(spec))]
+    if budget.backgrounds:
+        from toyworld.backgrounds import on_background, other_backgrounds
+        from train.video import read_frames
+
+        frames = read_frames(video)[0]
+        for bg in other_backgrounds(spec.background, budget.backgrounds, unseen=(edit_background(spec),)):
+            path = write_lossless(folder / f"{video.stem}-on-{bg}.mp4", on_background(frames, BACKGROUNDS[bg]))
+            concepts.append(ConceptSpec(video=str(path), prompt=static_prompt(spec, bg), motion_prompt="moves [u]",
+                                        full_prompt=full_prompt(spec, bg)))
     companions = toy_companion_prompts(spec, budget.companions) if budget.companions else ()
-    seconds = train_concepts(base, [concept], variant, budget, out, folder / f"{variant.key}.work",
-                             name=spec.name, seed=seed, progress=progress, companion_prompts=companions)
+    # one concept however many videos: the budget's steps, not one budget per video
+    seconds = train_concepts(base, concepts, variant, budget, out, folder / f"{variant.key}.work",
+                             name=spec.name, seed=seed, progress=progress, companion_prompts=companions,
+                             steps1=budget.steps1, steps2=budget.steps2)
     return out, seconds
 
 

@@ -24,7 +24,8 @@ def require(cond: bool, message: str) -> None:
 
 @dataclass
 class ConceptSpec:
-    """One video and its prompts. Several specs train into ONE adapter (one shared basis)."""
+    """One video and its prompts. Several specs train into ONE adapter (one shared basis); specs that
+    share token and motion_token are one concept seen in several videos."""
 
     video: str
     prompt: str  # static part: appearance + surroundings, holds `token`: "A [v] man in a cap on a bridge."
@@ -153,10 +154,14 @@ class PersonalizeConfig:
             require(0.0 <= p <= 1.0, f"{name} must be a probability in [0, 1], got {p}")
         require(self.checkpoint_every >= 1 and self.log_every >= 1,
                 "checkpoint_every, log_every must be >= 1")
-        tokens = self.tokens()
+        # Videos that share a token pair are one concept seen in several clips; a token may not be shared
+        # otherwise (two concepts with one [v] could not be told apart).
+        pairs = list(dict.fromkeys((c.token, c.motion_token) for c in self.concepts))
+        tokens = [t for pair in pairs for t in pair]
         dup = sorted({t for t in tokens if tokens.count(t) > 1})
         require(not dup, f"tokens {dup} are used by more than one concept; give each concept its own, "
-                         "e.g. token '[v1]' / motion_token '[u1]', '[v2]' / '[u2]'")
+                         "e.g. token '[v1]' / motion_token '[u1]', '[v2]' / '[u2]' (several videos of one "
+                         "concept share both its tokens)")
         require(self.expert in EXPERT_CHOICES,
                 f"expert {self.expert!r} is not one of {EXPERT_CHOICES} (which experts of a two-expert base "
                 "train)")
@@ -167,8 +172,8 @@ class PersonalizeConfig:
         return Path(self.work_dir) if self.work_dir else Path(self.out).with_suffix(".work")
 
     def tokens(self) -> list[str]:
-        """Every concept token: the [v]s, then the [u]s (the order their embedding rows are added in)."""
-        return [c.token for c in self.concepts] + [c.motion_token for c in self.concepts]
+        """Every concept token once: the [v]s, then the [u]s (the order their embedding rows are added in)."""
+        return _unique([c.token for c in self.concepts] + [c.motion_token for c in self.concepts])
 
     def stage_tokens(self, stage: int) -> list[str]:
         """Tokens whose embeddings a stage trains: [v]s in stage 1, [u]s in stage 2 (none if switched off)."""
@@ -176,7 +181,11 @@ class PersonalizeConfig:
             return []
         if self.single_stage:
             return self.tokens()
-        return [c.token if stage == 1 else c.motion_token for c in self.concepts]
+        return _unique([c.token if stage == 1 else c.motion_token for c in self.concepts])
+
+    def concept_count(self) -> int:
+        """Distinct concepts: videos sharing a token pair are one."""
+        return len({c.token for c in self.concepts})
 
     def text_stage(self, stage: int) -> int:
         """Which stage's data and prompt a stage trains on: clips and the full prompt in single-stage mode."""
@@ -202,16 +211,18 @@ class PersonalizeConfig:
 
     def stitches(self) -> bool:
         """Whether the run trains on stitched pairs (two concepts, or companions; and stitch_prob > 0)."""
-        return self.stitch_prob > 0 and (len(self.concepts) > 1 or bool(self.companion_prompts))
+        return self.stitch_prob > 0 and (self.concept_count() > 1 or bool(self.companion_prompts))
 
     def pair_plan(self) -> list[tuple[int, int]]:
-        """(left, right) sources of the stitched pairs: concepts are 0..n-1, companions n..n+m-1. Every
-        ordered pair of two concepts, and each concept beside each companion in both orders."""
+        """(left, right) sources of the stitched pairs: concept videos are 0..n-1, companions n..n+m-1.
+        Every ordered pair of videos of two different concepts, and each video beside each companion in
+        both orders."""
         if not self.stitches():
             return []
         n, m = len(self.concepts), len(self.companion_prompts)
         beside = [p for i in range(n) for k in range(n, n + m) for p in ((i, k), (k, i))]
-        return ordered_pairs(n) + beside
+        two = [(i, j) for i, j in ordered_pairs(n) if self.concepts[i].token != self.concepts[j].token]
+        return two + beside
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,6 +244,10 @@ RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", 
                "steps1", "steps2", "compile", "grad_checkpointing", "lr", "token_lr", "resumed"}
 # Fields no config file sets.
 INTERNAL = ("resumed",)
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def read_toml(path: str) -> dict:
