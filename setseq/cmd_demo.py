@@ -12,7 +12,8 @@ from pathlib import Path
 
 from toyworld import demo
 
-BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs", "companions", "backgrounds")  # flags that set ToyBudget fields
+# flags that set ToyBudget fields
+BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs", "companions", "backgrounds")
 
 
 def register(subparsers) -> None:
@@ -46,8 +47,8 @@ def register(subparsers) -> None:
                    help="ordinary objects the base generates to stitch beside the concept, in the toy base's "
                    "two-object layout (default 0; never red, the edit's colour)")
     p.add_argument("--backgrounds", type=int,
-                   help="also train on the concept's clip repainted onto this many other backgrounds (its flat "
-                   "background keyed out; never the edit's colour; default 0)")
+                   help="also train on the concept's clip repainted onto this many other backgrounds (its "
+                   "flat background keyed out; never the edit's colour; default 0)")
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )

@@ -291,9 +291,10 @@ def personalize(
 
         frames = read_frames(video)[0]
         for bg in other_backgrounds(spec.background, budget.backgrounds, unseen=(edit_background(spec),)):
-            path = write_lossless(folder / f"{video.stem}-on-{bg}.mp4", on_background(frames, BACKGROUNDS[bg]))
-            concepts.append(ConceptSpec(video=str(path), prompt=static_prompt(spec, bg), motion_prompt="moves [u]",
-                                        full_prompt=full_prompt(spec, bg)))
+            path = folder / f"{video.stem}-on-{bg}.mp4"
+            write_lossless(path, on_background(frames, BACKGROUNDS[bg]))
+            concepts.append(ConceptSpec(video=str(path), prompt=static_prompt(spec, bg),
+                                        motion_prompt="moves [u]", full_prompt=full_prompt(spec, bg)))
     companions = toy_companion_prompts(spec, budget.companions) if budget.companions else ()
     # one concept however many videos: the budget's steps, not one budget per video
     seconds = train_concepts(base, concepts, variant, budget, out, folder / f"{variant.key}.work",
