@@ -103,6 +103,8 @@ EXTRA_METHODS = (
            STITCH_PROB, fit="squeeze"),
     Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
            STITCH_PROB, fit="scale"),
+    # twice the stitched pairs: more of the steps show each concept's motion as it must move in its half
+    Method("joint+stitch-p50", "joint, stitched pairs in the base's layout (p 0.5)", True, 0.5),
 )
 
 

@@ -104,7 +104,7 @@ def header(data: dict) -> list[str]:
         f"{b['token_lr']:g}, batch {b['batch_size']}, prior {b['prior_count']} generations "
         f"({b['prior_per_batch']} per batch, weight {b['prior_weight']:g}, "
         f"{b['prior_pairs']} with two objects; {b.get('companions', 0)} ordinary objects stitched "
-        "beside it); "
+        f"beside it; the clip also on {b.get('backgrounds', 0)} other backgrounds); "
         "B-dropout 0.8 / 0.5, token masking 0.1, caption dropout 0.1",
         f"- sampling: {b['samples']} seeds per prompt; steps {b['sample_steps'] or 'base default'}, "
         f"guidance {b['guidance'] or 'base default'}",
