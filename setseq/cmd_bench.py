@@ -25,8 +25,8 @@ from toyworld import bench
 from toyworld import experiment as X
 
 BUDGET_FLAGS = (  # flags that set ToyBudget fields
-    "samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "companions", "guidance",
-    "sample_steps",
+    "samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "companions", "backgrounds",
+    "guidance", "sample_steps",
 )
 
 
@@ -69,6 +69,9 @@ def register(subparsers) -> None:
                    help="how many of the 8 prior-preservation prompts have two objects (default 0)")
     p.add_argument("--companions", type=int,
                    help="ordinary objects the base generates to stitch beside each concept (default 0)")
+    p.add_argument("--backgrounds", type=int,
+                   help="toyworld: also train each concept on its clip repainted onto this many other "
+                   "backgrounds (never the edit's colour; default 0)")
     p.add_argument("--guidance", type=guidance_scale,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
                    "the tiny base's default before); a toyworld rerun that changes only --guidance, "
