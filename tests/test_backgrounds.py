@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -26,3 +28,22 @@ def test_other_backgrounds_leave_out_the_clips_own_and_the_edits():
         other_backgrounds("black", 4, unseen=("blue",))
     with pytest.raises(ValueError, match="backgrounds must be 0 to 3"):
         ToyBudget(backgrounds=4)
+
+
+def test_a_toy_run_trains_the_clip_and_its_repaints_as_one_concept(tmp_path):
+    from lora.concept import load_concept as load_concept_file
+    from toyworld import experiment as X
+
+    spec = load_concept("stripes_stutter")
+    budget = dataclasses.replace(X.QUICK, backgrounds=2)
+    base = X.ToyBase("tiny", tmp_path / "base")
+    video = X.write_lossless(tmp_path / "clip.mp4", render_concept(spec, seed=0, cfg=ToyWorldConfig())[0].video)
+    out, _ = X.personalize(base, spec, X.variants(budget)["ours"], budget, video, tmp_path)
+    trained = load_concept_file(out)
+    concepts = trained.train_config["concepts"]
+    assert set(trained.tokens) == {"[v]", "[u]"}
+    # the clip half of the items (once per repaint), then gray and green: never its own black or the edit's blue
+    assert [c["video"] for c in concepts[:2]] == [str(video)] * 2
+    assert [c["full_prompt"].split(" on a ")[1] for c in concepts] == [
+        "black background", "black background", "gray background", "green background"]
+    assert trained.train_config["steps1"] == budget.steps1  # one concept's budget, however many clips

@@ -290,6 +290,9 @@ def personalize(
         from train.video import read_frames
 
         frames = read_frames(video)[0]
+        # The clip itself stays half of the concept's items (listed once per repaint): at a quarter,
+        # checker_hop_green's reconstruction lost its worst-frame goal (docs/results.md).
+        concepts = concepts * budget.backgrounds
         for bg in other_backgrounds(spec.background, budget.backgrounds, unseen=(edit_background(spec),)):
             path = folder / f"{video.stem}-on-{bg}.mp4"
             write_lossless(path, on_background(frames, BACKGROUNDS[bg]))
