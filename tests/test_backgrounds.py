@@ -37,12 +37,13 @@ def test_a_toy_run_trains_the_clip_and_its_repaints_as_one_concept(tmp_path):
     spec = load_concept("stripes_stutter")
     budget = dataclasses.replace(X.QUICK, backgrounds=2)
     base = X.ToyBase("tiny", tmp_path / "base")
-    video = X.write_lossless(tmp_path / "clip.mp4", render_concept(spec, seed=0, cfg=ToyWorldConfig())[0].video)
+    clip = render_concept(spec, seed=0, cfg=ToyWorldConfig())[0].video
+    video = X.write_lossless(tmp_path / "clip.mp4", clip)
     out, _ = X.personalize(base, spec, X.variants(budget)["ours"], budget, video, tmp_path)
     trained = load_concept_file(out)
     concepts = trained.train_config["concepts"]
     assert set(trained.tokens) == {"[v]", "[u]"}
-    # the clip half of the items (once per repaint), then gray and green: never its own black or the edit's blue
+    # the clip half of the items (once per repaint), then gray and green: not its own black, not blue
     assert [c["video"] for c in concepts[:2]] == [str(video)] * 2
     assert [c["full_prompt"].split(" on a ")[1] for c in concepts] == [
         "black background", "black background", "gray background", "green background"]
