@@ -109,10 +109,12 @@ def test_load_base_loads_a_folder(ckpt, sp_model_path):
     assert torch.equal(base.dit.head.head.weight, models[0].head.head.weight)
 
 
-def test_a_preset_with_committed_weights_loads_them():
-    base = load_base("tiny", device="cpu")
-    assert base_source("tiny") == COMMITTED["tiny"] and base.config == checkpoint_config(COMMITTED["tiny"])
-    on_disk = load_checkpoint(COMMITTED["tiny"], parts=("dit",)).dit.head.head.weight
+@pytest.mark.parametrize("name", ["tiny", "tiny-conv"])
+def test_a_preset_with_committed_weights_loads_them(name):
+    base = load_base(name, device="cpu")
+    assert base_source(name) == COMMITTED[name] and base.config == checkpoint_config(COMMITTED[name])
+    assert base.config.name == name and base.config.vae.arch == ("linear" if name == "tiny" else "conv")
+    on_disk = load_checkpoint(COMMITTED[name], parts=("dit",)).dit.head.head.weight
     assert torch.equal(base.dit.head.head.weight, on_disk)
 
 

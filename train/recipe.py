@@ -44,6 +44,7 @@ RECIPES: dict[str, dict] = {
         pair_layout="halves",
     ),
 }
+RECIPES["tiny-conv"] = RECIPES["tiny"]  # the same toy world on the conv VAE's latents
 
 
 def recipe(base_name: str) -> dict:

@@ -26,7 +26,7 @@ from .load import parse_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 # Presets whose trained weights are committed: the name loads them unless random weights are asked for.
-COMMITTED = {"tiny": REPO / "assets" / "tiny"}
+COMMITTED = {"tiny": REPO / "assets" / "tiny", "tiny-conv": REPO / "assets" / "tiny-conv"}
 
 
 def base_source(base: str | Path, random_weights: bool = False) -> Path | None:
