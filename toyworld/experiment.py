@@ -101,9 +101,8 @@ class ToyBudget:
     # the demo (two seeds) 8 companions + 4 two-object priors made the added object 4/8 (0/8 without)
     # but lowered the worst reconstruction and background-edit frames (docs/results.md).
     companions: int = 0
-    # The concept's clip also on this many other backgrounds (toyworld/backgrounds.py: its flat background
-    # keyed out and repainted, captioned with the new colour; never the edit's colour), as videos of the
-    # same concept sharing its tokens.
+    # The concept's clip also repainted onto this many other backgrounds (toyworld/backgrounds.py; never the
+    # edit's colour), as videos of the same concept sharing its tokens.
     backgrounds: int = 0
 
     def __post_init__(self) -> None:
