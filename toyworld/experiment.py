@@ -298,24 +298,23 @@ def personalize(
             concepts.append(ConceptSpec(video=str(path), prompt=static_prompt(spec, bg),
                                         motion_prompt="moves [u]", full_prompt=full_prompt(spec, bg)))
     companions = toy_companion_prompts(spec, budget.companions) if budget.companions else ()
-    # one concept however many videos: the budget's steps, not one budget per video
     seconds = train_concepts(base, concepts, variant, budget, out, folder / f"{variant.key}.work",
-                             name=spec.name, seed=seed, progress=progress, companion_prompts=companions,
-                             steps1=budget.steps1, steps2=budget.steps2)
+                             name=spec.name, seed=seed, progress=progress, companion_prompts=companions)
     return out, seconds
 
 
 def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyBudget, out: Path, work: Path,
                    *, name: str, seed: int, progress: bool, **extra) -> float:
     """One personalization run of `concepts` (train.config.ConceptSpec; several train into one adapter,
-    each budget step count multiplied by their number) with `variant`'s settings into OUT; returns the
-    training seconds. `extra`: further PersonalizeConfig fields (e.g. stitch_prob). WORK is replaced."""
+    each budget step count multiplied by the number of distinct concepts: videos sharing a token are one)
+    with `variant`'s settings into OUT; returns the training seconds. `extra`: further PersonalizeConfig
+    fields (e.g. stitch_prob). WORK is replaced."""
     from sample.sampler import sample_latents
     from train.config import PersonalizeConfig
     from train.personalize import main
 
     shutil.rmtree(work, ignore_errors=True)
-    n = len(concepts)
+    n = len({c.token for c in concepts})
     values = dict(
         concepts=concepts,
         out=str(out),
