@@ -184,3 +184,8 @@ def test_compose_methods_are_validated_with_a_clear_error():
     assert [m.key for m in C.pick_methods("joint,joint+stitch-sbs")] == ["joint", "joint+stitch-sbs"]
     with pytest.raises(ValueError, match="joint\\+stitch-squeeze"):
         C.pick_methods("joint,nope")
+    share = C.pick_methods("joint+stitch-p75")[0]
+    assert share.joint and share.stitch_prob == 0.75 and share.layout is None
+    for bad in ("joint+stitch-p101", "joint+stitch-p", "joint+stitch-p5x"):
+        with pytest.raises(ValueError, match="pNN"):
+            C.pick_methods(bad)

@@ -39,6 +39,7 @@ ceiling. Shape alphabet: T frames, H, W pixels; frames (T, H, W, 3).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,16 @@ EXTRA_METHODS = (
            STITCH_PROB, fit="squeeze"),
     Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
            STITCH_PROB, fit="scale"),
-    # twice the stitched pairs: more of the steps show each concept's motion as it must move in its half
-    Method("joint+stitch-p50", "joint, stitched pairs in the base's layout (p 0.5)", True, 0.5),
 )
+
+
+def stitched_share(key: str) -> Method | None:
+    """'joint+stitch-pNN': joint+stitch with stitched pairs on NN% of the steps (None if not that form)."""
+    share = re.fullmatch(r"joint\+stitch-p(\d{1,3})", key)
+    if share is None or int(share[1]) > 100:
+        return None
+    p = int(share[1]) / 100
+    return Method(key, f"joint, stitched pairs in the base's layout (p {p:g})", True, p)
 
 
 def pick_methods(text: str | None) -> tuple[Method, ...]:
@@ -114,10 +122,13 @@ def pick_methods(text: str | None) -> tuple[Method, ...]:
         return METHODS
     table = {m.key: m for m in METHODS + EXTRA_METHODS}
     keys = [k.strip() for k in text.split(",") if k.strip()]
+    for k in keys:
+        if k not in table and (share := stitched_share(k)):
+            table[k] = share
     unknown = [k for k in keys if k not in table]
     if unknown or not keys:
         raise ValueError(f"--variants {text!r}: unknown {unknown or 'empty'}; compose methods: "
-                         f"{', '.join(table)}")
+                         f"{', '.join(table)}, joint+stitch-pNN (stitched pairs on NN% of the steps)")
     return tuple(table[k] for k in keys)
 
 
