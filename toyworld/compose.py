@@ -4,8 +4,8 @@ behind `setseq bench compose` (toyworld/compose_bench.py runs them, compose_repo
 Three ways to put held-out concepts A and B in one video (paper §5.2.2 and the design notes):
 
     joint+stitch  one personalization run, both concepts in one adapter (one shared identity basis,
-                  tokens [v1]/[u1] and [v2]/[u2]), plus side-by-side stitched pairs (stitch_prob 0.25)
-                  as the regularizer against identity leakage
+                  tokens [v1]/[u1] and [v2]/[u2]), plus stitched pairs in the base's two-object layout
+                  (stitch_prob 0.5, the tiny recipe's) as the regularizer against identity leakage
     joint         the same run without stitched pairs (stitch_prob 0)
     post-hoc      A and B personalized separately (one adapter each, distinct tokens), both adapters
                   applied at generation (their weight deltas add)
@@ -64,7 +64,7 @@ from toyworld.world import (
 )
 
 TOKENS = (("[v1]", "[u1]"), ("[v2]", "[u2]"))  # (appearance, motion) tokens of concept A, concept B
-STITCH_PROB = 0.25  # PersonalizeConfig's default: a stitched pair is one step in four
+STITCH_PROB = X.TINY["stitch_prob"]  # the tiny recipe's: a stitched pair on half the steps
 MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens on the tiny tokenizer
 MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 
