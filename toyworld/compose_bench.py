@@ -84,6 +84,10 @@ def run(s: BenchSettings) -> dict:
     from toyworld.bench import parse_shard
 
     budget = dataclasses.replace(C.QUICK if s.quick else C.COMPOSE, **s.budget)
+    unused = [f"--{k}" for k in ("companions", "backgrounds") if getattr(budget, k)]
+    if unused:  # single-concept options (toyworld/experiment.personalize)
+        raise ValueError(f"{' and '.join(unused)}: not used by bench compose (each pair trains on its two "
+                         "clips alone; setseq demo and bench toyworld take it); drop the flag")
     pairs, methods = C.pick_pairs(s.pair), C.pick_methods(s.variants)
     base_arg, out = resolve_base_arg(s.base, s.quick), Path(s.out or "runs/bench-compose")
     shard = parse_shard(s.shard)
