@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from toyworld import experiment as X
-from toyworld.compose import METHODS, MIN_MAX_LENGTH, STITCH_PROB, Pair
+from toyworld.compose import METHODS, MIN_MAX_LENGTH, STITCH_PROB, STITCH_STAGE2, Pair
 from toyworld.report import fmt, fmt_pm, markdown_table, summarize
 
 COMPOSE_COLUMNS = [  # (key suffix, header)
@@ -57,7 +57,8 @@ def setup(data: dict) -> list[str]:
         f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
         f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
         f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched pair (layout "
-        f"{b.get('pair_layout', 'side_by_side')}, both orders) on {STITCH_PROB:.0%} of its steps",
+        f"{b.get('pair_layout', 'side_by_side')}, both orders) on {STITCH_PROB:.0%} of its steps and trains "
+        f"stage 2 {STITCH_STAGE2:g}x as long",
         f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
         f"- composition prompt: `{data['prompts']['compose']}`; swapped order: "
         f"`{data['prompts'].get('compose_ba', '-')}`; alone: `{data['prompts']['alone_a']}`, "
