@@ -44,7 +44,7 @@ RECIPES: dict[str, dict] = {
         pair_layout="halves",
         # Several concepts: a stitched pair on half the steps. Against one step in four, on the whole
         # compose protocol (3 pairs x 2 seeds) both halves right 0.83 / 0.83 -> 1.00 / 0.96, crop margin
-        # +0.44 -> +0.60, per-half motion 0.52 -> 0.67: a concept sees its motion as it must move in a half.
+        # +0.44 -> +0.59, per-half motion 0.52 -> 0.67: a concept sees its motion as it must move in a half.
         stitch_prob=0.5,
     ),
 }
