@@ -7,7 +7,7 @@ import dataclasses
 from toyworld.experiment import ToyBudget
 from toyworld.prompts import toy_prior_prompts
 from train.config import ConceptSpec, PersonalizeConfig
-from train.recipe import RECIPES, recipe, resolve
+from train.recipe import RECIPES, per_concept_steps, recipe, resolve
 
 
 def test_tiny_recipe_prior_prompts_are_the_toy_worlds():
@@ -35,3 +35,24 @@ def test_each_setting_names_where_it_came_from():
                   {"lr": 1e-4, "rank": 32, "steps1": 600, "seed": 0})
     assert got == {"lr": (3.0, "flag"), "rank": (4, "TOML"), "steps1": (600, "base recipe"),
                    "seed": (0, "default")}
+
+
+def test_step_counts_nobody_set_are_one_concepts():
+    settings = {"steps1": (600, "base recipe"), "steps2": (900, "flag"), "rank": (16, "default")}
+    assert per_concept_steps(settings, 1) == settings
+    assert per_concept_steps(settings, 2) == {"steps1": (1200, "base recipe x 2 concepts"),
+                                              "steps2": (900, "flag"), "rank": (16, "default")}
+
+
+def test_a_toml_of_two_concepts_trains_each_the_recipes_steps(tmp_path):
+    from setseq.cli import build_parser
+    from setseq.cmd_personalize import build_config
+
+    concept = ('[[concepts]]\nvideo = "v{i}.mp4"\nprompt = "a [v{i}] square"\ntoken = "[v{i}]"\n'
+               'motion_token = "[u{i}]"\n')
+    toml = tmp_path / "two.toml"
+    toml.write_text(f'base = "tiny"\nout = "{tmp_path / "c.safetensors"}"\nsteps1 = 5\n'
+                    + "".join(concept.format(i=i) for i in (1, 2)))
+    cfg, _, settings = build_config(build_parser().parse_args(["personalize", "--config", str(toml)]))
+    assert (cfg.steps1, cfg.steps2) == (5, 2 * RECIPES["tiny"]["steps2"])  # the TOML's steps1 stays as set
+    assert settings["steps2"][1] == "base recipe x 2 concepts"

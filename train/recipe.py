@@ -64,6 +64,21 @@ def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[
     return out
 
 
+Settings = dict[str, tuple[object, str]]  # name -> (value, where it came from)
+
+
+def per_concept_steps(settings: Settings, concepts: int) -> Settings:
+    """Step counts no flag or TOML set are one concept's: with several concepts in one run each stage trains
+    that many times as long (the paper: 2k-2.5k steps for several concepts against 600 / 900 for one; the
+    toy compose bench scales the same way)."""
+    out = dict(settings)
+    for key in ("steps1", "steps2"):
+        value, source = out[key]
+        if concepts > 1 and source in ("default", "base recipe"):
+            out[key] = (value * concepts, f"{source} x {concepts} concepts")
+    return out
+
+
 def settings_lines(settings: dict[str, tuple[object, str]]) -> list[str]:
     """What a run resolved (`resolve`), one setting a line, and where it came from."""
     return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
@@ -76,5 +91,5 @@ def config_unreadable_words(cfg, tokenizer) -> list[str]:
     return list(dict.fromkeys(w for t in texts for w in tokenizer.unreadable_words(t)))
 
 
-__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "settings_lines",
-           "config_unreadable_words"]
+__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "per_concept_steps",
+           "settings_lines", "config_unreadable_words"]
