@@ -145,7 +145,7 @@ def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict, dic
         raise ValueError("no concept given: pass VIDEO --prompt 'a [v] ...' or a --config with [[concepts]]")
     if "out" not in values:
         raise ValueError("no --out given: name the concept file to write, e.g. --out dancer.safetensors")
-    settings = per_concept_steps(settings, PersonalizeConfig(**values).concept_count())
+    settings = per_concept_steps(settings, PersonalizeConfig(**values))
     cfg = PersonalizeConfig(**{k: v for k, (v, _) in settings.items()})
     check_paths(cfg)
     return cfg, extra, settings

@@ -7,7 +7,7 @@ import dataclasses
 from toyworld.experiment import ToyBudget
 from toyworld.prompts import toy_prior_prompts
 from train.config import ConceptSpec, PersonalizeConfig
-from train.recipe import RECIPES, per_concept_steps, recipe, resolve
+from train.recipe import RECIPES, pair_room, per_concept_steps, recipe, resolve
 
 
 def test_tiny_recipe_prior_prompts_are_the_toy_worlds():
@@ -38,10 +38,20 @@ def test_each_setting_names_where_it_came_from():
 
 
 def test_step_counts_nobody_set_are_one_concepts():
-    settings = {"steps1": (600, "base recipe"), "steps2": (900, "flag"), "rank": (16, "default")}
-    assert per_concept_steps(settings, 1) == settings
-    assert per_concept_steps(settings, 2) == {"steps1": (1200, "base recipe x 2 concepts"),
-                                              "steps2": (900, "flag"), "rank": (16, "default")}
+    def run(n: int, **kw) -> PersonalizeConfig:
+        concepts = [ConceptSpec(f"v{i}.mp4", f"a [v{i}] square", f"moves [u{i}]", token=f"[v{i}]",
+                                motion_token=f"[u{i}]") for i in range(n)]
+        return PersonalizeConfig(concepts=concepts, out="c.safetensors", **kw)
+
+    settings = {"steps1": (600, "base recipe"), "steps2": (900, "default"), "rank": (16, "default")}
+    assert per_concept_steps(settings, run(1)) == settings
+    assert per_concept_steps(settings, run(1, companion_prompts=("a x | a x",), stitch_prob=0.5)) == {
+        **settings, "steps2": (1350, "default x 1.5 (1 concept, stitched pairs on 50% of the steps)")}
+    two = per_concept_steps(settings, run(2, stitch_prob=0.25))  # the paper's share: its steps have room
+    assert two["steps1"][0] == 1200 and two["steps2"][0] == 1800 and two["rank"] == (16, "default")
+    assert per_concept_steps(settings, run(2, stitch_prob=0.5))["steps2"][0] == 2700  # pairs on top
+    assert per_concept_steps({**settings, "steps2": (900, "flag")}, run(2))["steps2"] == (900, "flag")
+    assert [pair_room(p) for p in (0.0, 0.25, 0.5, 1.0)] == [1.0, 1.0, 1.5, 3.0]
 
 
 def test_a_toml_of_two_concepts_trains_each_the_recipes_steps(tmp_path):
@@ -54,5 +64,6 @@ def test_a_toml_of_two_concepts_trains_each_the_recipes_steps(tmp_path):
     toml.write_text(f'base = "tiny"\nout = "{tmp_path / "c.safetensors"}"\nsteps1 = 5\n'
                     + "".join(concept.format(i=i) for i in (1, 2)))
     cfg, _, settings = build_config(build_parser().parse_args(["personalize", "--config", str(toml)]))
-    assert (cfg.steps1, cfg.steps2) == (5, 2 * RECIPES["tiny"]["steps2"])  # the TOML's steps1 stays as set
-    assert settings["steps2"][1] == "base recipe x 2 concepts"
+    # the TOML's steps1 stays as set; stage 2: two concepts, and the recipe's pairs on half the steps on top
+    assert (cfg.steps1, cfg.steps2) == (5, 2 * 1.5 * RECIPES["tiny"]["steps2"])
+    assert settings["steps2"][1].startswith("base recipe x 3 (2 concepts")

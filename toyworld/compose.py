@@ -63,14 +63,15 @@ from toyworld.world import (
     caption_of,
     draw_layers,
 )
+from train.recipe import pair_room
 
 TOKENS = (("[v1]", "[u1]"), ("[v2]", "[u2]"))  # (appearance, motion) tokens of concept A, concept B
 STITCH_PROB = X.TINY["stitch_prob"]  # the tiny recipe's: a stitched pair on half the steps
-# joint+stitch trains stage 2 this much longer than the budget: the stitched pairs take half the steps, and
-# without more steps each concept alone lost its look (checker_eight's crop fell below its flat-colour floor
-# in all 4 runs at 1x; 0.43-0.47, above it, at 1.5x). The share, not the steps, makes the composition: at
-# 1.5x p 0.25 gives both right 0.92 / 0.75, margin +0.49, motion 0.59; p 0.5 1.00 / 1.00, +0.63, 0.68.
-STITCH_STAGE2 = 1.5
+# joint+stitch trains stage 2 this much longer than the budget (1.5x): the stitched pairs take half the steps,
+# and without more steps each concept alone lost its look (checker_eight's crop fell below its flat-colour
+# floor in all 4 runs at 1x; 0.43-0.47, above it, at 1.5x). The share, not the steps, makes the composition:
+# at 1.5x p 0.25 gives both right 0.92 / 0.75, margin +0.49, motion 0.59; p 0.5 1.00 / 1.00, +0.63, 0.68.
+STITCH_STAGE2 = pair_room(STITCH_PROB)
 MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens on the tiny tokenizer
 MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 

@@ -42,9 +42,10 @@ RECIPES: dict[str, dict] = {
         # left half, in the world's two-object caption; side by side at 64x128 with "On the left, ..."
         # (Wan's form) the second slot never read the learned tokens (`setseq bench compose`).
         pair_layout="halves",
-        # Several concepts: a stitched pair on half the steps. Against one step in four, on the whole
-        # compose protocol (3 pairs x 2 seeds) both halves right 0.83 / 0.83 -> 1.00 / 0.96, crop margin
-        # +0.44 -> +0.59, per-half motion 0.52 -> 0.67: a concept sees its motion as it must move in a half.
+        # Several concepts: a stitched pair on half the steps, stage 2 then 1.5x as long (pair_room). Against
+        # one step in four, on the whole compose protocol (3 pairs x 2 seeds) both halves right 0.83 / 0.83
+        # -> 1.00 / 1.00, crop margin +0.44 -> +0.63, per-half motion 0.52 -> 0.68: a concept sees its motion
+        # as it must move in a half. Cost: each concept generated alone moves less like itself (0.93 -> 0.87).
         stitch_prob=0.5,
     ),
 }
@@ -65,17 +66,28 @@ def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[
 
 
 Settings = dict[str, tuple[object, str]]  # name -> (value, where it came from)
+PAIR_ROOM = 0.25  # the share of steps the default step counts leave to stitched pairs (paper's stitch_prob)
 
 
-def per_concept_steps(settings: Settings, concepts: int) -> Settings:
-    """Step counts no flag or TOML set are one concept's: with several concepts in one run each stage trains
-    that many times as long (the paper: 2k-2.5k steps for several concepts against 600 / 900 for one; the
-    toy compose bench scales the same way)."""
+def pair_room(stitch_prob: float) -> float:
+    """How much longer stage 2 trains when stitched pairs take more than PAIR_ROOM of the steps, so that each
+    concept keeps its own steps: (1 - PAIR_ROOM) / (1 - stitch_prob), 1 to 3. At the tiny recipe's 0.5 (1.5x)
+    a concept generated alone kept its look; at 1x it fell below its flat-colour floor (docs/results.md)."""
+    return max(1.0, (1 - PAIR_ROOM) / max(1 - stitch_prob, PAIR_ROOM))
+
+
+def per_concept_steps(settings: Settings, cfg) -> Settings:
+    """Step counts no flag or TOML set are one concept's: with several concepts in one run (cfg, a
+    PersonalizeConfig) each stage trains that many times as long (the paper: 2k-2.5k steps for several
+    concepts against 600 / 900 for one; the toy compose bench scales the same way), and stage 2
+    pair_room(stitch_prob) times longer again when the run draws stitched pairs."""
+    concepts, stitch_prob = cfg.concept_count(), cfg.stitch_prob if cfg.stitches() else 0.0
     out = dict(settings)
-    for key in ("steps1", "steps2"):
+    for key, scale in (("steps1", concepts), ("steps2", concepts * pair_room(stitch_prob))):
         value, source = out[key]
-        if concepts > 1 and source in ("default", "base recipe"):
-            out[key] = (value * concepts, f"{source} x {concepts} concepts")
+        if scale != 1 and source in ("default", "base recipe"):
+            out[key] = (round(value * scale), f"{source} x {scale:g} ({concepts} concept"
+                        f"{'s' if concepts > 1 else ''}, stitched pairs on {stitch_prob:.0%} of the steps)")
     return out
 
 
@@ -91,5 +103,5 @@ def config_unreadable_words(cfg, tokenizer) -> list[str]:
     return list(dict.fromkeys(w for t in texts for w in tokenizer.unreadable_words(t)))
 
 
-__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "per_concept_steps",
-           "settings_lines", "config_unreadable_words"]
+__all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "pair_room",
+           "per_concept_steps", "settings_lines", "config_unreadable_words"]
