@@ -478,6 +478,5 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
 
 
 __all__ = ["METHODS", "EXTRA_METHODS", "STITCH_PROB", "STITCH_STAGE2", "pick_methods", "COMPOSE", "QUICK",
-           "TOKENS", "pick_pair",
-           "pick_pairs", "composition_prompt", "render_pair",
-           "motion_match", "Reference", "score_composition", "score_alone", "run_method", "floors"]
+           "TOKENS", "pick_pair", "pick_pairs", "composition_prompt", "render_pair", "motion_match",
+           "Reference", "score_composition", "score_alone", "run_method", "floors"]

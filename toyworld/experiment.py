@@ -310,11 +310,11 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
     with `variant`'s settings into OUT; returns the training seconds. `extra`: further PersonalizeConfig
     fields (e.g. stitch_prob). WORK is replaced."""
     from sample.sampler import sample_latents
-    from train.config import PersonalizeConfig
+    from train.config import PersonalizeConfig, distinct_concepts
     from train.personalize import main
 
     shutil.rmtree(work, ignore_errors=True)
-    n = len({c.token for c in concepts})
+    n = distinct_concepts(concepts)
     values = dict(
         concepts=concepts,
         out=str(out),

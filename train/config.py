@@ -184,8 +184,7 @@ class PersonalizeConfig:
         return _unique([c.token if stage == 1 else c.motion_token for c in self.concepts])
 
     def concept_count(self) -> int:
-        """Distinct concepts: videos sharing a token pair are one."""
-        return len({c.token for c in self.concepts})
+        return distinct_concepts(self.concepts)
 
     def text_stage(self, stage: int) -> int:
         """Which stage's data and prompt a stage trains on: clips and the full prompt in single-stage mode."""
@@ -244,6 +243,11 @@ RESUME_FREE = {"resume", "force", "progress", "preview_every", "preview_steps", 
                "steps1", "steps2", "compile", "grad_checkpointing", "lr", "token_lr", "resumed"}
 # Fields no config file sets.
 INTERNAL = ("resumed",)
+
+
+def distinct_concepts(concepts: list[ConceptSpec]) -> int:
+    """How many concepts the specs train: videos sharing a token pair are one."""
+    return len({c.token for c in concepts})
 
 
 def _unique(items: list[str]) -> list[str]:

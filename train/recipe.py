@@ -57,7 +57,10 @@ def recipe(base_name: str) -> dict:
     return dict(RECIPES.get(base_name, {}))
 
 
-def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[str, tuple[object, str]]:
+Settings = dict[str, tuple[object, str]]  # name -> (value, where it came from)
+
+
+def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> Settings:
     """Every setting as (value, where it came from): "flag", "TOML", "base recipe" or "default"."""
     out = {k: (v, "default") for k, v in defaults.items()}
     for source, values in (("base recipe", base_recipe), ("TOML", toml), ("flag", flags)):
@@ -65,7 +68,6 @@ def resolve(flags: dict, toml: dict, base_recipe: dict, defaults: dict) -> dict[
     return out
 
 
-Settings = dict[str, tuple[object, str]]  # name -> (value, where it came from)
 PAIR_ROOM = 0.25  # the share of steps the default step counts leave to stitched pairs (paper's stitch_prob)
 
 
@@ -91,7 +93,7 @@ def per_concept_steps(settings: Settings, cfg) -> Settings:
     return out
 
 
-def settings_lines(settings: dict[str, tuple[object, str]]) -> list[str]:
+def settings_lines(settings: Settings) -> list[str]:
     """What a run resolved (`resolve`), one setting a line, and where it came from."""
     return [f"  {k} = {v!r}  ({src})" for k, (v, src) in sorted(settings.items()) if k != "concepts"]
 
