@@ -5,6 +5,7 @@ The metrics are checked on the world's own renderings; one smoke bench runs on a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -140,6 +141,34 @@ def test_a_rerun_reuses_finished_runs(smoke):
     assert code == 0 and len(saved) == len(C.METHODS) + 1  # + the floors
     assert {p: p.stat().st_mtime_ns for p in saved} == saved
     assert "training)" not in printed
+
+
+def test_regions_confine_each_single_run_to_its_half_in_the_compositions_only(tmp_path):
+    code, _ = bench(tmp_path, "--variants", "post-hoc,post-hoc+regions")
+    assert code == 0
+    plain, confined = (json.loads((tmp_path / "runs" / f"{k}-s0.json").read_text())
+                       for k in ("post-hoc", "post-hoc+regions"))
+    for f, g in zip(plain["concept_files"], confined["concept_files"], strict=True):  # the same two runs
+        a, b = load_concept_file(f), load_concept_file(g)
+        assert all(np.array_equal(a.lora[k].numpy(), b.lora[k].numpy()) for k in a.lora)
+    videos = [np.load(tmp_path / "runs" / f"{k}-s0.npz") for k in ("post-hoc", "post-hoc+regions")]
+    assert np.array_equal(videos[0]["alone_a"], videos[1]["alone_a"])  # a concept alone: not confined
+    assert not np.array_equal(videos[0]["compose"], videos[1]["compose"])
+    jobs = C.Pair.make(load_concept(A), load_concept(B), WORLD, tmp_path).jobs((0,), regions=True)
+    # A's adapter (applied first) confined to the half the prompt names A for
+    assert jobs["compose"].regions == ((0, 0, 0.5, 1), (0.5, 0, 1, 1))
+    assert jobs["compose_ba"].regions == ((0.5, 0, 1, 1), (0, 0, 0.5, 1)) and jobs["alone_a"].regions == ()
+
+
+def test_a_saved_run_still_fits_after_its_method_is_relabelled_or_gains_a_field():
+    from toyworld.compose_bench import key_fits, method_key
+
+    method = C.pick_methods("post-hoc")[0]
+    key = {"base": "tiny", "seed": 0, "method": method_key(method)}
+    older = {k: v for k, v in dataclasses.asdict(method).items() if k not in ("stage2", "regions")}
+    assert key_fits(key)({"key": {**key, "method": {**older, "label": "reworded"}}})
+    assert not key_fits(key)({"key": {**key, "method": {**older, "stitch_prob": 0.5}}})
+    assert not key_fits(key)({"key": {**key, "method": {**older, "stage2": 2.0}}})
 
 
 @pytest.mark.parametrize("text, named", [(f"{A},nope", "nope"), (A, "two concepts"), (f"{A},{A}", "differ")])

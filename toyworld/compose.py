@@ -56,6 +56,7 @@ from toyworld.runner import generate_jobs
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
+    HALVES,
     MOTIONS,
     SHAPES,
     Layer,
@@ -96,6 +97,7 @@ class Method:
     layout: str | None = None  # stitched pairs' layout (train/pairs.py); None = the base's (the budget's)
     fit: str = "crop"  # how each clip fits its half
     stage2: float = 1.0  # stage-2 steps as a multiple of the budget's
+    regions: bool = False  # two single runs, each confined to its object's half (lora/regions.py)
 
 
 METHODS = (
@@ -104,7 +106,8 @@ METHODS = (
     Method("joint", "joint, no stitched pairs", True, 0.0),
     Method("post-hoc", "post-hoc mix of two single runs", False),
 )
-# Run when named (--variants): the other stitching geometries, measured against the default's crop.
+# Run when named (--variants): the other stitching geometries, measured against the default's crop, and
+# the regional baseline: the two single runs, each adapter confined to its half at sampling.
 EXTRA_METHODS = (
     Method("joint+stitch-sbs", f"joint, side-by-side 64x128 pairs, 'On the left, ...' (p {STITCH_PROB:g})",
            True, STITCH_PROB, layout="side_by_side"),
@@ -112,6 +115,7 @@ EXTRA_METHODS = (
            STITCH_PROB, fit="squeeze"),
     Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
            STITCH_PROB, fit="scale"),
+    Method("post-hoc+regions", "post-hoc mix, each concept confined to its half", False, regions=True),
 )
 
 
@@ -368,11 +372,13 @@ class Pair:
     def refs(self) -> tuple[Reference, Reference]:
         return Reference.of(self.ref_a), Reference.of(self.ref_b)
 
-    def jobs(self, samples: tuple[int, ...]) -> dict[str, X.Job]:
+    def jobs(self, samples: tuple[int, ...], regions: bool = False) -> dict[str, X.Job]:
+        """regions: the compositions with A's adapter (applied first) confined to A's half, B's to B's."""
+        ab, ba = (HALVES, HALVES[::-1]) if regions else ((), ())
         return {
-            "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples),
+            "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples, regions=ab),
             "compose_ba": X.Job("compose_ba", composition_prompt(self.a, self.b, swapped=True),
-                                seeds=samples),
+                                seeds=samples, regions=ba),
             "alone_a": X.Job("alone_a", with_tokens(P.full_prompt(self.a), 0), seeds=samples),
             "alone_b": X.Job("alone_b", with_tokens(P.full_prompt(self.b), 1), seeds=samples),
         }
@@ -424,7 +430,7 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
                                        seed=seed, stitch_prob=0.0, progress=progress)
             files.append(f)
     t0 = time.perf_counter()
-    jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed))
+    jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed), regions=method.regions)
     scores, firsts = generate_and_score(pipeline_with(base, files), jobs, pair, budget)
     if not method.joint:  # the single-concept baseline: each concept with its own adapter only
         for f, key in zip(files, ("alone_a", "alone_b"), strict=True):

@@ -32,7 +32,23 @@ def keyed(made: tuple[dict, dict], key: dict) -> tuple[dict, dict]:
 
 
 def key_fits(key: dict):
-    return lambda saved: same_key(saved.get("key") or {}, key)
+    return lambda saved: same_key(saved_key(saved.get("key") or {}), key)
+
+
+# A method's fields in a record's key: its label is prose (reworded freely), and a field added since a
+# record was saved reads as its default, which is what the run had.
+METHOD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(C.Method)
+                   if f.default is not dataclasses.MISSING}
+
+
+def method_key(method: C.Method) -> dict:
+    return {k: v for k, v in dataclasses.asdict(method).items() if k != "label"}
+
+
+def saved_key(key: dict) -> dict:
+    if "method" not in key:
+        return key
+    return {**key, "method": {k: v for k, v in {**METHOD_DEFAULTS, **key["method"]}.items() if k != "label"}}
 
 
 @dataclass
@@ -64,7 +80,7 @@ class ComposeBench:
         return keyed(C.floors(self.base, self.pair, self.budget), self.key)
 
     def planned(self, method: C.Method, seed: int) -> Planned:
-        name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed, "method": dataclasses.asdict(method)}
+        name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed, "method": method_key(method)}
         return Planned(name, key_fits(key), lambda _: keyed(self.make_run(name, method, seed), key))
 
     def make_run(self, name: str, method: C.Method, seed: int) -> tuple[dict, dict]:
