@@ -213,3 +213,19 @@ def test_clip_t_column_is_not_available_without_weights_and_measured_with_them(s
     assert "not available (--clip)" not in md and "C-T: CLIP at" in md
     code, printed = bench(out, "--clip", str(clip_folder[0]))  # a rerun with the same CLIP redoes nothing
     assert code == 0 and "reused" not in printed and "training)" not in printed
+
+
+def test_a_saved_run_is_keyed_on_the_bases_weights_not_the_path_that_named_them(tmp_path):
+    from toyworld.runner import BASE_ID, base_key, same_key
+
+    paths = {}
+    for name in ("first", "moved", "retrained"):
+        paths[name] = str(shutil.copytree(X.DEFAULT_BASE, tmp_path / name))
+    dit = tmp_path / "retrained" / "dit.safetensors"
+    dit.write_bytes(dit.read_bytes()[:-1] + b"\x01")  # one byte of one weight changed
+    saved = base_key(paths["first"])
+    assert saved[BASE_ID] and same_key(saved, base_key(paths["moved"]))  # another path to the same files
+    assert not same_key(saved, base_key(paths["retrained"]))
+    assert not same_key({**saved, BASE_ID: "0" * 64}, base_key(paths["first"]))  # retrained in place
+    assert same_key({"base": paths["first"]}, base_key(paths["moved"]))  # saved before digests were kept
+    assert same_key({"base": "tiny"}, base_key("tiny")) and not same_key({"base": "tiny"}, base_key("x"))

@@ -25,7 +25,17 @@ from toyworld import compose_bench
 from toyworld import experiment as X
 from toyworld import prompts as P
 from toyworld.bench_report import aggregate, render_markdown, table
-from toyworld.runner import Planned, Store, ceiling, generate_jobs, resolve_base_arg, run_plan, same_key
+from toyworld.runner import (
+    Planned,
+    Store,
+    base_key,
+    ceiling,
+    generate_jobs,
+    resolve_base_arg,
+    run_plan,
+    same_base,
+    same_key,
+)
 
 SUITES = ("toyworld", "compose")
 
@@ -215,7 +225,7 @@ def reusable(saved: dict | None, record: Path, concept: Path, budget, base_arg: 
     """(concept file, training seconds) of a saved run that differs from this budget only in how it samples
     (guidance, sample steps, samples), else None. The concept file must be older than the record:
     a newer one is from a later run that never finished."""
-    if saved is None or saved.get("base") != base_arg or not concept.is_file():
+    if saved is None or not same_base(saved, base_key(base_arg)) or not concept.is_file():
         return None
     if X.training_budget(saved.get("budget", {})) != X.training_budget(budget):
         return None
@@ -246,7 +256,7 @@ class ToyworldBench:
     def key(self) -> dict:
         """What a saved record must match: the base, the budget and, when asked for, the CLIP."""
         clip = self.settings.clip
-        return {"base": self.base_arg, "budget": X.describe_budget(self.budget),
+        return {**base_key(self.base_arg), "budget": X.describe_budget(self.budget),
                 **({"clip": str(clip)} if clip is not None else {})}
 
     def planned(self, spec, seed: int, variant: X.Variant) -> Planned:

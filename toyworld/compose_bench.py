@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from toyworld import compose as C
 from toyworld import experiment as X
 from toyworld.compose_report import aggregate, contact_sheet, pooled, render_markdown
-from toyworld.runner import Planned, Store, fetch, resolve_base_arg, run_plan, same_key
+from toyworld.runner import Planned, Store, base_key, fetch, resolve_base_arg, run_plan, same_key
 
 if TYPE_CHECKING:
     from toyworld.bench import BenchSettings
@@ -70,7 +70,7 @@ class ComposeBench:
 
         out = Path(s.out or "runs/bench-compose")
         base = C.widen_context(X.ToyBase(base_arg, out / "work", seed=0))
-        key = {"base": base_arg, "pair": [c.name for c in pair], "budget": X.describe_budget(budget)}
+        key = {**base_key(base_arg), "pair": [c.name for c in pair], "budget": X.describe_budget(budget)}
         return cls(out, base, C.Pair.make(*pair, ToyWorldConfig(), out / "work"), budget, key, s.progress)
 
     def floors(self) -> Planned:

@@ -3,7 +3,8 @@ generate and score a list of jobs with a concept applied, and run a plan of name
 
 A plan's run is saved to OUT/runs/NAME.json (and, where the experiment keeps videos, the first video of
 each job to NAME.npz) as soon as it is made, so an interrupted bench keeps every finished run, and a
-rerun reuses each record whose key still fits: the same base, budget and experiment settings.
+rerun reuses each record whose key still fits: the same base weights (by whatever path they are read),
+budget and experiment settings.
 
     plan ──run_plan──► saved record fits? ── yes ──► reuse it
                                            └─ no ──► make(stale record) ──► save ──► record
@@ -11,6 +12,8 @@ rerun reuses each record whose key still fits: the same base, budget and experim
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,10 +91,48 @@ class Planned:
 
 
 def same_key(saved: Mapping, key: Mapping) -> bool:
-    """Whether a record was saved under KEY: every key field equal, its budget read with the fields
-    added since at their defaults (experiment.saved_budget)."""
+    """Whether a record was saved under KEY: the same base (same_base), every other key field equal, its
+    budget read with the fields added since at their defaults (experiment.saved_budget)."""
     old = {**saved, "budget": X.saved_budget(saved.get("budget", {}))}
-    return all(old.get(k) == v for k, v in key.items())
+    return same_base(old, key) and all(old.get(k) == v for k, v in key.items() if k not in ("base", BASE_ID))
+
+
+BASE_ID = "base_sha256"
+MODEL_FILES = (".safetensors", ".model")  # with config.json: what a base folder's loader reads
+
+
+def base_key(base_arg: str) -> dict:
+    """A key's base: the path as given (for people) and, for a folder, a digest of its model files."""
+    digest = base_fingerprint(base_arg)
+    return {"base": base_arg, **({BASE_ID: digest} if digest else {})}
+
+
+@functools.cache
+def base_fingerprint(base_arg: str | None) -> str | None:
+    """sha256 of a base folder's config and model files; None for a preset name or a missing folder."""
+    folder = Path(base_arg) if base_arg else None
+    if folder is None or not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix in MODEL_FILES:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def same_base(saved: Mapping, key: Mapping) -> bool:
+    """Same weights: equal digests where both have one, so a base read by another path (or a moved runs
+    folder) still fits and a base retrained in place does not; else (a record saved before digests,
+    or a preset) the same path, or the digest of the folder the saved path names now."""
+    if "base" not in key:
+        return True
+    mine, theirs = key.get(BASE_ID), saved.get(BASE_ID)
+    if mine and theirs:
+        return mine == theirs
+    if saved.get("base") == key["base"]:
+        return True
+    theirs = theirs or base_fingerprint(saved.get("base"))
+    return mine is not None and mine == theirs
 
 
 @dataclass(frozen=True)
