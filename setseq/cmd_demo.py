@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                    "two-object layout (default 0; never red, the edit's colour)")
     p.add_argument("--backgrounds", type=int,
                    help="also train on the concept's clip repainted onto this many other backgrounds (its "
-                   "flat background keyed out; never the edit's colour; default 0)")
+                   "flat background keyed out; never the edit's colour; default 3, 0 for the clip alone)")
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )

@@ -229,3 +229,7 @@ def test_a_saved_run_is_keyed_on_the_bases_weights_not_the_path_that_named_them(
     assert not same_key({**saved, BASE_ID: "0" * 64}, base_key(paths["first"]))  # retrained in place
     assert same_key({"base": paths["first"]}, base_key(paths["moved"]))  # saved before digests were kept
     assert same_key({"base": "tiny"}, base_key("tiny")) and not same_key({"base": "tiny"}, base_key("x"))
+
+
+def test_records_saved_before_repaints_existed_read_as_the_clip_alone():
+    assert X.ToyBudget().backgrounds == 3 and X.saved_budget({})["backgrounds"] == 0

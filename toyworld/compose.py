@@ -82,10 +82,10 @@ MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below th
 # joint+stitch`, seed 0) checker_eight alone rose from 0.29 to 0.46 crop (its flat-colour floor 0.42) and
 # its right-slot margin from +0.12 to +0.31; a joint run takes ~8 minutes on 2 cores. 4 generations per
 # prompt and order.
-COMPOSE = X.ToyBudget(steps1=300, steps2=1200, samples=4)
+COMPOSE = X.ToyBudget(steps1=300, steps2=1200, samples=4, backgrounds=0)  # each pair trains on its two clips
 # The smoke run: the experiment's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps)
 # draws a stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
-QUICK = dataclasses.replace(X.QUICK, steps2=6)
+QUICK = dataclasses.replace(X.QUICK, steps2=6, backgrounds=0)
 
 
 @dataclass(frozen=True)
