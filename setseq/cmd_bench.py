@@ -41,7 +41,8 @@ def register(subparsers) -> None:
         "leakage and motion.",
     )
     p.add_argument("suite", choices=("toyworld", "compose"), help="which benchmark (toyworld, compose)")
-    p.add_argument("--base", help="base model folder or preset (default: assets/tiny)")
+    p.add_argument("--base", help="base model folder or preset (default: assets/tiny; tiny, tiny-conv: the "
+                   "committed weights; with --quick a preset name is random weights)")
     p.add_argument(
         "--concepts",
         default="3",

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--base",
-        help="base model folder or preset (default: the committed assets/tiny; --quick "
-        "without it uses that folder when present, else a random tiny base)",
+        help="base model folder or preset (default: the committed assets/tiny; tiny-conv: the committed "
+        "conv-VAE base; with --quick a preset name is random weights, and no --base the committed tiny "
+        "when present)",
     )
     p.add_argument(
         "--concept",

@@ -196,3 +196,13 @@ def test_background_shift_reads_each_pattern_colour_of_a_rendered_sprite():
     flat = np.full((17, 64, 64, 3), 20.0)
     mean, parts = sprite_colours(flat, spec.colours)
     assert np.isnan(mean).all() and all(np.isnan(p).all() for p in parts)
+
+
+def test_a_committed_preset_name_loads_its_weights_and_only_a_smoke_run_reads_it_as_random():
+    from toyworld.runner import resolve_base_arg
+    from weights.base import COMMITTED
+
+    assert resolve_base_arg("tiny-conv", quick=False) == str(COMMITTED["tiny-conv"])
+    assert resolve_base_arg("tiny", quick=False) == str(COMMITTED["tiny"])
+    assert resolve_base_arg("tiny", quick=True) == "tiny"  # --quick: seconds on random weights
+    assert resolve_base_arg("/some/folder", quick=False) == "/some/folder"

@@ -28,8 +28,14 @@ Videos = dict[str, np.ndarray]  # job name -> (T, H, W, 3) uint8: the first vide
 
 
 def resolve_base_arg(base: str | None, quick: bool) -> str:
-    """BASE when given, else the committed tiny base; a smoke run without one takes a random tiny base."""
+    """BASE when given, else the committed tiny base; a smoke run without one takes a random tiny base.
+    A preset name with committed weights (tiny, tiny-conv) names their folder, as it does for `setseq
+    personalize`; only a --quick smoke run reads a preset name as random weights."""
+    from weights.base import COMMITTED
+
     if base is not None:
+        if not quick and base in COMMITTED and COMMITTED[base].is_dir():
+            return str(COMMITTED[base])
         return base
     if X.DEFAULT_BASE.is_dir():
         return str(X.DEFAULT_BASE)
