@@ -109,12 +109,12 @@ MODEL_FILES = (".safetensors", ".model")  # with config.json: what a base folder
 
 def base_key(base_arg: str) -> dict:
     """A key's base: the path as given (for people) and, for a folder, a digest of its model files."""
-    digest = base_fingerprint(base_arg)
+    digest = base_files_digest(base_arg)
     return {"base": base_arg, **({BASE_ID: digest} if digest else {})}
 
 
 @functools.cache
-def base_fingerprint(base_arg: str | None) -> str | None:
+def base_files_digest(base_arg: str | None) -> str | None:
     """sha256 of a base folder's config and model files; None for a preset name or a missing folder."""
     folder = Path(base_arg) if base_arg else None
     if folder is None or not folder.is_dir():
@@ -137,7 +137,7 @@ def same_base(saved: Mapping, key: Mapping) -> bool:
         return mine == theirs
     if saved.get("base") == key["base"]:
         return True
-    theirs = theirs or base_fingerprint(saved.get("base"))
+    theirs = theirs or base_files_digest(saved.get("base"))
     return mine is not None and mine == theirs
 
 
