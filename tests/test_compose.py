@@ -160,12 +160,22 @@ def test_regions_confine_each_single_run_to_its_half_in_the_compositions_only(tm
     assert jobs["compose_ba"].regions == ((0.5, 0, 1, 1), (0, 0, 0.5, 1)) and jobs["alone_a"].regions == ()
 
 
+def test_dblora_joint_trains_both_concepts_in_one_stage_with_both_stages_steps(tmp_path):
+    code, _ = bench(tmp_path, "--variants", "dblora+stitch")
+    assert code == 0
+    trained = load_concept_file(tmp_path / "work" / "dblora+stitch-s0" / "joint.safetensors")
+    cfg = trained.train_config
+    assert cfg["single_stage"] and list(cfg["stages"]) == [1] and cfg["prior_count"] == 0
+    assert cfg["steps1"] == 2 * (C.QUICK.steps1 + round(C.QUICK.steps2 * C.STITCH_STAGE2))  # as joint+stitch
+    assert cfg["stitch_prob"] == C.STITCH_PROB and set(trained.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
+
+
 def test_a_saved_run_still_fits_after_its_method_is_relabelled_or_gains_a_field():
     from toyworld.compose_bench import key_fits, method_key
 
     method = C.pick_methods("post-hoc")[0]
     key = {"base": "tiny", "seed": 0, "method": method_key(method)}
-    older = {k: v for k, v in dataclasses.asdict(method).items() if k not in ("stage2", "regions")}
+    older = {k: v for k, v in dataclasses.asdict(method).items() if k not in ("stage2", "regions", "variant")}
     assert key_fits(key)({"key": {**key, "method": {**older, "label": "reworded"}}})
     assert not key_fits(key)({"key": {**key, "method": {**older, "stitch_prob": 0.5}}})
     assert not key_fits(key)({"key": {**key, "method": {**older, "stage2": 2.0}}})

@@ -98,6 +98,7 @@ class Method:
     fit: str = "crop"  # how each clip fits its half
     stage2: float = 1.0  # stage-2 steps as a multiple of the budget's
     regions: bool = False  # two single runs, each confined to its object's half (lora/regions.py)
+    variant: str = "ours"  # the toyworld bench row each run trains (toyworld/experiment.variants)
 
 
 METHODS = (
@@ -116,6 +117,8 @@ EXTRA_METHODS = (
     Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
            STITCH_PROB, fit="scale"),
     Method("post-hoc+regions", "post-hoc mix, each concept confined to its half", False, regions=True),
+    Method("dblora+stitch", f"DB-LoRA, joint, stitched pairs (p {STITCH_PROB:g}, stage 2 x{STITCH_STAGE2:g})",
+           True, STITCH_PROB, stage2=STITCH_STAGE2, variant="dblora"),
 )
 
 
@@ -322,8 +325,8 @@ def widen_context(base: X.ToyBase) -> X.ToyBase:
 
 def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.ToyBudget, out: Path,
           work: Path, *, seed: int, stitch_prob: float, progress: bool, layout: str | None = None,
-          fit: str = "crop") -> float:
-    """One personalization run (variant `ours`) of one or several concepts into one concept file;
+          fit: str = "crop", variant: str = "ours") -> float:
+    """One personalization run (a toyworld bench row) of one or several concepts into one concept file;
     specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
     Returns the training seconds."""
     from train.config import ConceptSpec
@@ -332,7 +335,7 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
                             motion_token=TOKENS[k][1], full_prompt=with_tokens(P.full_prompt(spec), k))
                 for k, spec, video in specs]
-    return X.train_concepts(base, concepts, X.variants(budget)["ours"], budget, out, work,
+    return X.train_concepts(base, concepts, X.variants(budget)[variant], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
                             stitch_prob=stitch_prob, pair_layout=layout or budget.pair_layout, pair_fit=fit)
 
@@ -421,13 +424,13 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
         steps = dataclasses.replace(budget, steps2=round(budget.steps2 * method.stage2))
         seconds = {"joint": train(base, specs, steps, files[0], work / "joint.work", seed=seed,
                                   stitch_prob=method.stitch_prob, progress=progress, layout=method.layout,
-                                  fit=method.fit)}
+                                  fit=method.fit, variant=method.variant)}
     else:
         files, seconds = [], {}
         for k, spec, video in specs:
             f = work / f"single-{spec.name}.safetensors"
             seconds[spec.name] = train(base, [(k, spec, video)], budget, f, work / f"single-{spec.name}.work",
-                                       seed=seed, stitch_prob=0.0, progress=progress)
+                                       seed=seed, stitch_prob=0.0, progress=progress, variant=method.variant)
             files.append(f)
     t0 = time.perf_counter()
     jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed), regions=method.regions)

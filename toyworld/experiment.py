@@ -197,8 +197,8 @@ NO_REG = dict(dropout1=0.0, dropout2=0.0, prior_count=0, token_mask_prob=0.0, ca
 
 def variants(budget: ToyBudget) -> dict[str, Variant]:
     """The bench's rows. Single-stage rows train A1 + B1 on clips with the full prompt for
-    steps1 + steps2 steps (the same budget as the two stages)."""
-    single = dict(stages=(1,), single_stage=True, steps1=budget.steps1 + budget.steps2)
+    steps1 + steps2 steps (the same budget as the two stages: train_concepts)."""
+    single = dict(stages=(1,), single_stage=True)
     rows = [
         Variant("lora1", "LoRA rank-1 (single stage)", {**NO_REG, **single, "rank": 1}),
         Variant("dblora", f"DB-LoRA rank-{budget.rank} (single stage)", {**NO_REG, **single}),
@@ -343,6 +343,8 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
     )
     values.update(extra)
     values.update(variant.overrides)
+    if values.get("single_stage"):  # one stage takes both stages' steps
+        values["steps1"] = n * (budget.steps1 + budget.steps2)
     if values["prior_count"] == 0:
         values["prior_per_batch"] = 0
     start = time.perf_counter()
