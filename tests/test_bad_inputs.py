@@ -108,7 +108,7 @@ ROWS = [
     # demo and bench: their numbers are checked while parsing or before the base loads
     ("bench-guidance-nan", ["bench", "toyworld", "--quick", "--guidance", "nan"], "'nan'"),
     ("bench-lr-inf", ["bench", "compose", "--quick", "--lr", "inf"], "'inf'"),
-    ("bench-compose-backgrounds", ["bench", "compose", "--quick", "--backgrounds", "2"], "--backgrounds"),
+    ("bench-compose-companions", ["bench", "compose", "--quick", "--companions", "2"], "--companions"),
     ("bench-prior-weight-negative", ["bench", "toyworld", "--quick", "--prior-weight", "-1"], "'-1'"),
     ("demo-samples-0", ["demo", "--quick", "--samples", "0"], "samples"),
     # generate: numbers, outputs, concepts, devices, shapes, scorers

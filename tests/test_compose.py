@@ -15,7 +15,7 @@ import pytest
 from lora.concept import load_concept as load_concept_file
 from setseq.cli import main as cli_main
 from toyworld import compose as C
-from toyworld.compose_protocol import protocol_summary
+from toyworld.compose_protocol import SCENE, protocol_summary
 from toyworld.concepts import load_concept
 from toyworld.world import ToyWorldConfig, caption_of
 
@@ -106,13 +106,14 @@ def test_quick_bench_writes_every_methods_rows(smoke):
     assert data["pair"] == [A, B]
     for m in C.METHODS:
         jobs = data["table"]["rows"][m.key]
-        want = {"compose", "compose_ba", "alone_a", "alone_b"}
+        want = {"compose", "compose_ba", "scene", "scene_ba", "alone_a", "alone_b"}
         want |= {"single_a", "single_b"} if not m.joint else set()
         assert set(jobs) == want
         for key in ("a_id_crop", "a_id_crop_other", "a_crop_margin", "b_motion", "sides_right"):
             assert jobs["compose"][key]["n"] == C.QUICK.samples
     md = (out / "compose.md").read_text()
     for text in [m.label for m in C.METHODS] + ["floor: base model, nearest words", "ID crop other (leak)",
+                                                "A left, B right, new scene", "background right",
                                                 "(ceiling)", "single-concept baseline"]:
         assert text in md
     assert printed.rstrip().splitlines()[-1].startswith("json: ") and "compose.json" in printed
@@ -196,6 +197,36 @@ def test_swapped_order_reads_concept_a_in_the_right_half(pair):
     assert C.composition_prompt(a, b, swapped=True).startswith("a [v2] circle moves [u2] and a [v1] square")
 
 
+def test_the_new_scene_is_a_background_neither_clip_has_and_is_read_from_pixels(pair, tmp_path):
+    a, b, (ref_a, ref_b) = pair
+    stutter = load_concept("stripes_stutter")
+    assert (a.background, b.background, stutter.background) == ("gray", "gray", "black")
+    assert C.scene_background(a, b) == C.scene_background(a, stutter) == "blue"
+    assert C.scene_background(dataclasses.replace(a, background="blue"), stutter) == "green"
+    jobs = C.Pair.make(a, b, WORLD, tmp_path).jobs((0,))
+    assert jobs["scene"].prompt == C.composition_prompt(a, b).replace("gray background", "blue background")
+    ba = jobs["scene_ba"].prompt
+    assert ba.startswith("a [v2] circle") and ba.endswith(" blue background")
+    on_blue = C.score_composition(C.render_pair(a, b, WORLD, "blue"), ref_a, ref_b, background="blue")
+    assert on_blue["background_right"] == 1.0 and on_blue["sides_right"] == 1.0
+    on_gray = C.score_composition(C.render_pair(a, b, WORLD), ref_a, ref_b, background="blue")
+    assert on_gray["background_right"] == 0.0 and "background_right" not in C.score_composition(
+        C.render_pair(a, b, WORLD), ref_a, ref_b)
+
+
+def test_compose_with_repaints_never_shows_a_concept_the_new_scene(tmp_path):
+    code, _ = bench(tmp_path, "--variants", "joint+stitch", "--backgrounds", "2")
+    assert code == 0
+    trained = load_concept_file(tmp_path / "work" / "joint+stitch-s0" / "joint.safetensors")
+    backgrounds = [c["full_prompt"].rsplit(" on a ", 1)[1] for c in trained.train_config["concepts"]]
+    # each concept: its own clip (gray) twice, then repaints on black and green; never the scene's blue
+    assert backgrounds == (["gray background"] * 2 + ["black background", "green background"]) * 2
+    assert set(trained.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
+    record = json.loads((tmp_path / "runs" / "joint+stitch-s0.json").read_text())
+    assert {s["background_right"] for s in record["scores"]["scene"]} <= {0.0, 1.0}
+    assert "background_right" not in record["scores"]["compose"][0]
+
+
 def test_every_shipped_pair_and_the_pooled_goals():
     assert C.pick_pairs("all") == [(A, B), (A, "stripes_stutter"), (B, "stripes_stutter")]
     good = {"a_crop_margin": 0.5, "b_crop_margin": 0.4, "a_colour_margin": 0.1, "b_colour_margin": 0.1,
@@ -205,6 +236,12 @@ def test_every_shipped_pair_and_the_pooled_goals():
     s = protocol_summary({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}})["joint+stitch"]
     assert s["n"] == 8 and s["both_right"] == {"compose": 1.0, "compose_ba": 0.75}
     assert not s["goal_margins"] and s["goal_motion"]  # 75% in one order misses the 80% goal
+    rec["scores"].update(scene=[{**good, "background_right": 1.0}] * 2,
+                         scene_ba=[{**bad, "background_right": 0.0}])
+    scene = protocol_summary({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}}, SCENE)
+    s = scene["joint+stitch"]
+    assert s["n"] == 3 and s["both_right"] == {"compose": 1.0, "compose_ba": 0.0}  # keyed as the orders
+    assert s["background_right"] == pytest.approx(2 / 3) and not s["goal_margins"]
 
 
 def test_the_pooled_protocol_report_prints_as_setseq_bench_does(tmp_path):

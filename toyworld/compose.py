@@ -50,6 +50,7 @@ import numpy as np
 from toyworld import experiment as X
 from toyworld import instruments as ins
 from toyworld import prompts as P
+from toyworld.compose_scores import Reference, motion_match, score_alone, score_composition
 from toyworld.concepts import ConceptSpec as ToyConcept
 from toyworld.concepts import concept_path, list_concepts, slot_path
 from toyworld.runner import generate_jobs
@@ -73,8 +74,10 @@ STITCH_PROB = X.TINY["stitch_prob"]  # the tiny recipe's: a stitched pair on hal
 # floor in all 4 runs at 1x; 0.43-0.47, above it, at 1.5x). The share, not the steps, makes the composition:
 # at 1.5x p 0.25 gives both right 0.92 / 0.75, margin +0.49, motion 0.59; p 0.5 1.00 / 1.00, +0.63, 0.68.
 STITCH_STAGE2 = pair_room(STITCH_PROB)
+# The new scene: the composition on a background neither clip has (toyworld/compose.scene_background); with
+# repaints (--backgrounds) none of them shows it either, so it tests composing into a scene never trained.
+SCENE_BACKGROUNDS = ("blue", "green", "brown")
 MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens on the tiny tokenizer
-MOVING_AXIS_PX = 0.5  # a reference axis whose stride-2 velocity std is below this does not count as moving
 
 # The default: `ours` at 300 + 1200 steps per concept, so a joint run of two concepts trains 600 + 2400:
 # stage 1 as one concept's, stage 2 twice one concept's 1200 (the paper: 2k-2.5k stage-2 steps for several
@@ -181,13 +184,19 @@ def with_tokens(prompt: str, k: int) -> str:
     return prompt.replace("[v]", TOKENS[k][0]).replace("[u]", TOKENS[k][1])
 
 
-def composition_prompt(a: ToyConcept, b: ToyConcept, swapped: bool = False) -> str:
+def composition_prompt(a: ToyConcept, b: ToyConcept, swapped: bool = False, background: str | None = None
+                       ) -> str:
     """The world's two-object caption with concept tokens: A named first (left half), B second (right);
-    swapped: B first (left), A second, on B's background (a stitched pair keeps its left clip's)."""
-    (v1, u1), (v2, u2) = TOKENS
-    if swapped:
-        return f"a {v2} {b.shape} moves {u2} and a {v1} {a.shape} moves {u1} on a {b.background} background"
-    return f"a {v1} {a.shape} moves {u1} and a {v2} {b.shape} moves {u2} on a {a.background} background"
+    swapped: B first (left), A second, on B's background (a stitched pair keeps its left clip's), or on
+    `background` (a new scene)."""
+    left, right = ((b, 1), (a, 0)) if swapped else ((a, 0), (b, 1))
+    first, second = (f"a {TOKENS[k][0]} {spec.shape} moves {TOKENS[k][1]}" for spec, k in (left, right))
+    return f"{first} and {second} on a {background or left[0].background} background"
+
+
+def scene_background(a: ToyConcept, b: ToyConcept) -> str:
+    """The new scene's background: one neither concept's clip has and no repaint shows (blue if free)."""
+    return next(bg for bg in SCENE_BACKGROUNDS if bg not in (a.background, b.background))
 
 
 def nearest_words(spec: ToyConcept, world: ToyWorldConfig, exclude: tuple[str, ...] = ()
@@ -212,102 +221,19 @@ def nearest_words(spec: ToyConcept, world: ToyWorldConfig, exclude: tuple[str, .
 # ------------------------------------------------------------------------------------------- target
 
 
-def render_pair(a: ToyConcept, b: ToyConcept, world: ToyWorldConfig) -> np.ndarray:
+def render_pair(a: ToyConcept, b: ToyConcept, world: ToyWorldConfig, background: str | None = None
+                ) -> np.ndarray:
     """What the composition should look like, (T, H, W, 3) uint8: A in the left slot (x = W/4), B in the
-    right (x = 3W/4), each on its own path with the x offsets shrunk to keep the sprite in its half."""
+    right (x = 3W/4), each on its own path with the x offsets shrunk to keep the sprite in its half; on
+    A's background or `background`."""
     layers = []
     for spec, slot in ((a, world.size / 4), (b, 3 * world.size / 4)):
         centres, angles = slot_path(spec, world, slot)
         layers.append(Layer(centres=centres[None], shapes=np.array([SHAPES.index(spec.shape)]),
                             colours=np.array(spec.colours, np.uint8)[None], radius=spec.radius,
                             pattern=spec.pattern, cell=spec.cell, angles=angles[None]))
-    bg = np.array(BACKGROUNDS[a.background], np.uint8)[None]
+    bg = np.array(BACKGROUNDS[background or a.background], np.uint8)[None]
     return draw_layers(bg, layers, world.frames, world.size)[0][0]
-
-
-# ------------------------------------------------------------------------------------------ measure
-
-
-def motion_match(traj: np.ndarray, ref: np.ndarray, stride: int = 2) -> float:
-    """Per-axis Pearson correlation of stride-2 velocities, averaged over the axes along which the
-    reference moves (velocity std >= MOVING_AXIS_PX). Invariant to translation and to a per-axis
-    scale, so an object tracing its concept's path smaller, in its half, still scores 1. A found
-    object that does not move along a moving axis scores 0 there; NaN when nothing is comparable."""
-    if len(traj) <= stride:
-        return float("nan")
-    a, b = traj[stride:] - traj[:-stride], ref[stride:] - ref[:-stride]  # (T - s, 2)
-    ok = ~(np.isnan(a).any(1) | np.isnan(b).any(1))
-    if ok.sum() < 3:
-        return float("nan")
-    a, b = a[ok], b[ok]
-    out = []
-    for k in range(2):
-        if b[:, k].std() < MOVING_AXIS_PX:
-            continue
-        out.append(0.0 if a[:, k].std() < 1e-6 else float(np.corrcoef(a[:, k], b[:, k])[0, 1]))
-    return float(np.mean(out)) if out else float("nan")
-
-
-@dataclass
-class Reference:
-    """A concept's reference clip read once: frames (T, H, W, 3) float 0..255, object mask, trajectory."""
-
-    frames: np.ndarray
-    mask: np.ndarray
-    traj: np.ndarray
-    hist: np.ndarray
-
-    @classmethod
-    def of(cls, video) -> Reference:
-        frames = ins.as_frames(video)
-        mask = ins.object_masks(frames)[0]
-        return cls(frames, mask, ins.centroids(mask), ins.colour_histogram(frames, mask))
-
-
-def object_scores(frames: np.ndarray, mask: np.ndarray, own: Reference, other: Reference) -> dict[str, float]:
-    """One object (a mask of `frames`) against its own concept's reference and the other's."""
-    from toyworld.report import crop_cosines
-
-    def crop(ref: Reference) -> float:
-        cos = crop_cosines(frames, mask, ref.frames, ref.mask)
-        return float(np.nanmean(cos)) if np.any(~np.isnan(cos)) else 0.0  # never found: 0, as bench
-
-    hist = ins.colour_histogram(frames, mask)
-    out = {
-        "id_crop": crop(own),
-        "id_crop_other": crop(other),
-        "id_colour": ins.appearance_similarity(hist, own.hist),
-        "id_colour_other": ins.appearance_similarity(hist, other.hist),
-        "motion": motion_match(ins.centroids(mask), own.traj),
-        "detection": ins.detection_rate(ins.centroids(mask)),
-    }
-    out["crop_margin"] = out["id_crop"] - out["id_crop_other"]
-    out["colour_margin"] = out["id_colour"] - out["id_colour_other"]
-    return out
-
-
-def score_composition(video, ref_a: Reference, ref_b: Reference, swapped: bool = False) -> dict[str, float]:
-    """A two-concept video: the left half's object against A (own) and B (other), the right half's
-    against B (own) and A (other); swapped (B asked for on the left): A is read in the right half.
-    Keys 'a_*' (concept A's half), 'b_*' (B's), 'sides_right'."""
-    frames = np.clip(np.round(ins.as_frames(video)), 0, 255)
-    left, right = ins.object_masks(frames, 2)
-    if swapped:
-        left, right = right, left
-    out = {f"a_{k}": v for k, v in object_scores(frames, left, ref_a, ref_b).items()}
-    out.update({f"b_{k}": v for k, v in object_scores(frames, right, ref_b, ref_a).items()})
-    out["sides_right"] = float(out["a_crop_margin"] > 0 and out["b_crop_margin"] > 0)
-    return out
-
-
-def score_alone(video, own: Reference, other: Reference) -> dict[str, float]:
-    """One concept generated alone: its object against its own and the other concept's reference,
-    and the frame-by-frame MSE to its own reference (beside the flat-video floor)."""
-    frames = np.clip(np.round(ins.as_frames(video)), 0, 255)
-    out = object_scores(frames, ins.object_masks(frames)[0], own, other)
-    out["mse"] = float(np.mean((frames / 127.5 - own.frames / 127.5) ** 2))
-    out["mse_floor"] = ins.flat_video_mse(own.frames.astype(np.uint8))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -325,16 +251,18 @@ def widen_context(base: X.ToyBase) -> X.ToyBase:
 
 def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.ToyBudget, out: Path,
           work: Path, *, seed: int, stitch_prob: float, progress: bool, layout: str | None = None,
-          fit: str = "crop", variant: str = "ours") -> float:
+          fit: str = "crop", variant: str = "ours", scene: str = "blue") -> float:
     """One personalization run (a toyworld bench row) of one or several concepts into one concept file;
-    specs: (token slot k, concept, its reference video). Steps scale with the number of concepts.
-    Returns the training seconds."""
+    specs: (token slot k, concept, its reference video), each also repainted onto budget.backgrounds
+    others, never the new scene's. Steps scale with the number of concepts. Returns the training seconds."""
     from train.config import ConceptSpec
 
-    concepts = [ConceptSpec(video=str(video), prompt=with_tokens(P.static_prompt(spec), k),
+    concepts = [ConceptSpec(video=str(path), prompt=with_tokens(P.static_prompt(spec, bg), k),
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
-                            motion_token=TOKENS[k][1], full_prompt=with_tokens(P.full_prompt(spec), k))
-                for k, spec, video in specs]
+                            motion_token=TOKENS[k][1], full_prompt=with_tokens(P.full_prompt(spec, bg), k))
+                for k, spec, video in specs
+                for bg, path in X.repainted_clips(spec, video, work.parent / "clips", budget.backgrounds,
+                                                  unseen=(scene,))]
     return X.train_concepts(base, concepts, X.variants(budget)[variant], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
                             stitch_prob=stitch_prob, pair_layout=layout or budget.pair_layout, pair_fit=fit)
@@ -375,13 +303,24 @@ class Pair:
     def refs(self) -> tuple[Reference, Reference]:
         return Reference.of(self.ref_a), Reference.of(self.ref_b)
 
+    @property
+    def scene(self) -> str:
+        return scene_background(self.a, self.b)
+
     def jobs(self, samples: tuple[int, ...], regions: bool = False) -> dict[str, X.Job]:
-        """regions: the compositions with A's adapter (applied first) confined to A's half, B's to B's."""
+        """The compositions as stitched pairs show them and in the new scene, both orders; each concept
+        alone. regions: A's adapter (applied first) confined to A's half, B's to B's, in compositions."""
         ab, ba = (HALVES, HALVES[::-1]) if regions else ((), ())
+
+        def composition(name: str, swapped: bool, background: str | None) -> X.Job:
+            prompt = composition_prompt(self.a, self.b, swapped, background)
+            return X.Job(name, prompt, seeds=samples, regions=ba if swapped else ab)
+
         return {
-            "compose": X.Job("compose", composition_prompt(self.a, self.b), seeds=samples, regions=ab),
-            "compose_ba": X.Job("compose_ba", composition_prompt(self.a, self.b, swapped=True),
-                                seeds=samples, regions=ba),
+            "compose": composition("compose", False, None),
+            "compose_ba": composition("compose_ba", True, None),
+            "scene": composition("scene", False, self.scene),
+            "scene_ba": composition("scene_ba", True, self.scene),
             "alone_a": X.Job("alone_a", with_tokens(P.full_prompt(self.a), 0), seeds=samples),
             "alone_b": X.Job("alone_b", with_tokens(P.full_prompt(self.b), 1), seeds=samples),
         }
@@ -398,8 +337,10 @@ def scorer(pair: Pair):
     ref_a, ref_b = pair.refs()
 
     def score(job: X.Job, videos) -> list[dict[str, float]]:
-        if job.name.startswith("compose"):
-            return [score_composition(v, ref_a, ref_b, swapped=job.name.endswith("_ba")) for v in videos]
+        if job.name.startswith(("compose", "scene")):
+            bg = pair.scene if job.name.startswith("scene") else None
+            return [score_composition(v, ref_a, ref_b, swapped=job.name.endswith("_ba"), background=bg)
+                    for v in videos]
         own, other = (ref_a, ref_b) if job.name.endswith("_a") else (ref_b, ref_a)
         return [score_alone(v, own, other) for v in videos]
 
@@ -424,13 +365,14 @@ def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget,
         steps = dataclasses.replace(budget, steps2=round(budget.steps2 * method.stage2))
         seconds = {"joint": train(base, specs, steps, files[0], work / "joint.work", seed=seed,
                                   stitch_prob=method.stitch_prob, progress=progress, layout=method.layout,
-                                  fit=method.fit, variant=method.variant)}
+                                  fit=method.fit, variant=method.variant, scene=pair.scene)}
     else:
         files, seconds = [], {}
         for k, spec, video in specs:
             f = work / f"single-{spec.name}.safetensors"
             seconds[spec.name] = train(base, [(k, spec, video)], budget, f, work / f"single-{spec.name}.work",
-                                       seed=seed, stitch_prob=0.0, progress=progress, variant=method.variant)
+                                       seed=seed, stitch_prob=0.0, progress=progress, variant=method.variant,
+                                       scene=pair.scene)
             files.append(f)
     t0 = time.perf_counter()
     jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed), regions=method.regions)
@@ -463,6 +405,8 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
     jobs = {
         "compose": X.Job("compose", caption_of(pair.a.background, [wa, wb]), seeds=samples),
         "compose_ba": X.Job("compose_ba", caption_of(pair.b.background, [wb, wa]), seeds=samples),
+        "scene": X.Job("scene", caption_of(pair.scene, [wa, wb]), seeds=samples),
+        "scene_ba": X.Job("scene_ba", caption_of(pair.scene, [wb, wa]), seeds=samples),
         "alone_a": X.Job("alone_a", caption_of(pair.a.background, [wa]), seeds=samples),
         "alone_b": X.Job("alone_b", caption_of(pair.b.background, [wb]), seeds=samples),
     }
@@ -475,6 +419,8 @@ def floors(base: X.ToyBase, pair: Pair, budget: X.ToyBudget) -> tuple[dict, dict
         "target": score_composition(target, ref_a, ref_b),
         "target_vae": score_composition(roundtrip, ref_a, ref_b),
         "target_ba": score_composition(render_pair(pair.b, pair.a, pair.world), ref_a, ref_b, swapped=True),
+        "target_scene": score_composition(render_pair(pair.a, pair.b, pair.world, pair.scene), ref_a, ref_b,
+                                          background=pair.scene),
         "reference_a": score_alone(pair.ref_a, ref_a, ref_b),
         "reference_b": score_alone(pair.ref_b, ref_b, ref_a),
         "flat_colour_a": flat_colour_floor(ref_a.frames, ref_a.mask),

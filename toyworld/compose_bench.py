@@ -70,8 +70,11 @@ class ComposeBench:
 
         out = Path(s.out or "runs/bench-compose")
         base = C.widen_context(X.ToyBase(base_arg, out / "work", seed=0))
-        key = {**base_key(base_arg), "pair": [c.name for c in pair], "budget": X.describe_budget(budget)}
-        return cls(out, base, C.Pair.make(*pair, ToyWorldConfig(), out / "work"), budget, key, s.progress)
+        made = C.Pair.make(*pair, ToyWorldConfig(), out / "work")
+        # "scene": records saved before the new-scene compositions existed lack them, so they rerun
+        key = {**base_key(base_arg), "pair": [c.name for c in pair], "budget": X.describe_budget(budget),
+               "scene": made.scene}
+        return cls(out, base, made, budget, key, s.progress)
 
     def floors(self) -> Planned:
         return Planned("floors", key_fits(self.key), self.make_floors)
@@ -100,10 +103,9 @@ def run(s: BenchSettings) -> dict:
     from toyworld.bench import parse_shard
 
     budget = dataclasses.replace(C.QUICK if s.quick else C.COMPOSE, **s.budget)
-    unused = [f"--{k}" for k in ("companions", "backgrounds") if getattr(budget, k)]
-    if unused:  # single-concept options (toyworld/experiment.personalize)
-        raise ValueError(f"{' and '.join(unused)}: not used by bench compose (each pair trains on its two "
-                         "clips alone; setseq demo and bench toyworld take it); drop the flag")
+    if budget.companions:  # a single-concept option (toyworld/experiment.personalize)
+        raise ValueError("--companions: not used by bench compose (each pair trains on its two concepts' "
+                         "clips; setseq demo and bench toyworld take it); drop the flag")
     pairs, methods = C.pick_pairs(s.pair), C.pick_methods(s.variants)
     base_arg, out = resolve_base_arg(s.base, s.quick), Path(s.out or "runs/bench-compose")
     shard = parse_shard(s.shard)
@@ -151,14 +153,14 @@ def run_pair(s: BenchSettings, base_arg: str, pair_names: tuple[str, str], budge
 
 def protocol_report(per_pair: dict[str, dict], out: Path) -> dict:
     """OUT/compose-all.md / .json: the goals pooled over pairs (toyworld/compose_protocol.py)."""
-    from toyworld.compose_protocol import protocol_summary, render_protocol
+    from toyworld.compose_protocol import SCENE, protocol_summary, render_protocol
     from toyworld.report import write_report
 
-    summary_ = protocol_summary(per_pair)
-    md, js = write_report(out, render_protocol(per_pair, summary_), {"pairs": list(per_pair),
-                                                                     "summary": summary_}, stem="compose-all")
-    return {"command": "setseq bench compose", "protocol": True, "summary": summary_, "per_pair": per_pair,
-            "paths": {"markdown": str(md), "json": str(js)}}
+    summary_, scene = protocol_summary(per_pair), protocol_summary(per_pair, SCENE)
+    md, js = write_report(out, render_protocol(per_pair, summary_, scene),
+                          {"pairs": list(per_pair), "summary": summary_, "scene": scene}, stem="compose-all")
+    return {"command": "setseq bench compose", "protocol": True, "summary": summary_, "scene": scene,
+            "per_pair": per_pair, "paths": {"markdown": str(md), "json": str(js)}}
 
 
 def summary(data: dict) -> str:

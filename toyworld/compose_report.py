@@ -36,7 +36,7 @@ def aggregate(records: list[dict], floor: dict, methods: tuple = METHODS) -> dic
     rows = {}
     for m in methods:
         mine = [r for r in records if r["method"] == m.key]
-        jobs = ("compose", "compose_ba", "alone_a", "alone_b", "single_a", "single_b")
+        jobs = ("compose", "compose_ba", "scene", "scene_ba", "alone_a", "alone_b", "single_a", "single_b")
         rows[m.key] = {job: table for job in jobs if (table := pooled(mine, job))}
     words = {job: pooled([{"scores": floor["words"]}], job) for job in floor["words"]}
     return {"rows": rows, "words": words}
@@ -61,7 +61,8 @@ def setup(data: dict) -> list[str]:
         f"stage 2 {STITCH_STAGE2:g}x as long",
         f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
         f"- composition prompt: `{data['prompts']['compose']}`; swapped order: "
-        f"`{data['prompts'].get('compose_ba', '-')}`; alone: `{data['prompts']['alone_a']}`, "
+        f"`{data['prompts'].get('compose_ba', '-')}`; in a new scene: `{data['prompts'].get('scene', '-')}`; "
+        f"alone: `{data['prompts']['alone_a']}`, "
         f"`{data['prompts']['alone_b']}`",
         f"- base-model floor prompts (nearest words, no concept): `{fl['words_prompts']['compose']}`; "
         f"`{fl['words_prompts']['alone_a']}`; `{fl['words_prompts']['alone_b']}`",
@@ -72,7 +73,9 @@ def setup(data: dict) -> list[str]:
 
 # (job, order, the halves in it: (key prefix of the concept asked for there, side))
 ORDERS = (("compose", "A left, B right", (("a", "left"), ("b", "right"))),
-          ("compose_ba", "B left, A right", (("b", "left"), ("a", "right"))))
+          ("compose_ba", "B left, A right", (("b", "left"), ("a", "right"))),
+          ("scene", "A left, B right, new scene", (("a", "left"), ("b", "right"))),
+          ("scene_ba", "B left, A right, new scene", (("b", "left"), ("a", "right"))))
 
 
 def half_rows(label: str, order: str, halves: tuple, cells, sides: str, tail: str, names: dict
@@ -80,6 +83,12 @@ def half_rows(label: str, order: str, halves: tuple, cells, sides: str, tail: st
     """Two rows, one per half; the label, order, both-sides-right and tail cells on the first."""
     return [[label if n == 0 else "", order if n == 0 else "", f"{side}: {names[half]}"] + cells(half)
             + ([sides, tail] if n == 0 else ["", ""]) for n, (half, side) in enumerate(halves)]
+
+
+def sides_cell(table: dict) -> str:
+    """Both sides right; in a new scene also whether the background is the one asked for."""
+    bg = table.get("background_right")
+    return fmt_pm(table.get("sides_right")) + (f"; background right {fmt(bg['mean'])}" if bg else "")
 
 
 def method_rows(data: dict) -> list[list[str]]:
@@ -94,7 +103,7 @@ def method_rows(data: dict) -> list[list[str]]:
                 tail = fmt(sum(secs) / len(secs)) if secs and job == "compose" else ""
                 rows += half_rows(label, order, halves,
                                   lambda h, c=comp: [fmt_pm(c.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
-                                  fmt_pm(comp.get("sides_right")), tail, names)
+                                  sides_cell(comp), tail, names)
     return rows
 
 
@@ -107,8 +116,8 @@ def reference_rows(data: dict) -> list[list[str]]:
         if words:
             rows += half_rows("floor: base model, nearest words", order, halves,
                               lambda h, w=words: [fmt_pm(w.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
-                              fmt_pm(words.get("sides_right")), "", names)
-        suffix = "" if job == "compose" else "_ba"
+                              sides_cell(words), "", names)
+        suffix = {"compose": "", "compose_ba": "_ba", "scene": "_scene"}.get(job, "_none")
         for label, src in (("world's rendering (target)", fl.get(f"target{suffix}")),
                            ("its VAE round trip (ceiling)", fl.get(f"target_vae{suffix}"))):
             if src is not None:
@@ -173,12 +182,14 @@ def render_markdown(data: dict) -> str:
         "reference moves along (translation- and scale-free: a composed object traces a smaller path in its "
         "half). Halves: the left half's foreground (x < W/2) is the first-named concept, the right "
         "half's the second ('A left, B right', then the swapped prompt 'B left, A right'). 'both sides "
-        "right': both halves' crop margins > 0. Floors: the base model without any concept, prompted with "
-        "the nearest vocabulary words; the reference with its sprite flattened to its mean colour "
-        "(flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor (in the "
-        "JSON) = a flat video of the reference's background. The world's rendering of the composition "
-        "(each sprite on its own path, x offsets shrunk to its half) shows what a perfect answer scores; "
-        "its VAE round trip is the ceiling of any generation in the base's latent space.",
+        "right': both halves' crop margins > 0. 'New scene': the same compositions on a background neither "
+        "clip has (nor, with --backgrounds, any repaint): composing into a scene never trained, where the "
+        "other orders are the stitched pairs' own layout. Floors: the base model without any concept, "
+        "prompted with the nearest vocabulary words; the reference with its sprite flattened to its mean "
+        "colour (flat-colour crop cosine); a flat video (no object) scores ID 0 and motion 0; MSE floor "
+        "(in the JSON) = a flat video of the reference's background. The world's rendering of the "
+        "composition (each sprite on its own path, x offsets shrunk to its half) shows what a perfect "
+        "answer scores; its VAE round trip is the ceiling of any generation in the base's latent space.",
     ]
     if data.get("missing"):
         lines += ["", f"NOT RUN: {', '.join(data['missing'])}"]

@@ -265,6 +265,25 @@ def write_lossless(path: Path, frames: np.ndarray, fps: float = FPS) -> Path:
 # ---------------------------------------------------------------------------------------- training
 
 
+def repainted_clips(spec: ToyConcept, video: Path, folder: Path, n: int, unseen: tuple[str, ...]
+                    ) -> list[tuple[str, Path]]:
+    """(background, video) of every clip a concept trains on: its own and, n > 0, the clip repainted
+    onto n other backgrounds, never one in `unseen` (toyworld/backgrounds.py), written into FOLDER."""
+    if not n:
+        return [(spec.background, video)]
+    from toyworld.backgrounds import on_background, other_backgrounds
+    from train.video import read_frames
+
+    frames = read_frames(video)[0]
+    # The clip itself stays half of the concept's items (listed once per repaint): at a quarter,
+    # checker_hop_green's reconstruction lost its worst-frame goal (docs/results.md).
+    clips = [(spec.background, video)] * n
+    for bg in other_backgrounds(spec.background, n, unseen=unseen):
+        clips.append((bg, write_lossless(folder / f"{video.stem}-on-{bg}.mp4",
+                                          on_background(frames, BACKGROUNDS[bg]))))
+    return clips
+
+
 def personalize(
     base: ToyBase,
     spec: ToyConcept,
@@ -281,21 +300,9 @@ def personalize(
     from train.config import ConceptSpec
 
     out = folder / f"{variant.key}.safetensors"
-    concepts = [ConceptSpec(video=str(video), prompt=static_prompt(spec), motion_prompt="moves [u]",
-                            full_prompt=full_prompt(spec))]
-    if budget.backgrounds:
-        from toyworld.backgrounds import on_background, other_backgrounds
-        from train.video import read_frames
-
-        frames = read_frames(video)[0]
-        # The clip itself stays half of the concept's items (listed once per repaint): at a quarter,
-        # checker_hop_green's reconstruction lost its worst-frame goal (docs/results.md).
-        concepts = concepts * budget.backgrounds
-        for bg in other_backgrounds(spec.background, budget.backgrounds, unseen=(edit_background(spec),)):
-            path = folder / f"{video.stem}-on-{bg}.mp4"
-            write_lossless(path, on_background(frames, BACKGROUNDS[bg]))
-            concepts.append(ConceptSpec(video=str(path), prompt=static_prompt(spec, bg),
-                                        motion_prompt="moves [u]", full_prompt=full_prompt(spec, bg)))
+    clips = repainted_clips(spec, video, folder, budget.backgrounds, unseen=(edit_background(spec),))
+    concepts = [ConceptSpec(video=str(path), prompt=static_prompt(spec, bg), motion_prompt="moves [u]",
+                            full_prompt=full_prompt(spec, bg)) for bg, path in clips]
     companions = toy_companion_prompts(spec, budget.companions) if budget.companions else ()
     seconds = train_concepts(base, concepts, variant, budget, out, folder / f"{variant.key}.work",
                              name=spec.name, seed=seed, progress=progress, companion_prompts=companions)
