@@ -236,12 +236,13 @@ def test_every_shipped_pair_and_the_pooled_goals():
     s = protocol_summary({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}})["joint+stitch"]
     assert s["n"] == 8 and s["both_right"] == {"compose": 1.0, "compose_ba": 0.75}
     assert not s["goal_margins"] and s["goal_motion"]  # 75% in one order misses the 80% goal
-    rec["scores"].update(scene=[{**good, "background_right": 1.0}] * 2,
-                         scene_ba=[{**bad, "background_right": 0.0}])
+    # in a new scene a generation on the wrong background is not right, whatever its halves
+    rec["scores"].update(scene=[{**good, "background_right": 1.0}] * 3 + [{**good, "background_right": 0.0}],
+                         scene_ba=[{**bad, "background_right": 1.0}])
     scene = protocol_summary({"x+y": {"methods": [{"key": "joint+stitch"}], "records": [rec]}}, SCENE)
     s = scene["joint+stitch"]
-    assert s["n"] == 3 and s["both_right"] == {"compose": 1.0, "compose_ba": 0.0}  # keyed as the orders
-    assert s["background_right"] == pytest.approx(2 / 3) and not s["goal_margins"]
+    assert s["n"] == 5 and s["both_right"] == {"compose": 0.75, "compose_ba": 0.0}  # keyed as the orders
+    assert s["background_right"] == pytest.approx(4 / 5) and not s["goal_margins"]
 
 
 def test_the_pooled_protocol_report_prints_as_setseq_bench_does(tmp_path):

@@ -15,14 +15,16 @@ SCENE = ("scene", "scene_ba")  # the same compositions on a background no traini
 
 
 def generation_rows(records: list[dict], method: str, orders: tuple[str, str] = ORDERS) -> list[dict]:
-    """One row per generation of `method` and order: both margins positive, each half's crop and colour
-    margin and motion, keyed by the concept ('a', 'b') the half was asked to hold."""
+    """One row per generation of `method` and order: both margins positive (and, in a new scene, the
+    background the one asked for), each half's crop and colour margin and motion, keyed by the concept
+    ('a', 'b') the half was asked to hold."""
     rows = []
     for r in (r for r in records if r["method"] == method):
         for job in orders:
             for s in r["scores"].get(job, []):
-                both = (s["a_crop_margin"] or 0) > 0 and (s["b_crop_margin"] or 0) > 0
-                row = {"order": orders.index(job), "both": float(both), "bg": s.get("background_right", 1.0)}
+                bg = s.get("background_right", 1.0)  # asked for in a new scene only
+                both = (s["a_crop_margin"] or 0) > 0 and (s["b_crop_margin"] or 0) > 0 and bg == 1.0
+                row = {"order": orders.index(job), "both": float(both), "bg": bg}
                 for h in ("a", "b"):
                     for k in ("crop_margin", "colour_margin", "motion"):
                         row[f"{h}_{k}"] = math.nan if s.get(f"{h}_{k}") is None else s[f"{h}_{k}"]
@@ -75,5 +77,6 @@ def render_protocol(per_pair: dict[str, dict], summary: dict, scene: dict | None
              "", "## In the stitched pairs' layout (each concept on its own clip's background)", "",
              table(summary, bg=False)]
     if scene:
-        lines += ["", "## In a new scene (a background no training clip had)", "", table(scene, bg=True)]
+        lines += ["", "## In a new scene (a background no training clip had)", "",
+                  "Both halves right here also needs the background asked for.", "", table(scene, bg=True)]
     return "\n".join(lines)
