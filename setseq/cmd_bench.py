@@ -73,8 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--companions", type=int,
                    help="ordinary objects the base generates to stitch beside each concept (default 0)")
     p.add_argument("--backgrounds", type=int,
-                   help="toyworld: also train each concept on its clip repainted onto this many other "
-                   "backgrounds (never the edit's colour; default 3, 0 for the clip alone)")
+                   help="also train each concept on its clip repainted onto this many other backgrounds "
+                   "(never the edit's colour, nor compose's new scene; default 3, 0 for the clip alone)")
     p.add_argument("--guidance", type=guidance_scale,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
                    "the tiny base's default before); a toyworld rerun that changes only --guidance, "

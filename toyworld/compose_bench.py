@@ -2,10 +2,11 @@
 toyworld/compose.py trained and scored once (saved in OUT/runs/ by toyworld/runner.py, with the first video
 of each job), the floors once, then OUT/compose.md, OUT/compose.json and OUT/compose.png.
 
-The default budget, `ours` at 300 + 1200 steps per concept (joint runs 600 + 2400) and 4 generations per
-prompt and order, takes about 25 minutes a seed on 2 cores (a joint run ~8 minutes, 0.2 s a stage-2
-step). `--pair all --seeds 2` (the full protocol: 3 pairs x 2 seeds) takes about 2.5 hours; `--shard I/N`
-splits it over processes, and a last run without --shard tabulates. --quick takes about 15 s.
+The default budget, `ours` at 300 + 1200 steps per concept (joint runs 600 + 2400) on each clip and its 3
+repaints, and 4 generations per prompt and order, takes about 30 minutes a seed on 2 cores (a joint run
+~12 minutes on one thread). `--pair all --seeds 2` (the full protocol: 3 pairs x 2 seeds) takes about 3
+hours; `--shard I/N` splits it over processes, and a last run without --shard tabulates. --quick takes
+about 15 s.
 """
 
 from __future__ import annotations

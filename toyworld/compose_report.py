@@ -58,7 +58,8 @@ def setup(data: dict) -> list[str]:
         f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
         f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched pair (layout "
         f"{b.get('pair_layout', 'side_by_side')}, both orders) on {STITCH_PROB:.0%} of its steps and trains "
-        f"stage 2 {STITCH_STAGE2:g}x as long",
+        f"stage 2 {STITCH_STAGE2:g}x as long; each concept's clip also repainted onto "
+        f"{b.get('backgrounds', 0)} other backgrounds (never the new scene's)",
         f"- T5 context {data['max_length']} tokens (at least {MIN_MAX_LENGTH}: a stitched prompt takes ~46)",
         f"- composition prompt: `{data['prompts']['compose']}`; swapped order: "
         f"`{data['prompts'].get('compose_ba', '-')}`; in a new scene: `{data['prompts'].get('scene', '-')}`; "
