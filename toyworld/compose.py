@@ -51,6 +51,7 @@ import numpy as np
 from toyworld import experiment as X
 from toyworld import instruments as ins
 from toyworld import prompts as P
+from toyworld.backgrounds import repainted_clips
 from toyworld.compose_scores import Reference, motion_match, score_alone, score_composition
 from toyworld.concepts import ConceptSpec as ToyConcept
 from toyworld.concepts import concept_path, list_concepts, slot_path
@@ -267,7 +268,7 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
                             motion_prompt=f"moves {TOKENS[k][1]}", token=TOKENS[k][0],
                             motion_token=TOKENS[k][1], full_prompt=with_tokens(P.full_prompt(spec, bg), k))
                 for k, spec, video in specs
-                for bg, path in X.repainted_clips(spec, video, work.parent / "clips", budget.backgrounds,
+                for bg, path in repainted_clips(spec, video, work.parent / "clips", budget.backgrounds,
                                                   unseen=(scene,))]
     return X.train_concepts(base, concepts, X.variants(budget)[variant], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,

@@ -265,25 +265,6 @@ def write_lossless(path: Path, frames: np.ndarray, fps: float = FPS) -> Path:
 # ---------------------------------------------------------------------------------------- training
 
 
-def repainted_clips(spec: ToyConcept, video: Path, folder: Path, n: int, unseen: tuple[str, ...]
-                    ) -> list[tuple[str, Path]]:
-    """(background, video) of every clip a concept trains on: its own and, n > 0, the clip repainted
-    onto n other backgrounds, never one in `unseen` (toyworld/backgrounds.py), written into FOLDER."""
-    if not n:
-        return [(spec.background, video)]
-    from toyworld.backgrounds import on_background, other_backgrounds
-    from train.video import read_frames
-
-    frames = read_frames(video)[0]
-    # The clip itself stays half of the concept's items (listed once per repaint): at a quarter,
-    # checker_hop_green's reconstruction lost its worst-frame goal (docs/results.md).
-    clips = [(spec.background, video)] * n
-    for bg in other_backgrounds(spec.background, n, unseen=unseen):
-        clips.append((bg, write_lossless(folder / f"{video.stem}-on-{bg}.mp4",
-                                          on_background(frames, BACKGROUNDS[bg]))))
-    return clips
-
-
 def personalize(
     base: ToyBase,
     spec: ToyConcept,
@@ -297,6 +278,7 @@ def personalize(
 ) -> tuple[Path, float]:
     """Train one concept with one variant into FOLDER/<variant>.safetensors; returns (path, seconds).
     A previous run's file and work folder there are replaced."""
+    from toyworld.backgrounds import repainted_clips
     from train.config import ConceptSpec
 
     out = folder / f"{variant.key}.safetensors"
