@@ -258,7 +258,7 @@ def widen_context(base: X.ToyBase) -> X.ToyBase:
 
 def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.ToyBudget, out: Path,
           work: Path, *, seed: int, stitch_prob: float, progress: bool, layout: str | None = None,
-          fit: str = "crop", variant: str = "ours", scene: str = "blue") -> float:
+          fit: str = "crop", variant: str = "ours", scene: str) -> float:
     """One personalization run (a toyworld bench row) of one or several concepts into one concept file;
     specs: (token slot k, concept, its reference video), each also repainted onto budget.backgrounds
     others, never the new scene's. Steps scale with the number of concepts. Returns the training seconds."""

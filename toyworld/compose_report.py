@@ -80,6 +80,9 @@ ORDERS = (("compose", "A left, B right", (("a", "left"), ("b", "right"))),
           ("scene_ba", "B left, A right, new scene", (("b", "left"), ("a", "right"))))
 
 
+TARGET_SUFFIX = {"compose": "", "compose_ba": "_ba", "scene": "_scene"}  # job -> its floors' target keys
+
+
 def half_rows(label: str, order: str, halves: tuple, cells, sides: str, tail: str, names: dict
               ) -> list[list[str]]:
     """Two rows, one per half; the label, order, both-sides-right and tail cells on the first."""
@@ -119,10 +122,10 @@ def reference_rows(data: dict) -> list[list[str]]:
             rows += half_rows("floor: base model, nearest words", order, halves,
                               lambda h, w=words: [fmt_pm(w.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
                               sides_cell(words), "", names)
-        suffix = {"compose": "", "compose_ba": "_ba", "scene": "_scene"}.get(job, "_none")
-        for label, src in (("world's rendering (target)", fl.get(f"target{suffix}")),
-                           ("its VAE round trip (ceiling)", fl.get(f"target_vae{suffix}"))):
-            if src is not None:
+        suffix = TARGET_SUFFIX.get(job)  # the floors render some orders only
+        for label, key in (("world's rendering (target)", "target"),
+                           ("its VAE round trip (ceiling)", "target_vae")):
+            if suffix is not None and (src := fl.get(key + suffix)) is not None:
                 rows += half_rows(label, order, halves,
                                   lambda h, x=src: [fmt(x.get(f"{h}_{k}")) for k, _ in COMPOSE_COLUMNS],
                                   fmt(src.get("sides_right")), "", names)
