@@ -57,8 +57,8 @@ def register(subparsers) -> None:
                    f"also {','.join(X.extra_variants(X.ToyBudget()))}); compose: methods (default "
                    "joint+stitch,joint,post-hoc; also joint+stitch-sbs, joint+stitch-squeeze, "
                    "joint+stitch-scale, joint+stitch-pNN: stitched pairs on NN%% of the steps, "
-                   "post-hoc+regions: each single run confined to its half, dblora+stitch: the joint "
-                   "default trained as DB-LoRA)")
+                   "post-hoc+regions: each single run confined to its half, ROW+stitch: the joint "
+                   "default trained as another row, e.g. dblora+stitch, twostage+stitch)")
     p.add_argument("--samples", type=int, help="generations per prompt (default 4; quick 1)")
     p.add_argument(
         "--steps1", type=int, help="stage-1 steps (default 600, compose 300 per concept; single-stage rows "

@@ -171,6 +171,20 @@ def test_dblora_joint_trains_both_concepts_in_one_stage_with_both_stages_steps(t
     assert cfg["stitch_prob"] == C.STITCH_PROB and set(trained.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
 
 
+def test_any_bench_row_trains_as_the_joint_default_but_ours_is_the_default_itself(tmp_path):
+    methods = C.pick_methods("twostage+stitch,ours_noprior+stitch")
+    assert [m.variant for m in methods] == ["twostage", "ours_noprior"]
+    assert all(m.joint and m.stitch_prob == C.STITCH_PROB and m.stage2 == C.STITCH_STAGE2 for m in methods)
+    for bad in ("ours+stitch", "nosuchrow+stitch"):
+        with pytest.raises(ValueError, match="ROW\\+stitch"):
+            C.pick_methods(bad)
+    code, _ = bench(tmp_path, "--variants", "twostage+stitch")
+    assert code == 0
+    cfg = load_concept_file(tmp_path / "work" / "twostage+stitch-s0" / "joint.safetensors").train_config
+    assert list(cfg["stages"]) == [1, 2] and cfg["prior_count"] == 0 and cfg["dropout2"] == 0
+    assert cfg["stitch_prob"] == C.STITCH_PROB
+
+
 def test_a_saved_run_still_fits_after_its_method_is_relabelled_or_gains_a_field():
     from toyworld.compose_bench import key_fits, method_key
 

@@ -127,9 +127,18 @@ EXTRA_METHODS = (
     Method("joint+stitch-scale", f"joint, pairs at half size in halves (p {STITCH_PROB:g})", True,
            STITCH_PROB, fit="scale"),
     Method("post-hoc+regions", "post-hoc mix, each concept confined to its half", False, regions=True),
-    Method("dblora+stitch", f"DB-LoRA, joint, stitched pairs (p {STITCH_PROB:g}, stage 2 x{STITCH_STAGE2:g})",
-           True, STITCH_PROB, stage2=STITCH_STAGE2, variant="dblora"),
 )
+
+
+def bench_row(key: str) -> Method | None:
+    """'ROW+stitch': the joint default trained as another toyworld bench row (dblora, twostage,
+    ours_noprior, ...: which part of `ours` a composition needs); None if not that form."""
+    m = re.fullmatch(r"(\w+)\+stitch", key)
+    rows = {**X.variants(X.ToyBudget()), **X.extra_variants(X.ToyBudget())}
+    if m is None or m[1] not in rows or m[1] == "ours":
+        return None
+    return Method(key, f"{rows[m[1]].label}, joint, stitched pairs (p {STITCH_PROB:g}, stage 2 x"
+                  f"{STITCH_STAGE2:g})", True, STITCH_PROB, stage2=STITCH_STAGE2, variant=m[1])
 
 
 def stitched_share(key: str) -> Method | None:
@@ -148,12 +157,13 @@ def pick_methods(text: str | None) -> tuple[Method, ...]:
     table = {m.key: m for m in METHODS + EXTRA_METHODS}
     keys = [k.strip() for k in text.split(",") if k.strip()]
     for k in keys:
-        if k not in table and (share := stitched_share(k)):
-            table[k] = share
+        if k not in table and (made := stitched_share(k) or bench_row(k)):
+            table[k] = made
     unknown = [k for k in keys if k not in table]
     if unknown or not keys:
         raise ValueError(f"--variants {text!r}: unknown {unknown or 'empty'}; compose methods: "
-                         f"{', '.join(table)}, joint+stitch-pNN (stitched pairs on NN% of the steps)")
+                         f"{', '.join(table)}, joint+stitch-pNN (stitched pairs on NN% of the steps), "
+                         "ROW+stitch (the joint default as another bench row: dblora, twostage, ...)")
     return tuple(table[k] for k in keys)
 
 
@@ -270,7 +280,8 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
                 for k, spec, video in specs
                 for bg, path in repainted_clips(spec, video, work.parent / "clips", budget.backgrounds,
                                                   unseen=(scene,))]
-    return X.train_concepts(base, concepts, X.variants(budget)[variant], budget, out, work,
+    rows = {**X.variants(budget), **X.extra_variants(budget)}
+    return X.train_concepts(base, concepts, rows[variant], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
                             stitch_prob=stitch_prob, pair_layout=layout or budget.pair_layout, pair_fit=fit)
 

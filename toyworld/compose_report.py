@@ -51,7 +51,7 @@ def setup(data: dict) -> list[str]:
         f"- training seeds: {data['seeds']}; {b['samples']} generations per prompt and run (guidance "
         f"{b['guidance'] or 'base default'}); mean ± spread "
         "(std) over every video, pooled over seeds x generations",
-        f"- every method: the `ours` variant (dblora+stitch: the DB-LoRA row), per concept {b['steps1']} + "
+        f"- every method: the `ours` variant (ROW+stitch: that bench row), per concept {b['steps1']} + "
         f"{b['steps2']} steps, batch "
         f"{b['batch_size']}, rank {b['rank']} on {X.describe_targets(b['targets'])}, LoRA lr {b['lr']:g}, "
         f"token lr {b['token_lr']:g}, prior "
