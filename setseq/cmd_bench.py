@@ -25,7 +25,7 @@ from toyworld import bench
 from toyworld import experiment as X
 
 BUDGET_FLAGS = (  # flags that set ToyBudget fields
-    "samples", "steps1", "steps2", "lr", "prior_weight", "prior_pairs", "companions", "backgrounds",
+    "samples", "steps1", "steps2", "rank", "lr", "prior_weight", "prior_pairs", "companions", "backgrounds",
     "guidance", "sample_steps",
 )
 
@@ -65,6 +65,8 @@ def register(subparsers) -> None:
         "get steps1 + steps2)"
     )
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 1200 per concept)")
+    p.add_argument("--rank", type=int, help="LoRA rank of every LoRA row but LoRA-1 (default 16; a joint "
+                   "compose run shares it between its concepts)")
     p.add_argument("--lr", type=positive_float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=nonnegative_float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
