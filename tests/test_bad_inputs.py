@@ -108,6 +108,7 @@ ROWS = [
     # demo and bench: their numbers are checked while parsing or before the base loads
     ("bench-guidance-nan", ["bench", "toyworld", "--quick", "--guidance", "nan"], "'nan'"),
     ("bench-lr-inf", ["bench", "compose", "--quick", "--lr", "inf"], "'inf'"),
+    ("bench-rank-zero", ["bench", "compose", "--quick", "--rank", "0"], "rank must be >= 1"),
     ("bench-compose-companions", ["bench", "compose", "--quick", "--companions", "2"], "--companions"),
     ("bench-prior-weight-negative", ["bench", "toyworld", "--quick", "--prior-weight", "-1"], "'-1'"),
     ("demo-samples-0", ["demo", "--quick", "--samples", "0"], "samples"),
