@@ -34,7 +34,7 @@ from train import distributed
 from train.config import ConceptSpec, PersonalizeConfig, read_toml_config
 from train.personalize import Diverged, main
 from train.preflight import check_clips
-from train.recipe import RECIPES, config_unreadable_words, per_concept_steps, recipe, resolve, settings_lines
+from train.recipe import RECIPES, config_unreadable_words, per_concept_budget, recipe, resolve, settings_lines
 from train.resume import fresh_resume_note
 from weights.base import base_config, check_memory_options, load_base
 
@@ -145,7 +145,7 @@ def build_config(args: argparse.Namespace) -> tuple[PersonalizeConfig, dict, dic
         raise ValueError("no concept given: pass VIDEO --prompt 'a [v] ...' or a --config with [[concepts]]")
     if "out" not in values:
         raise ValueError("no --out given: name the concept file to write, e.g. --out dancer.safetensors")
-    settings = per_concept_steps(settings, PersonalizeConfig(**values))
+    settings = per_concept_budget(settings, PersonalizeConfig(**values))
     cfg = PersonalizeConfig(**{k: v for k, (v, _) in settings.items()})
     check_paths(cfg)
     return cfg, extra, settings

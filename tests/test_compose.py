@@ -168,6 +168,7 @@ def test_dblora_joint_trains_both_concepts_in_one_stage_with_both_stages_steps(t
     cfg = trained.train_config
     assert cfg["single_stage"] and list(cfg["stages"]) == [1] and cfg["prior_count"] == 0
     assert cfg["steps1"] == 2 * (C.QUICK.steps1 + round(C.QUICK.steps2 * C.STITCH_STAGE2))  # as joint+stitch
+    assert trained.rank == 2 * C.QUICK.rank  # a joint run: each concept its own rank
     assert cfg["stitch_prob"] == C.STITCH_PROB and set(trained.tokens) == {"[v1]", "[u1]", "[v2]", "[u2]"}
 
 
@@ -194,6 +195,16 @@ def test_a_saved_run_still_fits_after_its_method_is_relabelled_or_gains_a_field(
     assert key_fits(key)({"key": {**key, "method": {**older, "label": "reworded"}}})
     assert not key_fits(key)({"key": {**key, "method": {**older, "stitch_prob": 0.5}}})
     assert not key_fits(key)({"key": {**key, "method": {**older, "stage2": 2.0}}})
+
+
+def test_a_joint_run_saved_at_one_concepts_rank_reruns_and_a_single_run_still_fits(tmp_path):
+    from toyworld.compose_bench import ComposeBench, method_key
+
+    bench_ = ComposeBench(tmp_path, None, None, C.QUICK, {"base": "tiny"}, progress=False)
+    for key, joint in (("joint+stitch", True), ("post-hoc", False)):
+        method = C.pick_methods(key)[0]
+        before = {"key": {"base": "tiny", "seed": 0, "method": method_key(method)}}  # saved before the change
+        assert bench_.planned(method, 0).fits(before) is not joint
 
 
 @pytest.mark.parametrize("text, named", [(f"{A},nope", "nope"), (A, "two concepts"), (f"{A},{A}", "differ")])

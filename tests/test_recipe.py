@@ -7,7 +7,7 @@ import dataclasses
 from toyworld.experiment import ToyBudget
 from toyworld.prompts import toy_prior_prompts
 from train.config import ConceptSpec, PersonalizeConfig
-from train.recipe import RECIPES, pair_room, per_concept_steps, recipe, resolve
+from train.recipe import RECIPES, pair_room, per_concept_budget, recipe, resolve
 
 
 def test_tiny_recipe_prior_prompts_are_the_toy_worlds():
@@ -37,20 +37,21 @@ def test_each_setting_names_where_it_came_from():
                    "seed": (0, "default")}
 
 
-def test_step_counts_nobody_set_are_one_concepts():
+def test_step_counts_and_rank_nobody_set_are_one_concepts():
     def run(n: int, **kw) -> PersonalizeConfig:
         concepts = [ConceptSpec(f"v{i}.mp4", f"a [v{i}] square", f"moves [u{i}]", token=f"[v{i}]",
                                 motion_token=f"[u{i}]") for i in range(n)]
         return PersonalizeConfig(concepts=concepts, out="c.safetensors", **kw)
 
     settings = {"steps1": (600, "base recipe"), "steps2": (900, "default"), "rank": (16, "default")}
-    assert per_concept_steps(settings, run(1)) == settings
-    assert per_concept_steps(settings, run(1, companion_prompts=("a x | a x",), stitch_prob=0.5)) == {
+    assert per_concept_budget(settings, run(1)) == settings
+    assert per_concept_budget(settings, run(1, companion_prompts=("a x | a x",), stitch_prob=0.5)) == {
         **settings, "steps2": (1350, "default x 1.5 (1 concept, stitched pairs on 50% of the steps)")}
-    two = per_concept_steps(settings, run(2, stitch_prob=0.25))  # the paper's share: its steps have room
-    assert two["steps1"][0] == 1200 and two["steps2"][0] == 1800 and two["rank"] == (16, "default")
-    assert per_concept_steps(settings, run(2, stitch_prob=0.5))["steps2"][0] == 2700  # pairs on top
-    assert per_concept_steps({**settings, "steps2": (900, "flag")}, run(2))["steps2"] == (900, "flag")
+    two = per_concept_budget(settings, run(2, stitch_prob=0.25))  # the paper's share: its steps have room
+    assert two["steps1"][0] == 1200 and two["steps2"][0] == 1800 and two["rank"][0] == 32
+    assert per_concept_budget(settings, run(2, stitch_prob=0.5))["steps2"][0] == 2700  # pairs on top
+    assert per_concept_budget({**settings, "steps2": (900, "flag")}, run(2))["steps2"] == (900, "flag")
+    assert per_concept_budget({**settings, "rank": (8, "TOML")}, run(2))["rank"] == (8, "TOML")
     assert [pair_room(p) for p in (0.0, 0.25, 0.5, 1.0)] == [1.0, 1.0, 1.5, 3.0]
 
 

@@ -56,8 +56,8 @@ def setup(data: dict) -> list[str]:
         f"{b['batch_size']}, rank {b['rank']} on {X.describe_targets(b['targets'])}, LoRA lr {b['lr']:g}, "
         f"token lr {b['token_lr']:g}, prior "
         f"{b['prior_count']} generations ({b['prior_per_batch']} per batch); joint runs train both "
-        f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps (post-hoc: two runs of "
-        f"{b['steps1']} + {b['steps2']}); joint+stitch draws a stitched pair (layout "
+        f"concepts for {2 * b['steps1']} + {2 * b['steps2']} steps at rank {2 * b['rank']} (post-hoc: two "
+        f"runs of {b['steps1']} + {b['steps2']}); joint+stitch draws a stitched pair (layout "
         f"{b.get('pair_layout', 'side_by_side')}, both orders) on {STITCH_PROB:.0%} of its steps and trains "
         f"stage 2 {STITCH_STAGE2:g}x as long; each concept's clip also repainted onto "
         f"{b.get('backgrounds', 0)} other backgrounds (never the new scene's)",

@@ -294,7 +294,8 @@ def personalize(
 def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyBudget, out: Path, work: Path,
                    *, name: str, seed: int, progress: bool, **extra) -> float:
     """One personalization run of `concepts` (train.config.ConceptSpec; several train into one adapter,
-    each budget step count multiplied by the number of distinct concepts: videos sharing a token are one)
+    each budget step count and the rank multiplied by the number of distinct concepts, as
+    train/recipe.per_concept_budget does: videos sharing a token are one)
     with `variant`'s settings into OUT; returns the training seconds. `extra`: further PersonalizeConfig
     fields (e.g. stitch_prob). WORK is replaced."""
     from sample.sampler import sample_latents
@@ -311,7 +312,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         seed=seed,
         steps1=n * budget.steps1,
         steps2=n * budget.steps2,
-        rank=budget.rank,
+        rank=n * budget.rank,
         targets=budget.targets,
         lr=budget.lr,
         token_lr=budget.token_lr,

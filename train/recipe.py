@@ -78,18 +78,22 @@ def pair_room(stitch_prob: float) -> float:
     return max(1.0, (1 - PAIR_ROOM) / max(1 - stitch_prob, PAIR_ROOM))
 
 
-def per_concept_steps(settings: Settings, cfg) -> Settings:
-    """Step counts no flag or TOML set are one concept's: with several concepts in one run (cfg, a
-    PersonalizeConfig) each stage trains that many times as long (the paper: 2k-2.5k steps for several
-    concepts against 600 / 900 for one; the toy compose bench scales the same way), and stage 2
-    pair_room(stitch_prob) times longer again when the run draws stitched pairs."""
+def per_concept_budget(settings: Settings, cfg) -> Settings:
+    """Step counts and the rank no flag or TOML set are one concept's: with several concepts in one run
+    (cfg, a PersonalizeConfig) each stage trains that many times as long (the paper: 2k-2.5k steps for
+    several concepts against 600 / 900 for one; the toy compose bench scales the same way), stage 2
+    pair_room(stitch_prob) times longer again when the run draws stitched pairs, and the shared adapter
+    has that many times the rank, so each concept keeps its own capacity (at one concept's rank a joint
+    toy run lost a concept's look in a new scene: docs/results.md)."""
     concepts, stitch_prob = cfg.concept_count(), cfg.stitch_prob if cfg.stitches() else 0.0
     out = dict(settings)
-    for key, scale in (("steps1", concepts), ("steps2", concepts * pair_room(stitch_prob))):
+    why = f"{concepts} concept{'s' if concepts > 1 else ''}"
+    pairs = f"{why}, stitched pairs on {stitch_prob:.0%} of the steps"
+    for key, scale, note in (("steps1", concepts, why), ("steps2", concepts * pair_room(stitch_prob), pairs),
+                             ("rank", concepts, why)):
         value, source = out[key]
         if scale != 1 and source in ("default", "base recipe"):
-            out[key] = (round(value * scale), f"{source} x {scale:g} ({concepts} concept"
-                        f"{'s' if concepts > 1 else ''}, stitched pairs on {stitch_prob:.0%} of the steps)")
+            out[key] = (round(value * scale), f"{source} x {scale:g} ({note})")
     return out
 
 
@@ -106,4 +110,4 @@ def config_unreadable_words(cfg, tokenizer) -> list[str]:
 
 
 __all__ = ["HEAD_TARGET", "TOY_PRIOR_PROMPTS", "RECIPES", "recipe", "resolve", "pair_room",
-           "per_concept_steps", "settings_lines", "config_unreadable_words"]
+           "per_concept_budget", "settings_lines", "config_unreadable_words"]
