@@ -46,7 +46,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "steps1": (int, "stage-1 steps (paper: 600)"),
     "steps2": (int, "stage-2 steps (paper: 900; 2k-2.5k for complex motion or several concepts)"),
     "batch_size": (int, "items per step, prior-preservation items included (paper: 8)"),
-    "rank": (int, "LoRA rank (high rank + B-dropout, paper 3.4.2)"),
+    "rank": (int, "LoRA rank (high rank + B-dropout, paper 3.4.2); unset, per concept with several"),
     "lr": (positive_float, "learning rate of the LoRA (paper: 1e-4, constant)"),
     "token_lr": (nonnegative_float, "learning rate of the [v]/[u] embeddings (paper: 1e-5)"),
     "prior_count": (int, "prior-preservation generations per stage (0 = off)"),

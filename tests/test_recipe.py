@@ -68,3 +68,4 @@ def test_a_toml_of_two_concepts_trains_each_the_recipes_steps(tmp_path):
     # the TOML's steps1 stays as set; stage 2: two concepts, and the recipe's pairs on half the steps on top
     assert (cfg.steps1, cfg.steps2) == (5, 2 * 1.5 * RECIPES["tiny"]["steps2"])
     assert settings["steps2"][1].startswith("base recipe x 3 (2 concepts")
+    assert cfg.rank == 2 * RECIPES["tiny"]["rank"] and settings["rank"][1] == "base recipe x 2 (2 concepts)"
