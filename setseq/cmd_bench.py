@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--steps2", type=int, help="stage-2 steps (default 1200, compose 1200 per concept)")
     p.add_argument("--rank", type=int, help="LoRA rank of every LoRA row but LoRA-1 (default 16; a joint "
-                   "compose run shares it between its concepts)")
+                   "compose run takes it per concept)")
     p.add_argument("--lr", type=positive_float, help="LoRA learning rate of every row (default 1e-3)")
     p.add_argument("--prior-weight", dest="prior_weight", type=nonnegative_float,
                    help="weight of the prior-preservation loss beside the concept's (default 0.25)")
