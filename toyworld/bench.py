@@ -84,7 +84,7 @@ class BenchSettings:
 def pick_variants(text: str | None, budget: X.ToyBudget) -> list[X.Variant]:
     if text is None:
         return list(X.variants(budget).values())
-    table = {**X.variants(budget), **X.extra_variants(budget)}
+    table = X.every_variant(budget)
     keys = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in table]
     if unknown or not keys:

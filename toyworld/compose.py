@@ -139,7 +139,7 @@ def bench_row(key: str) -> Method | None:
     """'ROW+stitch': the joint default trained as another toyworld bench row (dblora, twostage,
     ours_noprior, ...: which part of `ours` a composition needs); None if not that form."""
     m = re.fullmatch(r"(\w+)\+stitch", key)
-    rows = {**X.variants(X.ToyBudget()), **X.extra_variants(X.ToyBudget())}
+    rows = X.every_variant(X.ToyBudget())
     if m is None or m[1] not in rows or m[1] == "ours":
         return None
     return Method(key, f"{rows[m[1]].label}, joint, stitched pairs (p {STITCH_PROB:g}, stage 2 x"
@@ -285,8 +285,7 @@ def train(base: X.ToyBase, specs: list[tuple[int, ToyConcept, Path]], budget: X.
                 for k, spec, video in specs
                 for bg, path in repainted_clips(spec, video, work.parent / "clips", budget.backgrounds,
                                                   unseen=(scene,))]
-    rows = {**X.variants(budget), **X.extra_variants(budget)}
-    return X.train_concepts(base, concepts, rows[variant], budget, out, work,
+    return X.train_concepts(base, concepts, X.every_variant(budget)[variant], budget, out, work,
                             name="__".join(s.name for _, s, _ in specs), seed=seed, progress=progress,
                             stitch_prob=stitch_prob, pair_layout=layout or budget.pair_layout, pair_fit=fit)
 

@@ -221,6 +221,11 @@ def extra_variants(budget: ToyBudget) -> dict[str, Variant]:
     return {v.key: v for v in rows}
 
 
+def every_variant(budget: ToyBudget) -> dict[str, Variant]:
+    """The bench's rows and the ablations run when named."""
+    return {**variants(budget), **extra_variants(budget)}
+
+
 def no_prior(budget: ToyBudget) -> Variant:
     return Variant(
         "ours_noprior", "Two-stage + regularization, without prior preservation", {"prior_count": 0}
@@ -478,6 +483,7 @@ __all__ = [
     "ToyBase",
     "Variant",
     "variants",
+    "every_variant",
     "no_prior",
     "personalize",
     "Job",
