@@ -26,7 +26,7 @@ from toyworld import experiment as X
 
 BUDGET_FLAGS = (  # flags that set ToyBudget fields
     "samples", "steps1", "steps2", "rank", "lr", "prior_weight", "prior_pairs", "companions", "backgrounds",
-    "guidance", "sample_steps",
+    "guidance", "sample_steps", "frame_time_shift",
 )
 
 
@@ -77,6 +77,8 @@ def register(subparsers) -> None:
     p.add_argument("--backgrounds", type=int,
                    help="also train each concept on its clip repainted onto this many other backgrounds "
                    "(never the edit's colour, nor compose's new scene; default 3, 0 for the clip alone)")
+    p.add_argument("--frame-time-shift", dest="frame_time_shift", type=positive_float,
+                   help="training-time shift of stage 1's single frames (default: the tiny recipe's)")
     p.add_argument("--guidance", type=guidance_scale,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
                    "the tiny base's default before); a toyworld rerun that changes only --guidance, "

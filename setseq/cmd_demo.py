@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from setseq.args import positive_float
 from toyworld import demo
 
 # flags that set ToyBudget fields
-BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs", "companions", "backgrounds")
+BUDGET_FLAGS = ("samples", "steps1", "steps2", "prior_pairs", "companions", "backgrounds", "frame_time_shift")
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--backgrounds", type=int,
                    help="also train on the concept's clip repainted onto this many other backgrounds (its "
                    "flat background keyed out; never the edit's colour; default 3, 0 for the clip alone)")
+    p.add_argument("--frame-time-shift", dest="frame_time_shift", type=positive_float,
+                   help="training-time shift of stage 1's single frames (default: the tiny recipe's)")
     p.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the run without prior preservation"
     )

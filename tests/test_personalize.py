@@ -250,6 +250,38 @@ def test_stage_2_changes_no_stage_1_tensor(sp_model_path, tmp_path, video):
             assert torch.equal(stage1[k], stage2[k]), k  # A1, B1, [v]: untouched
 
 
+def _shifts_trained(monkeypatch, cfg: PersonalizeConfig, sp_model_path) -> list[tuple[int, float]]:
+    """(latent frames of the concept items, shift) of every training step of a run on a fresh base."""
+    seen = []
+
+    def step(cfg, dit, t5, data, g, shift, share=None):
+        seen.append((data.items.latents.shape[2], shift))
+        return loss_step(cfg, dit, t5, data, g, shift, share)
+
+    monkeypatch.setattr(P, "loss_step", step)  # the name the loop calls
+    P.main(cfg, make_base(sp_model_path))
+    return seen
+
+
+def test_stage_1_trains_its_frames_at_the_frame_time_shift(sp_model_path, tmp_path, video, monkeypatch):
+    cfg = config(tmp_path / "a", video, steps1=2, steps2=2, prior_count=0, time_shift=4.0,
+                 frame_time_shift=2.0)
+    frames, clip = 1, 1 + (13 - 1) // TINY.vae.time_compression
+    assert _shifts_trained(monkeypatch, cfg, sp_model_path) == [(frames, 2.0)] * 2 + [(clip, 4.0)] * 2
+    unset = config(tmp_path / "b", video, steps1=2, steps2=2, prior_count=0)  # both at the base's own
+    assert [s for _, s in _shifts_trained(monkeypatch, unset, sp_model_path)] == [TINY.sample_shift] * 4
+    # one stage on clips (DB-LoRA): no frames, so the clips' shift
+    single = config(tmp_path / "c", video, stages=(1,), single_stage=True, steps1=2, prior_count=0,
+                    time_shift=4.0, frame_time_shift=2.0)
+    assert _shifts_trained(monkeypatch, single, sp_model_path) == [(clip, 4.0)] * 2
+
+
+@pytest.mark.parametrize("field", ["time_shift", "frame_time_shift"])
+def test_a_shift_that_is_not_positive_is_refused(tmp_path, video, field):
+    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+        config(tmp_path, video, **{field: 0.0})
+
+
 def test_several_concepts_share_one_adapter(sp_model_path, tmp_path):
     paths = []
     for i, shift in enumerate((0, 6)):

@@ -93,6 +93,7 @@ class ToyBudget:
     # and motion (0.45), and lifted every LoRA row's reconstruction.
     guidance: float | None = 1.0
     prior_steps: int | None = None
+    frame_time_shift: float | None = TINY.get("frame_time_shift")  # stage 1's training shift (train.config)
     targets: tuple[str, ...] = TOY_TARGETS  # LoRA targets of every LoRA row (HEAD_TARGET: why the head)
     pair_layout: str = TINY["pair_layout"]  # stitched pairs in the world's two-object layout (train/pairs.py)
     pair_fit: str = "crop"  # how a clip fits its half of a stitched pair
@@ -327,6 +328,7 @@ def train_concepts(base: ToyBase, concepts: list, variant: Variant, budget: ToyB
         prior_weight=budget.prior_weight,
         prior_prompts=toy_prior_prompts(budget.prior_count, pairs=budget.prior_pairs),
         prior_steps=budget.prior_steps,
+        frame_time_shift=budget.frame_time_shift,
         pair_layout=budget.pair_layout,
         pair_fit=budget.pair_fit,
         checkpoint_every=10**9,
@@ -457,8 +459,10 @@ SAMPLING_FIELDS = ("samples", "sample_steps", "guidance")
 
 # What a field's absence from a saved record means, where that is not the field's default: records
 # written before `targets` existed trained the paper's targets, without the head; before `pair_layout`,
-# stitched pairs side by side; before `backgrounds`, the clip alone.
-ABSENT_MEANS = {"targets": list(DEFAULT_TARGETS), "pair_layout": "side_by_side", "backgrounds": 0}
+# stitched pairs side by side; before `backgrounds`, the clip alone; before `frame_time_shift`, stage 1 at
+# the clips' shift.
+ABSENT_MEANS = {"targets": list(DEFAULT_TARGETS), "pair_layout": "side_by_side", "backgrounds": 0,
+                "frame_time_shift": None}
 
 
 def saved_budget(values: dict) -> dict:

@@ -72,6 +72,10 @@ class PersonalizeConfig:
     token_mask_prob: float = 0.1  # each encoded text token hidden with this probability
     self_cond_prob: float = 0.5  # when the DiT has self-conditioning
     time_shift: float | None = None  # training-time shift; None = the base model's sampling shift
+    # The shift of a stage that trains on single frames (stage 1); None = time_shift's. A frame holds 1/T of
+    # a clip's latent values, so at the clip's shift its times sit where a frame is already nearly decided
+    # and its detail barely trains; SD3's resolution rule scales the shift by sqrt(values ratio): / sqrt(T).
+    frame_time_shift: float | None = None
     prior_weight: float = 1.0  # loss = concept + prior_weight * prior
     prior_count: int = 4  # generations per stage (0 = no prior preservation)
     prior_per_batch: int = 2  # of batch_size
@@ -144,6 +148,9 @@ class PersonalizeConfig:
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         for name in ("token_lr", "prior_weight"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("time_shift", "frame_time_shift"):
+            v = getattr(self, name)
+            require(v is None or v > 0, f"{name} must be > 0 (or left out), got {v}")
         require(self.fps is None or self.fps > 0, f"fps must be > 0 (or left out: the video's own), "
                                                    f"got {self.fps}")
         require(self.prior_count == 0 or 0 < self.prior_per_batch < self.batch_size,
@@ -202,8 +209,14 @@ class PersonalizeConfig:
         return self.seed * 1000 + stage
 
     def train_shift(self, sample_shift: float) -> float:
-        """The flow-time shift of training: `time_shift`, else the base's sampling shift."""
+        """The flow-time shift of training on clips: `time_shift`, else the base's sampling shift."""
         return sample_shift if self.time_shift is None else self.time_shift
+
+    def stage_shift(self, sample_shift: float, stage: int) -> float:
+        """The flow-time shift `stage` trains at: `frame_time_shift` where it trains on frames."""
+        if self.text_stage(stage) == 1 and self.frame_time_shift is not None:
+            return self.frame_time_shift
+        return self.train_shift(sample_shift)
 
     def layout(self) -> PairLayout:
         return PairLayout(self.pair_layout, self.pair_fit)

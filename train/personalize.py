@@ -217,7 +217,7 @@ def run_stage(cfg: PersonalizeConfig, base: Base, data: StageData, tokens: Added
     start = (distributed.start_sharded_stage if world else start_stage)(cfg, stage, optimizer, g, resume)
     share = world.share(cfg.batch_size) if world else None
     growth = growth or AdapterGrowth(base.dit, cfg.name)
-    shift = cfg.train_shift(base.config.sample_shift)
+    shift = cfg.stage_shift(base.config.sample_shift, stage)
     cuda = g.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     steps = cfg.steps(stage)
