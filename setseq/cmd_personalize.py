@@ -52,8 +52,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "prior_count": (int, "prior-preservation generations per stage (0 = off)"),
     "prior_weight": (nonnegative_float, "weight of the prior-preservation loss"),
     "prior_per_batch": (int, "prior-preservation items of each batch"),
-    "time_shift": (positive_float, "training-time shift of the clips (unset: the base's sampling shift)"),
-    "frame_time_shift": (positive_float, "training-time shift of stage 1's frames (unset: the clips')"),
+    "frame_time_shift": (positive_float, "flow-time shift of stage 1's training frames (unset: the clips')"),
     "frames": (int, "clip length in frames, 1 + k * the VAE's time compression (default: fit the video)"),
     "fps": (positive_float, "resample the video to this frame rate (default: its own)"),
     "seed": (int, "random seed (the same seed gives the same concept, resumed or not)"),
@@ -61,8 +60,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "preview_every": (int, "write a short preview gif every N steps (0 = never)"),
     "name": (str, "concept name stored in the file"),
     "work_dir": (str, "checkpoints, caches, loss log, previews (default: OUT with suffix .work)"),
-    "expert": (str, "two-expert bases (Wan 2.2 A14B): both, high or low; each expert trains on the times "
-                    "it serves"),
+    "expert": (str, "two-expert bases (Wan 2.2 A14B): both, high or low (each trains on its own times)"),
 }
 
 
