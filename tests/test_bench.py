@@ -233,3 +233,11 @@ def test_a_saved_run_is_keyed_on_the_bases_weights_not_the_path_that_named_them(
 
 def test_records_saved_before_repaints_existed_read_as_the_clip_alone():
     assert X.ToyBudget().backgrounds == 3 and X.saved_budget({})["backgrounds"] == 0
+
+
+def test_records_saved_before_the_frame_shift_existed_trained_frames_at_the_clips_shift():
+    now = X.describe_budget(X.ToyBudget())
+    before = {k: v for k, v in now.items() if k != "frame_time_shift"}
+    assert now["frame_time_shift"] == 2.0 and X.saved_budget(before)["frame_time_shift"] is None
+    assert X.training_budget(before) != X.training_budget(now)  # such a run trains again
+    assert X.training_budget({**before, "frame_time_shift": 2.0}) == X.training_budget(now)
