@@ -16,7 +16,7 @@ from lora.concept import load_concept as load_concept_file
 from setseq.cli import main as cli_main
 from toyworld import compose as C
 from toyworld.compose_protocol import SCENE, protocol_summary
-from toyworld.concepts import load_concept
+from toyworld.concepts import EXAMPLES_DIR, load_concept
 from toyworld.world import ToyWorldConfig, caption_of
 
 WORLD = ToyWorldConfig()
@@ -268,6 +268,15 @@ def test_every_shipped_pair_and_the_pooled_goals():
     s = scene["joint+stitch"]
     assert s["n"] == 5 and s["both_right"] == {"compose": 0.75, "compose_ba": 0.0}  # keyed as the orders
     assert s["background_right"] == pytest.approx(4 / 5) and not s["goal_margins"]
+
+
+def test_each_pair_of_a_protocol_gets_a_folder_named_by_its_concepts():
+    from toyworld.compose_bench import pair_folder
+
+    toml = str(EXAMPLES_DIR / "unseen" / "split_eight_blue.toml")
+    assert pair_folder(A, toml) == f"{A}+split_eight_blue"  # one folder under OUT, not OUT/examples/...
+    with pytest.raises(FileNotFoundError, match="no concept file"):
+        pair_folder(A, "no_such_concept")
 
 
 def test_the_pooled_protocol_report_prints_as_setseq_bench_does(tmp_path):

@@ -114,9 +114,18 @@ def run(s: BenchSettings) -> dict:
     shard = parse_shard(s.shard)
     if len(pairs) == 1:
         return run_pair(s, base_arg, pairs[0], budget, methods, out, shard)
-    per_pair = {f"{a}+{b}": run_pair(s, base_arg, (a, b), budget, methods, out / f"{a}+{b}", shard)
-                for a, b in pairs}
+    folders = [pair_folder(a, b) for a, b in pairs]  # a bad name fails here, before any training
+    per_pair = {f: run_pair(s, base_arg, (a, b), budget, methods, out / f, shard)
+                for f, (a, b) in zip(folders, pairs, strict=True)}
     return protocol_report(per_pair, out)
+
+
+def pair_folder(a: str, b: str) -> str:
+    """A pair's folder under OUT, '<a>+<b>' by the concepts' names: a TOML path gives its concept's name,
+    not a path nested under OUT."""
+    from toyworld.concepts import load_concept
+
+    return "+".join(load_concept(x).name for x in (a, b))
 
 
 def run_pair(s: BenchSettings, base_arg: str, pair_names: tuple[str, str], budget: X.ToyBudget,
