@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -142,6 +143,21 @@ def test_a_rerun_reuses_finished_runs(smoke):
     assert code == 0 and len(saved) == len(C.METHODS) + 1  # + the floors
     assert {p: p.stat().st_mtime_ns for p in saved} == saved
     assert "training)" not in printed
+
+
+def test_a_rerun_that_only_samples_differently_reuses_the_trained_concepts(smoke, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(smoke[0], out)
+    files = {p: p.stat().st_mtime_ns for p in (out / "work").glob("*/*.safetensors")}
+    assert len(files) == 4  # joint+stitch, joint, post-hoc's two single runs
+    code, printed = bench(out, "--guidance", "2")
+    assert code == 0 and "(trained concepts reused)" in printed and "s training)" not in printed
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing retrained
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*-s0.json")]
+    assert len(runs) == len(C.METHODS) and all(r["key"]["budget"]["guidance"] == 2 for r in runs)
+    # a change to training is not a change to sampling: it trains again
+    code, printed = bench(out, "--variants", "joint", "--lr", "0.002")
+    assert code == 0 and "s training)" in printed and "reused" not in printed
 
 
 def test_regions_confine_each_single_run_to_its_half_in_the_compositions_only(tmp_path):

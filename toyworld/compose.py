@@ -377,25 +377,32 @@ def generate_and_score(pipe, jobs: dict[str, X.Job], pair: Pair, budget: X.ToyBu
     return {name: g.scores for name, g in named}, {name: first_frames(g.videos[0]) for name, g in named}
 
 
-def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget, work: Path, seed: int,
-               progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """Train (one joint run, or two single runs), generate the composition and each concept alone,
-    score: one record and the first video of each job."""
-    specs = [(0, pair.a, pair.video_a), (1, pair.b, pair.video_b)]
+def concept_files(method: Method, pair: Pair, work: Path) -> list[Path]:
+    """The concept files a run of METHOD trains into WORK: one joint file, or one per concept."""
     if method.joint:
-        files = [work / "joint.safetensors"]
+        return [work / "joint.safetensors"]
+    return [work / f"single-{spec.name}.safetensors" for spec in (pair.a, pair.b)]
+
+
+def run_method(base: X.ToyBase, method: Method, pair: Pair, budget: X.ToyBudget, work: Path, seed: int,
+               progress: bool, trained: dict[str, float] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Train (one joint run, or two single runs), generate the composition and each concept alone,
+    score: one record and the first video of each job. trained: the training seconds of each run whose
+    concept file WORK already holds (a rerun that only samples differently): nothing is trained."""
+    specs = [(0, pair.a, pair.video_a), (1, pair.b, pair.video_b)]
+    files = concept_files(method, pair, work)
+    if trained is not None:
+        seconds = dict(trained)
+    elif method.joint:
         steps = dataclasses.replace(budget, steps2=round(budget.steps2 * method.stage2))
         seconds = {"joint": train(base, specs, steps, files[0], work / "joint.work", seed=seed,
                                   stitch_prob=method.stitch_prob, progress=progress, layout=method.layout,
                                   fit=method.fit, variant=method.variant, scene=pair.scene)}
     else:
-        files, seconds = [], {}
-        for k, spec, video in specs:
-            f = work / f"single-{spec.name}.safetensors"
-            seconds[spec.name] = train(base, [(k, spec, video)], budget, f, work / f"single-{spec.name}.work",
-                                       seed=seed, stitch_prob=0.0, progress=progress, variant=method.variant,
-                                       scene=pair.scene)
-            files.append(f)
+        seconds = {spec.name: train(base, [(k, spec, video)], budget, f, work / f"{f.stem}.work", seed=seed,
+                                    stitch_prob=0.0, progress=progress, variant=method.variant,
+                                    scene=pair.scene)
+                   for (k, spec, video), f in zip(specs, files, strict=True)}
     t0 = time.perf_counter()
     jobs = pair.jobs(X.seeds(budget.samples, offset=100 * seed), regions=method.regions)
     scores, firsts = generate_and_score(pipeline_with(base, files), jobs, pair, budget)

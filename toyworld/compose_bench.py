@@ -6,7 +6,8 @@ The default budget, `ours` at 300 + 1200 steps per concept (joint runs 600 + 240
 repaints, and 4 generations per prompt and order, takes about 30 minutes a seed on 2 cores (a joint run
 ~12 minutes on one thread). `--pair all --seeds 2` (the full protocol: 3 pairs x 2 seeds) takes about 3
 hours; `--shard I/N` splits it over processes, and a last run without --shard tabulates. --quick takes
-about 15 s.
+about 15 s. A rerun that changes only how it samples (guidance, sample steps, samples) reuses the trained
+concept files and samples again (about a minute a run).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def saved_key(key: dict) -> dict:
     return {**key, "method": {k: v for k, v in {**METHOD_DEFAULTS, **key["method"]}.items() if k != "label"}}
 
 
+def sampled_as(saved: dict, key: dict) -> dict:
+    """A saved key with KEY's sampling settings (experiment.SAMPLING_FIELDS): what it would be had it only
+    sampled as KEY does."""
+    budget = {**X.saved_budget(saved.get("budget", {})), **{f: key["budget"][f] for f in X.SAMPLING_FIELDS}}
+    return {**saved, "budget": budget}
+
+
 @dataclass
 class ComposeBench:
     """What every run of a compose bench shares; `key`: what each saved record must match (a method
@@ -87,16 +95,35 @@ class ComposeBench:
         name, key = f"{method.key}-s{seed}", {**self.key, "seed": seed, "method": method_key(method)}
         if method.joint:  # records saved before joint runs took the rank per concept shared one's: rerun
             key["rank"] = "per concept"
-        return Planned(name, key_fits(key), lambda _: keyed(self.make_run(name, method, seed), key))
 
-    def make_run(self, name: str, method: C.Method, seed: int) -> tuple[dict, dict]:
+        def make(saved: dict | None) -> tuple[dict, dict]:
+            return keyed(self.make_run(name, method, seed, self.trained(name, method, saved, key)), key)
+
+        return Planned(name, key_fits(key), make)
+
+    def trained(self, name: str, method: C.Method, saved: dict | None, key: dict) -> dict[str, float] | None:
+        """The training seconds per concept file of a saved run that differs from KEY only in how it samples
+        (guidance, sample steps, samples), its files still there and older than its record (a newer one is
+        from a later run that never finished); else None."""
+        if saved is None or not same_key(sampled_as(saved_key(saved.get("key") or {}), key), key):
+            return None
+        record = self.out / "runs" / f"{name}.json"
+        files = C.concept_files(method, self.pair, self.out / "work" / name)
+        if not all(f.is_file() and f.stat().st_mtime <= record.stat().st_mtime for f in files):
+            return None
+        return saved["train_seconds_per_run"]
+
+    def make_run(self, name: str, method: C.Method, seed: int, trained: dict[str, float] | None
+                 ) -> tuple[dict, dict]:
         work = self.out / "work" / name
-        record, firsts = C.run_method(self.base, method, self.pair, self.budget, work, seed, self.progress)
+        record, firsts = C.run_method(self.base, method, self.pair, self.budget, work, seed, self.progress,
+                                      trained=trained)
         c, d = pooled([record], "compose"), pooled([record], "compose_ba")
         print(f"  {name}: crop own − other, A|B {c['a_crop_margin']['mean']:.3g} / "
               f"{c['b_crop_margin']['mean']:.3g}, B|A {d['b_crop_margin']['mean']:.3g} / "
               f"{d['a_crop_margin']['mean']:.3g}; motion A|B {c['a_motion']['mean']:.3g} / "
-              f"{c['b_motion']['mean']:.3g} ({record['train_seconds']:.0f} s training)")
+              f"{c['b_motion']['mean']:.3g}"
+              + (" (trained concepts reused)" if trained else f" ({record['train_seconds']:.0f} s training)"))
         return record, firsts
 
 
