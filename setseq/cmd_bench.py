@@ -81,8 +81,9 @@ def register(subparsers) -> None:
                    help="training-time shift of stage 1's single frames (default: the tiny recipe's)")
     p.add_argument("--guidance", type=guidance_scale,
                    help="sampling guidance (default 1: personalized tiny concepts measured better than at 3, "
-                   "the tiny base's default before); a rerun that changes only --guidance, "
-                   "--sample-steps or --samples reuses the trained concepts")
+                   "the tiny base's default before; compose 2: compositions keep the asked-for scene); "
+                   "a rerun that changes only --guidance, --sample-steps or --samples reuses the trained "
+                   "concepts")
     p.add_argument("--sample-steps", dest="sample_steps", type=int,
                    help="Euler steps per generation (default: the base model's own)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps, one sample (seconds a run)")

@@ -150,11 +150,11 @@ def test_a_rerun_that_only_samples_differently_reuses_the_trained_concepts(smoke
     shutil.copytree(smoke[0], out)
     files = {p: p.stat().st_mtime_ns for p in (out / "work").glob("*/*.safetensors")}
     assert len(files) == 4  # joint+stitch, joint, post-hoc's two single runs
-    code, printed = bench(out, "--guidance", "2")
+    code, printed = bench(out, "--guidance", "3")
     assert code == 0 and "(trained concepts reused)" in printed and "s training)" not in printed
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing retrained
     runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*-s0.json")]
-    assert len(runs) == len(C.METHODS) and all(r["key"]["budget"]["guidance"] == 2 for r in runs)
+    assert len(runs) == len(C.METHODS) and all(r["key"]["budget"]["guidance"] == 3 for r in runs)
     # a change to training is not a change to sampling: it trains again
     code, printed = bench(out, "--variants", "joint", "--lr", "0.002")
     assert code == 0 and "s training)" in printed and "reused" not in printed
