@@ -101,7 +101,7 @@ MIN_MAX_LENGTH = 64  # T5 context here: a stitched pair's prompt is ~46 tokens o
 # the backgrounds the clips showed. Over the protocol (the same trained concepts resampled) the new scene's
 # both right rose 0.88 / 0.96 -> 1.00 / 1.00 on the shipped pairs (margin +0.55 -> +0.59, motion 0.58 ->
 # 0.63) and 0.79 / 0.88 -> 0.88 / 0.96 on the unseen ones (background right 0.92 -> 1.00); the layout moved
-# by 0.01 at most, each concept alone's crop by -0.01 and motion by -0.02.
+# by 0.01 at most, each concept alone's crop and motion by -0.01 (shipped) / +-0.01 (unseen).
 COMPOSE = X.ToyBudget(steps1=300, steps2=1200, samples=4, guidance=2.0)
 # The smoke run: the experiment's QUICK with 6 stage-2 steps, so that a joint run (2 x 2 + 2 x 6 steps)
 # draws a stitched pair at least once at seed 0 (at 2 + 2 it happens to draw none: 0.75^8 = 10%).
