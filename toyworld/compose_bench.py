@@ -111,7 +111,7 @@ class ComposeBench:
         files = C.concept_files(method, self.pair, self.out / "work" / name)
         if not all(f.is_file() and f.stat().st_mtime <= record.stat().st_mtime for f in files):
             return None
-        return saved["train_seconds_per_run"]
+        return saved.get("train_seconds_per_run")  # a record too old to say trains again
 
     def make_run(self, name: str, method: C.Method, seed: int, trained: dict[str, float] | None
                  ) -> tuple[dict, dict]:
