@@ -35,6 +35,7 @@ from toyworld.runner import (
     run_plan,
     same_base,
     same_key,
+    trained_before,
 )
 
 SUITES = ("toyworld", "compose")
@@ -225,11 +226,11 @@ def reusable(saved: dict | None, record: Path, concept: Path, budget, base_arg: 
     """(concept file, training seconds) of a saved run that differs from this budget only in how it samples
     (guidance, sample steps, samples), else None. The concept file must be older than the record:
     a newer one is from a later run that never finished."""
-    if saved is None or not same_base(saved, base_key(base_arg)) or not concept.is_file():
+    if saved is None or not same_base(saved, base_key(base_arg)):
         return None
     if X.training_budget(saved.get("budget", {})) != X.training_budget(budget):
         return None
-    if concept.stat().st_mtime > record.stat().st_mtime:
+    if not trained_before(record, [concept]):
         return None
     return concept, saved["train_seconds"]
 

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING
 from toyworld import compose as C
 from toyworld import experiment as X
 from toyworld.compose_report import aggregate, contact_sheet, pooled, render_markdown
-from toyworld.runner import Planned, Store, base_key, fetch, resolve_base_arg, run_plan, same_key
+from toyworld.runner import (
+    Planned,
+    Store,
+    base_key,
+    fetch,
+    resolve_base_arg,
+    run_plan,
+    same_key,
+    trained_before,
+)
 
 if TYPE_CHECKING:
     from toyworld.bench import BenchSettings
@@ -107,9 +116,8 @@ class ComposeBench:
         from a later run that never finished); else None."""
         if saved is None or not same_key(sampled_as(saved_key(saved.get("key") or {}), key), key):
             return None
-        record = self.out / "runs" / f"{name}.json"
         files = C.concept_files(method, self.pair, self.out / "work" / name)
-        if not all(f.is_file() and f.stat().st_mtime <= record.stat().st_mtime for f in files):
+        if not trained_before(self.out / "runs" / f"{name}.json", files):
             return None
         return saved.get("train_seconds_per_run")  # a record too old to say trains again
 

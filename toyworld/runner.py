@@ -103,6 +103,12 @@ def same_key(saved: Mapping, key: Mapping) -> bool:
     return same_base(old, key) and all(old.get(k) == v for k, v in key.items() if k not in ("base", BASE_ID))
 
 
+def trained_before(record: Path, files: list[Path]) -> bool:
+    """Whether every concept file is there and no newer than the saved RECORD: a newer one is from a later run
+    that never finished, so it is not the record's."""
+    return all(f.is_file() and f.stat().st_mtime <= record.stat().st_mtime for f in files)
+
+
 BASE_ID = "base_sha256"
 MODEL_FILES = (".safetensors", ".model")  # with config.json: what a base folder's loader reads
 
