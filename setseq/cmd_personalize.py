@@ -162,11 +162,8 @@ def check_paths(cfg: PersonalizeConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, extra, settings = build_config(args)
-    distributed.init(cfg.device)  # under torchrun: join the process group before anything is on a device
-    try:
+    with distributed.process_group(cfg.device):  # under torchrun: joined before anything is on a device
         return _run(cfg, extra, settings)
-    finally:
-        distributed.finish()
 
 
 def _run(cfg: PersonalizeConfig, extra: dict, settings: dict) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,3 +60,10 @@ def write_wan_release(src: Path, sp_model_path: str, dit: DiT, t5: T5Encoder) ->
     torch.save(t5_bf16, src / "models_t5_umt5-xxl-enc-bf16.pth")
     (src / "google" / "umt5-xxl").mkdir(parents=True)
     shutil.copy(sp_model_path, src / "google" / "umt5-xxl" / "spiece.model")
+
+
+def as_torchrun_rank(rank: int, port: int, world: int = 2) -> None:
+    """The environment torchrun gives a worker, for a process `torch.multiprocessing.spawn` started: then
+    train.distributed.process_group joins (and leaves) the group as in a real run."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

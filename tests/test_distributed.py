@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from setseq.cli import main as cli_main
-from tests.makers import square_video
+from tests.makers import as_torchrun_rank, square_video
 from train.checkpoint import list_checkpoints
 from train.video import write_video
 
@@ -331,21 +331,54 @@ def test_two_concepts_jointly_on_two_processes_like_one(tmp_path, sp_model_path)
     assert _max_diff(one, two) < TOL
 
 
+def _leave_on_two_ranks(rank: int, port: int, out: str, fail: bool) -> None:
+    import time
+
+    from train.distributed import process_group
+
+    as_torchrun_rank(rank, port)
+    try:
+        with process_group("cpu"):
+            time.sleep(1.0 if rank == 1 else 0.0)
+            Path(f"{out}.end.{rank}").write_text(repr(time.time()))
+            if fail:
+                raise RuntimeError("a failed run")
+    except RuntimeError:
+        pass
+    assert not torch.distributed.is_initialized()
+    Path(f"{out}.left.{rank}").write_text(repr(time.time()))
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completed", "failed"])
+def test_ranks_leave_a_completed_run_together_and_a_failed_one_at_once(tmp_path, fail):
+    """train.distributed.process_group: after a run every rank completed, no rank leaves (tears its gloo
+    connections down) before the slowest reached the end; after an error each leaves at once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_leave_on_two_ranks, args=(port, str(tmp_path / "t"), fail), nprocs=2)
+    left0, end1 = (float((tmp_path / f"t.{k}").read_text()) for k in ("left.0", "end.1"))
+    assert (left0 < end1) == fail, (left0, end1)
+
+
 def _growth_on_two_ranks(rank: int, port: int, out: str) -> None:
     import dataclasses
 
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from lora.inject import inject_lora
     from model.config import PRESETS
     from model.dit import DiT
-    from train.distributed import ShardedGrowth, World, shard
+    from train.distributed import ShardedGrowth, World, process_group, shard
     from train.step import AdapterGrowth
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    as_torchrun_rank(rank, port)
+    with process_group("cpu"):
         torch.manual_seed(0)
         dit = DiT(dataclasses.replace(PRESETS["tiny"].dit, layers=2))
         dit.requires_grad_(False)
@@ -359,8 +392,6 @@ def _growth_on_two_ranks(rank: int, port: int, out: str) -> None:
         before = plain()
         shard(dit, World(rank, 2, init_device_mesh("cpu", (2,))))
         torch.save({"before": before, "after": sharded()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from model import fp8 as F8
 from model.config import PRESETS
 from model.fp8 import quantize_linears
+from tests.makers import as_torchrun_rank
 from weights.base import load_base
 from weights.checkpoint import random_models, save_checkpoint
 
@@ -57,16 +58,15 @@ def test_the_meta_dit_has_the_layout_a_load_gives_and_reads_no_weight(source, fp
 
 
 def _fill_on_two_ranks(rank: int, port: int, folder: str, sp_model: str, out: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     from lora.inject import concept_adapters, inject_lora
-    from train.distributed import World, shard
+    from train.distributed import World, process_group, shard
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    as_torchrun_rank(rank, port)
+    with process_group("cpu"):
         dit = load_base(folder, device="cpu", tokenizer=sp_model, dit_on_host=rank == 0,
                         dit_on_meta=rank != 0).dit.requires_grad_(False)
         inject_lora(dit, rank=3, name="c")  # rank 3: uneven shards of A1 (3 rows on 2 ranks)
@@ -81,8 +81,6 @@ def _fill_on_two_ranks(rank: int, port: int, folder: str, sp_model: str, out: st
         own = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in state.items()}
         sharded = {k for k, v in state.items() if isinstance(v, DTensor)}
         torch.save({"was_meta": was_meta, "own": own, "sharded": sharded}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -61,27 +61,29 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-_joined = False  # whether `init` made the process group (then `finish` ends it)
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Under torchrun: join the launcher's process group (NCCL on CUDA, gloo on the CPU) and pin this rank's
+    GPU, before anything is put on a device; leave it at the end. Nothing when not launched by torchrun.
 
-
-def init(device: str) -> None:
-    """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) and pin this rank's GPU, before
-    anything is put on a device; nothing when not launched by torchrun."""
-    global _joined
+    A run every rank completed leaves through a barrier: gloo's waits for every earlier operation of the
+    group, so no rank tears its connections down while a peer's last collective is in flight (without it a
+    rank rarely aborted at exit on a loaded 2-core machine: 'terminate called without an active
+    exception'). After an error, no barrier: the other ranks may never reach it (torchrun ends them)."""
     if not launched() or dist.is_initialized():
+        yield
         return
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
-    _joined = True
-
-
-def finish() -> None:
-    global _joined
-    if _joined and dist.is_initialized():
+    try:
+        yield
+    except BaseException:
         dist.destroy_process_group()
-    _joined = False
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @dataclass
