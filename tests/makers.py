@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -67,3 +68,14 @@ def as_torchrun_rank(rank: int, port: int, world: int = 2) -> None:
     train.distributed.process_group joins (and leaves) the group as in a real run."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+def spawn_two_ranks(worker, *args) -> None:
+    """Run `worker(rank, port, *args)` in 2 new processes, `port` a free one on this machine for their group
+    (each calls as_torchrun_rank(rank, port) and joins through train.distributed.process_group)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, *args), nprocs=2)

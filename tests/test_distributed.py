@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from setseq.cli import main as cli_main
-from tests.makers import as_torchrun_rank, square_video
+from tests.makers import as_torchrun_rank, spawn_two_ranks, square_video
 from train.checkpoint import list_checkpoints
 from train.video import write_video
 
@@ -353,14 +353,7 @@ def _leave_on_two_ranks(rank: int, port: int, out: str, fail: bool) -> None:
 def test_ranks_leave_a_completed_run_together_and_a_failed_one_at_once(tmp_path, fail):
     """train.distributed.process_group: after a run every rank completed, no rank leaves (tears its gloo
     connections down) before the slowest reached the end; after an error each leaves at once."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_leave_on_two_ranks, args=(port, str(tmp_path / "t"), fail), nprocs=2)
+    spawn_two_ranks(_leave_on_two_ranks, str(tmp_path / "t"), fail)
     left0, end1 = (float((tmp_path / f"t.{k}").read_text()) for k in ("left.0", "end.1"))
     assert (left0 < end1) == fail, (left0, end1)
 
@@ -396,14 +389,7 @@ def _growth_on_two_ranks(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_sharded_growth_is_the_one_process_bound_on_every_rank(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_growth_on_two_ranks, args=(port, str(tmp_path / "g")), nprocs=2)
+    spawn_two_ranks(_growth_on_two_ranks, str(tmp_path / "g"))
     got = [torch.load(tmp_path / f"g.{r}") for r in range(2)]
     (ratio, layer), (ratio0, layer0), (ratio1, layer1) = got[0]["before"], got[0]["after"], got[1]["after"]
     assert (ratio0, layer0) == (ratio1, layer1)  # the same stop decision on every rank

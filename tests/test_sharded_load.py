@@ -9,16 +9,13 @@ rank's shards are bit-equal to its rows of the whole tensors.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from model import fp8 as F8
 from model.config import PRESETS
 from model.fp8 import quantize_linears
-from tests.makers import as_torchrun_rank
+from tests.makers import as_torchrun_rank, spawn_two_ranks
 from weights.base import load_base
 from weights.checkpoint import random_models, save_checkpoint
 
@@ -88,11 +85,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_rank_holds_its_rows_of_rank_0s_tensors_bit_for_bit(tmp_path, fp8_folder, sp_model_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "fill")
-    mp.spawn(_fill_on_two_ranks, args=(port, str(fp8_folder), sp_model_path, out), nprocs=2)
+    spawn_two_ranks(_fill_on_two_ranks, str(fp8_folder), sp_model_path, out)
     whole = torch.load(f"{out}.whole")
     got = [torch.load(f"{out}.{r}") for r in range(2)]
     assert [g["was_meta"] for g in got] == [False, True]  # rank 1 never read the DiT
