@@ -64,7 +64,7 @@ def _torchrun(argv: list[str], cwd: Path, ok: bool = True, nproc: int = 2, **env
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     done = subprocess.run([*launch, "-m", "setseq", "personalize", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert (done.returncode == 0) == ok, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, f"stdout:\n{done.stdout[-1500:]}\nstderr:\n{done.stderr[-3000:]}"
     return done
 
 
