@@ -67,9 +67,10 @@ def process_group(device: str) -> Iterator[None]:
     GPU, before anything is put on a device; leave it at the end. Nothing when not launched by torchrun.
 
     A run every rank completed leaves through a barrier: gloo's waits for every earlier operation of the
-    group, so no rank tears its connections down while a peer's last collective is in flight (without it a
-    rank rarely aborted at exit on a loaded 2-core machine: 'terminate called without an active
-    exception'). After an error, no barrier: the other ranks may never reach it (torchrun ends them)."""
+    group, so no rank tears its connections down while a peer's last collective is in flight (a rank of a
+    2-process CPU test run aborted at exit twice, rarely and not reproduced: 'terminate called without an
+    active exception'). After an error, no barrier: the other ranks may never reach it (torchrun ends
+    them)."""
     if not launched() or dist.is_initialized():
         yield
         return
